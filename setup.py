@@ -1,0 +1,57 @@
+"""Build of vlkernels.
+
+``pip install -e .`` needs no CUDA compiler: the CUDA C++ extension ``vlkernels._C`` is built
+only when csrc/ has sources, a CUDA toolkit and a CUDA build of torch are present, and
+VLK_SKIP_CUDA_BUILD is not set. Targets: VLK_CUDA_ARCHS (default "80;90"); MAX_JOBS and
+NVCC_THREADS are respected.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+
+def cuda_extensions():
+    sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
+    if os.environ.get("VLK_SKIP_CUDA_BUILD", "0") not in ("", "0") or not sources:
+        return [], {}
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        print("vlkernels: no CUDA toolkit found, skipping vlkernels._C")
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if torch.version.cuda is None:
+        print("vlkernels: torch has no CUDA build, skipping vlkernels._C")
+        return [], {}
+    archs = os.environ.get("VLK_CUDA_ARCHS", "80;90").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    nvcc = ["-O3", "--use_fast_math", "-std=c++17", *gencode,
+            f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
+    ext = CUDAExtension("vlkernels._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="vlkernels",
+    version="0.1.0",
+    description="Fused Triton and CUDA kernels for vision-language models",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vlkernels", "vlkernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "triton>=3.2", "numpy"],
+    extras_require={
+        "test": [
+            "pytest", "hypothesis", "ruff", "open-clip-torch", "einops", "einops-exts",
+            "transformers>=4.50",
+        ],
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

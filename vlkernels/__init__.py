@@ -1,0 +1,21 @@
+"""vlkernels: fused Triton (and CUDA C++) kernels for vision-language models.
+
+    out = vlkernels.attention(q, k, v, mask=vlkernels.masks.qformer(32, "unimodal"))
+"""
+
+from vlkernels import masks
+from vlkernels._dispatch import BackendUnavailableError, get_backend, set_backend, use_backend
+from vlkernels.attention import attention
+from vlkernels.gated import gated_residual
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "attention",
+    "gated_residual",
+    "get_backend",
+    "masks",
+    "set_backend",
+    "use_backend",
+]

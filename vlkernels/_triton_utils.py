@@ -1,0 +1,22 @@
+"""Launch helpers shared by the Triton op families."""
+
+from __future__ import annotations
+
+import collections
+
+import triton
+
+from vlkernels._dispatch import interpreter_on
+
+# Kernel launches by name; tests read it to prove that a kernel (not an eager fallback) ran.
+LAUNCHES: collections.Counter = collections.Counter()
+
+
+def autotuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config):
+    """``triton.autotune`` over ``configs`` on a GPU; the single ``interpret_config`` under the
+    interpreter, which has no device to benchmark on."""
+    return triton.autotune(configs=[interpret_config] if interpreter_on() else configs, key=key)
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))

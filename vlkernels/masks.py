@@ -1,0 +1,201 @@
+"""Analytic attention masks.
+
+A mask object describes which keys each query may attend to with a few integers per row; the
+kernels compute it on the fly and skip key tiles it rules out. Every component allows, for
+query row ``i`` of batch ``b``, one contiguous key interval ``[lo, hi)``, so an intersection of
+components is again one interval per row.
+
+>>> m = qformer(32, "multimodal_causal") & key_padding(lengths)
+>>> m.to_dense(batch, q_len, k_len)   # bool [B, 1, Lq, Lk], True = may attend
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+QFORMER_MODES = ("bidirectional", "multimodal_causal", "unimodal")
+
+
+@dataclass(frozen=True)
+class Mask:
+    """An intersection of analytic mask components; build it with the functions of this module.
+
+    Fields (``None``/``False`` = component absent):
+      causal:          key j allowed for query i iff j <= i + (Lk - Lq).
+      key_lengths:     int [B]; key j allowed iff j < key_lengths[b].
+      qformer:         (num_queries, mode) over the sequence [queries ; text].
+      prefix_lengths:  int [B]; key j allowed iff j < prefix_lengths[b] or j <= i.
+      media:           (text_to_media int [B, Lq], latents_per_media, only_immediate).
+    """
+
+    causal: bool = False
+    key_lengths: torch.Tensor | None = None
+    qformer: tuple[int, str] | None = None
+    prefix_lengths: torch.Tensor | None = None
+    media: tuple[torch.Tensor, int, bool] | None = None
+
+    def __and__(self, other: Mask) -> Mask:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        out = replace(self, causal=self.causal or other.causal)
+        if other.key_lengths is not None:
+            kl = other.key_lengths
+            if self.key_lengths is not None:
+                kl = torch.minimum(self.key_lengths, kl)
+            out = replace(out, key_lengths=kl)
+        if other.prefix_lengths is not None:
+            # [0, max(p1, i+1)) & [0, max(p2, i+1)) == [0, max(min(p1, p2), i+1))
+            pl = other.prefix_lengths
+            if self.prefix_lengths is not None:
+                pl = torch.minimum(self.prefix_lengths, pl)
+            out = replace(out, prefix_lengths=pl)
+        if other.qformer is not None:
+            if self.qformer is not None and self.qformer != other.qformer:
+                raise ValueError(
+                    f"mask: cannot intersect qformer{self.qformer} with qformer{other.qformer}; "
+                    "pass the intersection as a dense bool mask (Mask.to_dense)"
+                )
+            out = replace(out, qformer=other.qformer)
+        if other.media is not None:
+            if self.media is not None:
+                raise ValueError(
+                    "mask: cannot intersect two media masks; pass a dense bool mask instead"
+                )
+            out = replace(out, media=other.media)
+        return out
+
+    def __repr__(self) -> str:
+        parts = []
+        if self.causal:
+            parts.append("causal()")
+        if self.key_lengths is not None:
+            parts.append(f"key_padding(<{tuple(self.key_lengths.shape)}>)")
+        if self.qformer is not None:
+            parts.append(f"qformer({self.qformer[0]}, {self.qformer[1]!r})")
+        if self.prefix_lengths is not None:
+            parts.append(f"prefix_lm(<{tuple(self.prefix_lengths.shape)}>)")
+        if self.media is not None:
+            t2m, lat, imm = self.media
+            parts.append(f"media(<{tuple(t2m.shape)}>, {lat}, only_immediate={imm})")
+        return " & ".join(parts) or "Mask()"
+
+    def check(self, batch: int, q_len: int, k_len: int, device: torch.device) -> None:
+        """Raise ValueError/TypeError if this mask cannot apply to [batch, *, q_len, k_len]."""
+        for name, t in (("key_padding lengths", self.key_lengths),
+                        ("prefix_lm prefix_lengths", self.prefix_lengths)):
+            if t is not None:
+                _check_int_tensor(name, t, (batch,), "[B]", device)
+        if self.qformer is not None and self.qformer[0] > k_len:
+            raise ValueError(
+                f"mask: qformer num_queries={self.qformer[0]} exceeds the key length {k_len}"
+            )
+        if self.media is not None:
+            t2m, lat, _ = self.media
+            _check_int_tensor("media text_to_media", t2m, (batch, q_len), "[B, Lq]", device)
+            if k_len % lat:
+                raise ValueError(
+                    f"mask: media expects the key length to be a multiple of "
+                    f"latents_per_media={lat}, got {k_len}"
+                )
+
+    def to_dense(self, batch: int, q_len: int, k_len: int) -> torch.Tensor:
+        """Bool [batch, 1, q_len, k_len], True where attention is allowed (eager definition)."""
+        dev = _device_of(self)
+        self.check(batch, q_len, k_len, dev)
+        i = torch.arange(q_len, device=dev).view(1, q_len, 1)
+        j = torch.arange(k_len, device=dev).view(1, 1, k_len)
+        allowed = torch.ones(batch, q_len, k_len, dtype=torch.bool, device=dev)
+        if self.causal:
+            allowed &= j <= i + (k_len - q_len)
+        if self.key_lengths is not None:
+            allowed &= j < self.key_lengths.view(-1, 1, 1)
+        if self.qformer is not None:
+            nq, mode = self.qformer
+            q_is_query, k_is_query = i < nq, j < nq
+            if mode == "multimodal_causal":
+                allowed &= torch.where(q_is_query, k_is_query, k_is_query | (j <= i))
+            elif mode == "unimodal":
+                allowed &= q_is_query == k_is_query
+        if self.prefix_lengths is not None:
+            allowed &= (j < self.prefix_lengths.view(-1, 1, 1)) | (j <= i)
+        if self.media is not None:
+            t2m, lat, immediate = self.media
+            text_time = t2m.view(batch, q_len, 1)
+            key_time = j // lat + 1
+            allowed &= (text_time >= 1) & (
+                (key_time == text_time) if immediate else (key_time <= text_time)
+            )
+        return allowed.unsqueeze(1)
+
+
+def _device_of(m: Mask) -> torch.device:
+    for t in (m.key_lengths, m.prefix_lengths, m.media[0] if m.media else None):
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def _check_int_tensor(name, t, shape, shape_txt, device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"mask: {name} must be an int32/int64 tensor {shape_txt}, got {got}")
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"mask: {name} must have shape {shape_txt} = {list(shape)}, got {list(t.shape)}"
+        )
+    if t.device != device:
+        raise ValueError(f"mask: {name} is on {t.device}, the inputs are on {device}")
+
+
+def _int_tensor(name: str, t, ndim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be an integer tensor, got {got}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {list(t.shape)}")
+    return t
+
+
+def causal() -> Mask:
+    """Bottom-right aligned causal mask: key j allowed for query i iff j <= i + (Lk - Lq)."""
+    return Mask(causal=True)
+
+
+def key_padding(lengths: torch.Tensor) -> Mask:
+    """Key j allowed iff j < lengths[b]; ``lengths``: int [B]."""
+    return Mask(key_lengths=_int_tensor("key_padding: lengths", lengths, 1))
+
+
+def qformer(num_queries: int, mode: str) -> Mask:
+    """BLIP-2 Q-Former masks over [num_queries learned queries ; text] (paper, Figure 2).
+
+    ``"bidirectional"`` (ITM): all see all. ``"multimodal_causal"`` (ITG): queries see queries,
+    text sees all queries and earlier-or-same text. ``"unimodal"`` (ITC): queries see only
+    queries, text only text.
+    """
+    if not isinstance(num_queries, int) or isinstance(num_queries, bool) or num_queries < 0:
+        raise ValueError(f"qformer: num_queries must be an int >= 0, got {num_queries!r}")
+    if mode not in QFORMER_MODES:
+        raise ValueError(f"qformer: mode must be one of {QFORMER_MODES}, got {mode!r}")
+    return Mask(qformer=(num_queries, mode))
+
+
+def prefix_lm(prefix_lengths: torch.Tensor) -> Mask:
+    """PaLI prefix-LM: key j allowed iff j < prefix_lengths[b] or j <= i; int [B]."""
+    return Mask(prefix_lengths=_int_tensor("prefix_lm: prefix_lengths", prefix_lengths, 1))
+
+
+def media(text_to_media: torch.Tensor, latents_per_media: int, only_immediate: bool = True) -> Mask:
+    """Flamingo media mask.
+
+    ``text_to_media``: int [B, Lq], 0 where no image precedes the token, m >= 1 for the m-th
+    image (open_flamingo's ``media_locations.cumsum(-1)``). Keys are the latents of the images
+    in order, ``latents_per_media`` each. Allowed iff text_to_media >= 1 and the key's image
+    index equals it (``only_immediate``) or is <= it.
+    """
+    t2m = _int_tensor("media: text_to_media", text_to_media, 2)
+    if not isinstance(latents_per_media, int) or latents_per_media < 1:
+        raise ValueError(f"media: latents_per_media must be an int >= 1, got {latents_per_media!r}")
+    return Mask(media=(t2m, latents_per_media, bool(only_immediate)))
