@@ -70,6 +70,15 @@ def _allowed(offs_n, lo, hi, MASK, b, h, offs_m, smb, smh, smm, smn, Lq, Lk, HAS
     return ok
 
 
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST: bf16 operands are multiplied as fp32 (exact products,
+    as on tensor cores) because the Triton interpreter's bf16 dot is wrong."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
 _MASK_FLAGS = ["CAUSAL", "HAS_KLEN", "QF_MODE", "HAS_PREFIX", "MEDIA", "HAS_MASK"]
 
 
@@ -94,7 +103,7 @@ def _attn_fwd(
     H, GROUP, Lq, Lk, D, NQ, LAT, qk_scale, LQ_KEY, LK_KEY,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
     HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -121,7 +130,7 @@ def _attn_fwd(
         kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
         v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         ok = _allowed(offs_n, lo, hi, MASK, b, h, offs_m, smb, smh, smm, smn, Lq, Lk, HAS_MASK)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -129,7 +138,7 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -166,7 +175,7 @@ def _attn_bwd_dkdv(
     H, Hk, GROUP, Lq, Lk, D, NQ, LAT, qk_scale, sm_scale, LQ_KEY, LK_KEY,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
     HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one key tile: loops over the GROUP query heads sharing it and over the query
     tiles whose allowed intervals touch it."""
@@ -199,13 +208,13 @@ def _attn_bwd_dkdv(
                 row = (b * H + h) * Lq + offs_m
                 lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
                 delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
                 ok = _allowed(offs_n, lo, hi, MASK, b, h, offs_m, smb, smh, smm, smn, Lq, Lk, HAS_MASK)
                 p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+                dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
                 ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
     dk *= sm_scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -222,7 +231,7 @@ def _attn_bwd_dq(
     B, H, GROUP, Lq, Lk, D, NQ, LAT, qk_scale, sm_scale, B_PER_PROG, LQ_KEY, LK_KEY,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
     HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq of one query tile, summed over the B_PER_PROG batch entries of chunk c (shared queries:
     chunk c's partial sum goes to DQ[c]; otherwise B_PER_PROG == 1 and c is the batch)."""
@@ -256,12 +265,12 @@ def _attn_bwd_dq(
             kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
             k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
             v = tl.load(Vb + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
             ok = _allowed(offs_n, lo, hi, MASK, b, h, offs_m, smb, smh, smm, smn, Lq, Lk, HAS_MASK)
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
     dq *= sm_scale
     tl.store(DQ + c * sdqc + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=q_ok)
@@ -298,6 +307,7 @@ def _common(q, k):
     H, Lq = q.shape[1], q.shape[2]
     return dict(
         precision="ieee" if q.dtype == torch.float32 else "tf32",
+        upcast=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         BLOCK_D=next_pow2(D), LQ_KEY=next_pow2(Lq), LK_KEY=next_pow2(Lk), GROUP=H // Hk,
     )
 
@@ -322,7 +332,7 @@ def _fwd_impl(q, k, v, dense_mask, key_lengths, prefix_lengths, text_to_media, c
     _attn_fwd[grid](
         q, k, v, out, lse, *ptrs, *_q_strides(q, B), *k.stride(), *v.stride(), *out.stride(),
         *mstrides, H, c["GROUP"], Lq, Lk, D, nq, lat, scale * LOG2E, c["LQ_KEY"], c["LK_KEY"],
-        **flags, PRECISION=c["precision"], BLOCK_D=c["BLOCK_D"],
+        **flags, PRECISION=c["precision"], UPCAST=c["upcast"], BLOCK_D=c["BLOCK_D"],
     )
     LAUNCHES["attention_fwd"] += 1
     return out, lse
@@ -361,7 +371,7 @@ def _bwd_impl(grad_out, q, k, v, out, lse, dense_mask, key_lengths, prefix_lengt
         q, k, v, grad_out, lse, delta, dk, dv, *ptrs, *qs, *k.stride(), *v.stride(),
         *grad_out.stride(), *dk.stride(), *dv.stride(), *mstrides,
         H, Hk, c["GROUP"], Lq, Lk, D, nq, lat, scale * LOG2E, scale, c["LQ_KEY"], c["LK_KEY"],
-        **flags, PRECISION=c["precision"], BLOCK_D=c["BLOCK_D"],
+        **flags, PRECISION=c["precision"], UPCAST=c["upcast"], BLOCK_D=c["BLOCK_D"],
     )
 
     shared = q.shape[0] == 1 and B > 1
@@ -375,7 +385,7 @@ def _bwd_impl(grad_out, q, k, v, out, lse, dense_mask, key_lengths, prefix_lengt
         q, k, v, grad_out, lse, delta, dq_acc, *ptrs, *qs, *k.stride(), *v.stride(),
         *grad_out.stride(), *dq_acc.stride(), *mstrides,
         B, H, c["GROUP"], Lq, Lk, D, nq, lat, scale * LOG2E, scale, per_prog,
-        c["LQ_KEY"], c["LK_KEY"], **flags, PRECISION=c["precision"], BLOCK_D=c["BLOCK_D"],
+        c["LQ_KEY"], c["LK_KEY"], **flags, PRECISION=c["precision"], UPCAST=c["upcast"], BLOCK_D=c["BLOCK_D"],
     )
     if shared:
         dq.copy_(dq_acc.sum(dim=0, keepdim=True))
