@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import os
 
+import torch
 import triton
 
 from vlkernels._dispatch import interpreter_on
@@ -20,3 +22,11 @@ def autotuned(configs: list[triton.Config], key: list[str], interpret_config: tr
 
 def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
+
+
+def poisoned(out: torch.Tensor) -> torch.Tensor:
+    """A freshly allocated kernel output, filled with NaN when VLK_POISON=1 (the tests set it) so
+    that an element a kernel forgets to write shows up."""
+    if os.environ.get("VLK_POISON", "0") == "1":
+        out.fill_(float("nan"))
+    return out

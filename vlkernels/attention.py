@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from vlkernels import _dispatch
-from vlkernels._triton_utils import LAUNCHES, autotuned, next_pow2
+from vlkernels._triton_utils import LAUNCHES, autotuned, next_pow2, poisoned
 from vlkernels.masks import Mask
 from vlkernels.reference import attention_ref
 
@@ -322,8 +322,8 @@ def _fwd_impl(q, k, v, dense_mask, key_lengths, prefix_lengths, text_to_media, c
               qformer_queries, qformer_mode, media_mode, latents_per_media, scale):
     B, Hk, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
-    out = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    out = poisoned(q.new_empty((B, Lq, H, D))).transpose(1, 2)
+    lse = poisoned(q.new_empty((B, H, Lq), dtype=torch.float32))
     ptrs, mstrides, (nq, lat), flags = _mask_launch_args(
         q, k, dense_mask, key_lengths, prefix_lengths, text_to_media, causal,
         qformer_queries, qformer_mode, media_mode, latents_per_media)
@@ -359,13 +359,13 @@ def _bwd_impl(grad_out, q, k, v, out, lse, dense_mask, key_lengths, prefix_lengt
         qformer_queries, qformer_mode, media_mode, latents_per_media)
     c = _common(q, k)
     qs = _q_strides(q, B)
-    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    delta = poisoned(q.new_empty((B, H, Lq), dtype=torch.float32))
     _attn_bwd_delta[(triton.cdiv(Lq, 32), B * H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq, D,
         BLOCK_M=32, BLOCK_D=c["BLOCK_D"])
 
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = poisoned(torch.empty_like(k))
+    dv = poisoned(torch.empty_like(v))
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)  # noqa: E731
     _attn_bwd_dkdv[grid_kv](
         q, k, v, grad_out, lse, delta, dk, dv, *ptrs, *qs, *k.stride(), *v.stride(),
@@ -378,8 +378,8 @@ def _bwd_impl(grad_out, q, k, v, out, lse, dense_mask, key_lengths, prefix_lengt
     chunks = _dq_chunks(B, H, Lq, shared, q.device)
     per_prog = triton.cdiv(B, chunks)
     chunks = triton.cdiv(B, per_prog)
-    dq = torch.empty_like(q)
-    dq_acc = torch.empty((chunks, H, Lq, D), device=q.device, dtype=torch.float32) if shared else dq
+    dq = poisoned(torch.empty_like(q))
+    dq_acc = poisoned(q.new_empty((chunks, H, Lq, D), dtype=torch.float32)) if shared else dq
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), chunks * H)  # noqa: E731
     _attn_bwd_dq[grid_q](
         q, k, v, grad_out, lse, delta, dq_acc, *ptrs, *qs, *k.stride(), *v.stride(),

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from vlkernels import _dispatch
-from vlkernels._triton_utils import LAUNCHES
+from vlkernels._triton_utils import LAUNCHES, poisoned
 from vlkernels.reference import gated_residual_ref
 
 BLOCK = 1024
@@ -49,7 +49,7 @@ def _gated_bwd(DOUT, Y, G, DY, PARTIAL, N, BLOCK: tl.constexpr):
 def triton_gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + tanh(gate) * y for same-shape x, y and a one-element gate."""
     xf, yf = x.reshape(-1), y.reshape(-1)
-    out = torch.empty_like(xf)
+    out = poisoned(torch.empty_like(xf))
     n = xf.numel()
     _gated_fwd[(triton.cdiv(n, BLOCK),)](xf, yf, gate, out, n, BLOCK=BLOCK)
     LAUNCHES["gated_residual_fwd"] += 1
@@ -69,8 +69,8 @@ def triton_gated_residual_bwd(
     gf, yf = grad_out.reshape(-1), y.reshape(-1)
     n = gf.numel()
     programs = triton.cdiv(n, BLOCK)
-    dy = torch.empty_like(yf)
-    partial = torch.empty(programs, device=y.device, dtype=torch.float32)
+    dy = poisoned(torch.empty_like(yf))
+    partial = poisoned(y.new_empty(programs, dtype=torch.float32))
     _gated_bwd[(programs,)](gf, yf, gate, dy, partial, n, BLOCK=BLOCK)
     LAUNCHES["gated_residual_bwd"] += 1
     t = torch.tanh(gate.float())

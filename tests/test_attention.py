@@ -1,0 +1,142 @@
+"""vlkernels.attention (Triton) against the float64 eager reference: output, dq, dk, dv."""
+
+import pytest
+import torch
+from helpers import DEVICE, LOWP, ON_GPU, assert_launched, check_against_reference, padded_randn
+
+import vlkernels
+from vlkernels import masks
+from vlkernels.reference import attention_ref
+
+
+def _lengths(B, hi, g, low=0):
+    return torch.randint(low, hi + 1, (B,), generator=g).to(DEVICE)
+
+
+def _text_to_media(B, Lq, n_media, g):
+    """Sorted image indices per token, starting with tokens that no image precedes."""
+    t = torch.randint(0, n_media + 1, (B, Lq), generator=g).sort(dim=1).values
+    t[:, 0] = 0
+    return t.to(DEVICE)
+
+
+MASKS = {
+    "none": lambda B, Lq, Lk, g: None,
+    "dense": lambda B, Lq, Lk, g: (torch.rand(B, 1, Lq, Lk, generator=g) > 0.4).to(DEVICE),
+    "dense_broadcast_2d": lambda B, Lq, Lk, g: (torch.rand(Lq, Lk, generator=g) > 0.7).to(DEVICE),
+    "causal": lambda B, Lq, Lk, g: masks.causal(),
+    "key_padding": lambda B, Lq, Lk, g: masks.key_padding(_lengths(B, Lk, g)),
+    "causal&key_padding": lambda B, Lq, Lk, g: masks.causal() & masks.key_padding(_lengths(B, Lk, g)),
+    "qformer_bidirectional&pad": lambda B, Lq, Lk, g: (
+        masks.qformer(min(32, Lk // 2), "bidirectional") & masks.key_padding(_lengths(B, Lk, g, Lk // 2))),
+    "qformer_multimodal_causal": lambda B, Lq, Lk, g: masks.qformer(min(32, Lk // 2), "multimodal_causal"),
+    "qformer_multimodal_causal&pad": lambda B, Lq, Lk, g: (
+        masks.qformer(min(32, Lk // 2), "multimodal_causal") & masks.key_padding(_lengths(B, Lk, g, Lk // 2))),
+    "qformer_unimodal&pad": lambda B, Lq, Lk, g: (
+        masks.qformer(min(32, Lk // 2), "unimodal") & masks.key_padding(_lengths(B, Lk, g, Lk // 2))),
+    "prefix_lm": lambda B, Lq, Lk, g: masks.prefix_lm(_lengths(B, Lk, g)),
+    "prefix_lm&pad": lambda B, Lq, Lk, g: masks.prefix_lm(_lengths(B, Lk, g)) & masks.key_padding(_lengths(B, Lk, g)),
+    "media_immediate": lambda B, Lq, Lk, g: masks.media(_text_to_media(B, Lq, Lk // 16, g), 16, True),
+    "media_all_previous": lambda B, Lq, Lk, g: masks.media(_text_to_media(B, Lq, Lk // 16, g), 16, False),
+}
+SELF_ATTENTION = {"qformer", "prefix_lm"}  # masks defined over one sequence: Lq == Lk
+
+# (B, Bq, H, Hk, Lq, Lk, D): ragged lengths, shared queries (Bq=1), grouped keys, odd head dims.
+CROSS_SHAPES = [(2, 2, 2, 2, 1, 48, 40), (2, 1, 4, 2, 19, 96, 72), (3, 3, 2, 1, 97, 64, 96)]
+SELF_SHAPES = [(2, 2, 2, 2, 7, 7, 16), (2, 1, 3, 1, 70, 70, 64), (2, 2, 2, 2, 45, 45, 128)]
+
+
+def _shapes(mask_name):
+    kind = mask_name.split("_")[0]
+    if kind in SELF_ATTENTION:
+        return SELF_SHAPES
+    if kind == "media":  # keys are whole images of 16 latents
+        return CROSS_SHAPES
+    return CROSS_SHAPES + SELF_SHAPES
+
+
+def run_case(shape, mask_name, dtype, seed=0, layout_blhd=False, scale=None):
+    B, Bq, H, Hk, Lq, Lk, D = shape
+    g = torch.Generator().manual_seed(seed)
+    q = padded_randn((Bq, H, Lq, D), dtype, DEVICE, layout_blhd=layout_blhd, generator=g)
+    k = padded_randn((B, Hk, Lk, D), dtype, DEVICE, layout_blhd=layout_blhd, generator=g)
+    v = padded_randn((B, Hk, Lk, D), dtype, DEVICE, layout_blhd=layout_blhd, generator=g)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = MASKS[mask_name](B, Lq, Lk, g)
+    do = torch.randn(B, H, Lq, D, generator=g).to(DEVICE, dtype)
+
+    with assert_launched("attention_fwd", "attention_bwd"):
+        out = vlkernels.attention(q, k, v, mask, scale=scale, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    ref = attention_ref(q, k, v, mask, scale=scale, upcast=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
+    lowp = attention_ref(q, k, v, mask, scale=scale)
+    lowp_grads = torch.autograd.grad(lowp, (q, k, v), do)
+    assert out.shape == (B, H, Lq, D) and out.dtype == dtype
+    for name, got, r, lp in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads),
+                                (lowp, *lowp_grads), strict=True):
+        assert got.shape == r.shape, name
+        check_against_reference(f"{mask_name} {shape} {name}", got, r, lp, dtype)
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_every_mask_fp32(mask_name):
+    for i, shape in enumerate(_shapes(mask_name)):
+        run_case(shape, mask_name, torch.float32, seed=i)
+
+
+LOWP_MASKS = list(MASKS) if ON_GPU else ["none", "dense", "qformer_multimodal_causal&pad",
+                                          "media_immediate", "prefix_lm&pad"]
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("mask_name", LOWP_MASKS)
+def test_low_precision_two_x_rule(mask_name, dtype):
+    shapes = _shapes(mask_name) if ON_GPU else [(2, 1, 4, 2, 64, 64, 64)]
+    for i, shape in enumerate(shapes):
+        run_case(shape, mask_name, dtype, seed=100 + i)
+
+
+def test_blhd_views_are_not_copied_and_match():
+    """[B, L, H, D] tensors viewed as [B, H, L, D] go to the kernel as they are."""
+    run_case((2, 2, 4, 2, 33, 50, 64), "causal&key_padding", torch.float32, layout_blhd=True)
+
+
+def test_custom_scale():
+    run_case((2, 2, 2, 2, 20, 30, 32), "key_padding", torch.float32, scale=0.37)
+
+
+def test_paper_shapes_qformer_and_pooler():
+    """BLIP-2 Q-Former (32 queries + 32 text, 12 heads x 64) and a CoCa-like shared-query pooler."""
+    run_case((2, 2, 12, 12, 64, 64, 64), "qformer_multimodal_causal&pad", torch.float32)
+    run_case((3, 1, 2, 2, 97, 196, 96), "none", torch.float32)
+
+
+def test_fully_masked_rows_give_zero_and_zero_gradient():
+    B, H, L, D = 2, 2, 40, 32
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE, requires_grad=True) for _ in range(3))
+    t2m = torch.zeros(B, L, dtype=torch.long, device=DEVICE)
+    t2m[:, 20:] = 1  # rows 0..19: no image precedes them
+    mask = masks.media(t2m, 8, only_immediate=True)
+    out = vlkernels.attention(q, k[:, :, :16], v[:, :, :16], mask, backend="triton")
+    assert torch.all(out[:, :, :20] == 0) and not torch.isnan(out).any()
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    assert torch.all(dq[:, :, :20] == 0) and not torch.isnan(dq).any()
+    # every key padded away: the whole output is 0, no NaN anywhere
+    out = vlkernels.attention(q, k, v, masks.key_padding(torch.zeros(B, dtype=torch.long, device=DEVICE)),
+                              backend="triton")
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    for t in (out, dq, dk, dv):
+        assert torch.all(t == 0)
+
+
+def test_shared_queries_are_not_expanded_and_grad_sums_over_batch():
+    B, H, Lq, Lk, D = 5, 2, 9, 30, 32
+    q = torch.randn(1, H, Lq, D, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, H, Lk, D, device=DEVICE) for _ in range(2))
+    out = vlkernels.attention(q, k, v, backend="triton")
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    qe = q.detach().expand(B, H, Lq, D).clone().requires_grad_()
+    (dqe,) = torch.autograd.grad(attention_ref(qe, k, v, upcast=True).sum(), (qe,))
+    assert dq.shape == (1, H, Lq, D)
+    torch.testing.assert_close(dq.double(), dqe.double().sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
