@@ -48,7 +48,7 @@ def _gated_bwd(DOUT, Y, G, DY, PARTIAL, N, BLOCK: tl.constexpr):
 @torch.library.custom_op("vlkernels::triton_gated_residual_fwd", mutates_args=())
 def triton_gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + tanh(gate) * y for same-shape x, y and a one-element gate."""
-    xf, yf = x.reshape(-1), y.reshape(-1)
+    xf, yf = x.contiguous().view(-1), y.contiguous().view(-1)
     out = poisoned(torch.empty_like(xf))
     n = xf.numel()
     _gated_fwd[(triton.cdiv(n, BLOCK),)](xf, yf, gate, out, n, BLOCK=BLOCK)
@@ -66,7 +66,7 @@ def triton_gated_residual_bwd(
     grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy, dgate) of x + tanh(gate) * y."""
-    gf, yf = grad_out.reshape(-1), y.reshape(-1)
+    gf, yf = grad_out.contiguous().view(-1), y.contiguous().view(-1)
     n = gf.numel()
     programs = triton.cdiv(n, BLOCK)
     dy = poisoned(torch.empty_like(yf))

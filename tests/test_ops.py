@@ -1,0 +1,160 @@
+"""torch.library registration (opcheck, torch.compile), backend dispatch, the gated residual op,
+and bad-input errors."""
+
+import pytest
+import torch
+from helpers import DEVICE, ON_GPU, assert_launched
+
+import vlkernels
+from vlkernels import masks
+from vlkernels.reference import attention_ref, gated_residual_ref
+
+
+def _qkv(B=2, H=2, Lq=20, Lk=24, D=32, Bq=None, Hk=None, dtype=torch.float32, grad=True):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(Bq or B, H, Lq, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hk or H, Lk, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hk or H, Lk, D, generator=g).to(DEVICE, dtype)
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def _op_args(mask_kind):
+    q, k, v = _qkv(Bq=1 if mask_kind == "shared" else None, Hk=1)
+    none4 = [None, None, None, None]
+    lengths = torch.tensor([10, 24], dtype=torch.int32, device=DEVICE)
+    t2m = torch.tensor([[0] * 5 + [1] * 15, [1] * 10 + [3] * 10], dtype=torch.int32, device=DEVICE)
+    cases = {
+        "none": (none4, [False, 0, 0, 0, 1]),
+        "shared": (none4, [True, 0, 0, 0, 1]),
+        "dense": ([torch.rand(2, 1, 20, 24, device=DEVICE) > 0.5, None, None, None], [False, 0, 0, 0, 1]),
+        "qformer": ([None, lengths, None, None], [False, 8, 1, 0, 1]),
+        "prefix": ([None, None, lengths, None], [True, 0, 0, 0, 1]),
+        "media": ([None, None, None, t2m], [False, 0, 0, 1, 8]),
+    }
+    tensors, ints = cases[mask_kind]
+    return (q, k, v, *tensors, *ints, 0.2)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "dense", "qformer", "prefix", "media"])
+def test_opcheck_attention(mask_kind):
+    torch.library.opcheck(torch.ops.vlkernels.triton_attention_fwd, _op_args(mask_kind))
+
+
+def test_opcheck_attention_backward_and_gated_residual():
+    q, k, v, *rest = _op_args("qformer")
+    q, k, v = q.detach(), k.detach(), v.detach()  # the backward op has no double backward
+    out, lse = torch.ops.vlkernels.triton_attention_fwd(q, k, v, *rest)
+    torch.library.opcheck(torch.ops.vlkernels.triton_attention_bwd,
+                          (torch.randn_like(out), q, k, v, out, lse, *rest))
+    x = torch.randn(3, 5, 7, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.vlkernels.triton_gated_residual_fwd,
+                          (x, torch.randn_like(x, requires_grad=True),
+                           torch.tensor([0.3], device=DEVICE, requires_grad=True)))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    q, k, v = _qkv(Hk=1)
+    lengths = torch.tensor([12, 24], device=DEVICE)
+    gate = torch.tensor([0.5], device=DEVICE, requires_grad=True)
+
+    def f(q, k, v, gate):
+        o = vlkernels.attention(q, k, v, masks.qformer(8, "unimodal") & masks.key_padding(lengths))
+        return vlkernels.gated_residual(q, o, gate).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    with assert_launched("attention_fwd", "attention_bwd", "gated_residual_fwd", "gated_residual_bwd"):
+        loss = compiled(q, k, v, gate)
+        grads = torch.autograd.grad(loss, (q, k, v, gate))
+    ref_grads = torch.autograd.grad(f(q, k, v, gate), (q, k, v, gate))
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_residual_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1000, 7, generator=g).to(DEVICE).requires_grad_()
+    y = torch.randn(3, 1000, 7, generator=g).to(DEVICE).requires_grad_()
+    gate = torch.tensor([0.7], device=DEVICE, requires_grad=True)
+    with assert_launched("gated_residual_fwd", "gated_residual_bwd"):
+        out = vlkernels.gated_residual(x, y, gate, backend="triton")
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (x, y, gate), do)
+    x64, y64, g64 = (t.detach().double().requires_grad_() for t in (x, y, gate))
+    ref = gated_residual_ref(x64, y64, g64)
+    ref_grads = torch.autograd.grad(ref, (x64, y64, g64), do.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_selection_and_reasons(monkeypatch):
+    q, k, v = _qkv(grad=False)
+    with vlkernels.use_backend("torch"):
+        assert vlkernels.get_backend() == "torch"
+        torch.testing.assert_close(vlkernels.attention(q, k, v), attention_ref(q, k, v))
+    assert vlkernels.get_backend() is None
+    with pytest.raises(vlkernels.BackendUnavailableError, match="vlkernels._C is not built"):
+        vlkernels.attention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vlkernels.attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vlkernels.set_backend("xformers")
+    if not ON_GPU:
+        # automatic choice on CPU: Triton under the interpreter, the eager reference otherwise
+        with assert_launched("attention_fwd"):
+            vlkernels.attention(q, k, v)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(vlkernels.BackendUnavailableError, match="need TRITON_INTERPRET=1"):
+            vlkernels.attention(q, k, v, backend="triton")
+        torch.testing.assert_close(vlkernels.attention(q, k, v), attention_ref(q, k, v))
+
+
+def test_info_runs(capsys):
+    from vlkernels import info
+
+    info.main()
+    out = capsys.readouterr().out
+    assert "triton" in out and "torch" in out and "cuda" in out
+
+
+BAD_INPUTS = [
+    (lambda q, k, v: ([q], k, v, None), TypeError, "q must be a torch.Tensor, got list"),
+    (lambda q, k, v: (q[0], k, v, None), ValueError, r"q must be 4-D \[B, H, L, D\], got shape \[2, 20, 32\]"),
+    (lambda q, k, v: (q.double(), k.double(), v.double(), None), TypeError, "q must be float16, bfloat16 or float32, got torch.float64"),
+    (lambda q, k, v: (q.half(), k, v, None), TypeError, "must share a dtype"),
+    (lambda q, k, v: (q, k, v[:, :, :5], None), ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: (torch.cat([q, q[:1]]), k, v, None), ValueError, r"q batch must be 2 \(the batch of k\) or 1, got 3"),
+    (lambda q, k, v: (q[..., :16], k, v, None), ValueError, r"q head dim must equal k's \(32\), got 16"),
+    (lambda q, k, v: (q[:, :1].expand(2, 3, 20, 32), k, v, None), ValueError, r"q heads \(3\) must be a multiple of k/v heads \(2\)"),
+    (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], None), ValueError, "head dim must be a multiple of 8 in"),
+    (lambda q, k, v: (q, k, v, torch.ones(2, 1, 20, 24)), TypeError, "a tensor mask must be bool"),
+    (lambda q, k, v: (q, k, v, torch.ones(2, 1, 20, 23, dtype=torch.bool)), ValueError, r"mask must broadcast to \[B, H, Lq, Lk\] = \[2, 2, 20, 24\]"),
+    (lambda q, k, v: (q, k, v, "causal"), TypeError, "mask must be None, a bool tensor or a vlkernels.masks mask"),
+    (lambda q, k, v: (q, k, v, masks.key_padding(torch.tensor([3]))), ValueError, r"key_padding lengths must have shape \[B\]"),
+    (lambda q, k, v: (q, k, v, masks.media(torch.zeros(2, 19, dtype=torch.long), 4)), ValueError, r"text_to_media must have shape \[B, Lq\]"),
+    (lambda q, k, v: (q, k, v, masks.media(torch.zeros(2, 20, dtype=torch.long), 5)), ValueError, "multiple of latents_per_media=5, got 24"),
+    (lambda q, k, v: (q[:, :, :0], k, v, None), ValueError, "lengths must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_inputs_raise_clear_errors(case):
+    make, exc, msg = BAD_INPUTS[case]
+    q, k, v = (t.cpu() for t in _qkv(grad=False))
+    with pytest.raises(exc, match=msg):
+        vlkernels.attention(*make(q, k, v), backend="torch")
+    with pytest.raises(TypeError, match="scale must be a float"):
+        vlkernels.attention(q, k, v, scale="0.1")
+
+
+def test_bad_device_mix_and_gated_residual_errors():
+    q, k, v = (t.cpu() for t in _qkv(grad=False))
+    if ON_GPU:
+        with pytest.raises(ValueError, match="must be on one device"):
+            vlkernels.attention(q, k.cuda(), v)
+    with pytest.raises(ValueError, match="gate must have one element"):
+        vlkernels.gated_residual(q, q, torch.ones(2))
+    with pytest.raises(ValueError, match="x and y must match"):
+        vlkernels.gated_residual(q, k, torch.ones(1))
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        vlkernels.gated_residual(q, 1.0, torch.ones(1))
