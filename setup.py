@@ -28,8 +28,13 @@ def cuda_extensions():
         return [], {}
     archs = os.environ.get("VLK_CUDA_ARCHS", "80;90").split(";")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-    nvcc = ["-O3", "--use_fast_math", "-std=c++17", *gencode,
-            f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
+    nvcc = [
+        "-O3",
+        "--use_fast_math",
+        "-std=c++17",
+        *gencode,
+        f"--threads={os.environ.get('NVCC_THREADS', '2')}",
+    ]
     ext = CUDAExtension("vlkernels._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})
     return [ext], {"build_ext": BuildExtension}
 
@@ -47,7 +52,12 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.2", "numpy"],
     extras_require={
         "test": [
-            "pytest", "hypothesis", "ruff", "open-clip-torch", "einops", "einops-exts",
+            "pytest",
+            "hypothesis",
+            "ruff",
+            "open-clip-torch",
+            "einops",
+            "einops-exts",
             "transformers>=4.50",
         ],
         "bench": ["pytest-benchmark", "matplotlib"],

@@ -28,14 +28,19 @@ MASKS = {
     "key_padding": lambda B, Lq, Lk, g: masks.key_padding(_lengths(B, Lk, g)),
     "causal&key_padding": lambda B, Lq, Lk, g: masks.causal() & masks.key_padding(_lengths(B, Lk, g)),
     "qformer_bidirectional&pad": lambda B, Lq, Lk, g: (
-        masks.qformer(min(32, Lk // 2), "bidirectional") & masks.key_padding(_lengths(B, Lk, g, Lk // 2))),
+        masks.qformer(min(32, Lk // 2), "bidirectional") & masks.key_padding(_lengths(B, Lk, g, Lk // 2))
+    ),
     "qformer_multimodal_causal": lambda B, Lq, Lk, g: masks.qformer(min(32, Lk // 2), "multimodal_causal"),
     "qformer_multimodal_causal&pad": lambda B, Lq, Lk, g: (
-        masks.qformer(min(32, Lk // 2), "multimodal_causal") & masks.key_padding(_lengths(B, Lk, g, Lk // 2))),
+        masks.qformer(min(32, Lk // 2), "multimodal_causal") & masks.key_padding(_lengths(B, Lk, g, Lk // 2))
+    ),
     "qformer_unimodal&pad": lambda B, Lq, Lk, g: (
-        masks.qformer(min(32, Lk // 2), "unimodal") & masks.key_padding(_lengths(B, Lk, g, Lk // 2))),
+        masks.qformer(min(32, Lk // 2), "unimodal") & masks.key_padding(_lengths(B, Lk, g, Lk // 2))
+    ),
     "prefix_lm": lambda B, Lq, Lk, g: masks.prefix_lm(_lengths(B, Lk, g)),
-    "prefix_lm&pad": lambda B, Lq, Lk, g: masks.prefix_lm(_lengths(B, Lk, g)) & masks.key_padding(_lengths(B, Lk, g)),
+    "prefix_lm&pad": lambda B, Lq, Lk, g: (
+        masks.prefix_lm(_lengths(B, Lk, g)) & masks.key_padding(_lengths(B, Lk, g))
+    ),
     "media_immediate": lambda B, Lq, Lk, g: masks.media(_text_to_media(B, Lq, Lk // 16, g), 16, True),
     "media_all_previous": lambda B, Lq, Lk, g: masks.media(_text_to_media(B, Lq, Lk // 16, g), 16, False),
 }
@@ -73,8 +78,9 @@ def run_case(shape, mask_name, dtype, seed=0, layout_blhd=False, scale=None):
     lowp = attention_ref(q, k, v, mask, scale=scale)
     lowp_grads = torch.autograd.grad(lowp, (q, k, v), do)
     assert out.shape == (B, H, Lq, D) and out.dtype == dtype
-    for name, got, r, lp in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads),
-                                (lowp, *lowp_grads), strict=True):
+    for name, got, r, lp in zip(
+        ("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (lowp, *lowp_grads), strict=True
+    ):
         assert got.shape == r.shape, name
         check_against_reference(f"{mask_name} {shape} {name}", got, r, lp, dtype)
 
@@ -85,8 +91,11 @@ def test_every_mask_fp32(mask_name):
         run_case(shape, mask_name, torch.float32, seed=i)
 
 
-LOWP_MASKS = list(MASKS) if ON_GPU else ["none", "dense", "qformer_multimodal_causal&pad",
-                                          "media_immediate", "prefix_lm&pad"]
+LOWP_MASKS = (
+    list(MASKS)
+    if ON_GPU
+    else ["none", "dense", "qformer_multimodal_causal&pad", "media_immediate", "prefix_lm&pad"]
+)
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
@@ -123,8 +132,9 @@ def test_fully_masked_rows_give_zero_and_zero_gradient():
     (dq,) = torch.autograd.grad(out.sum(), (q,))
     assert torch.all(dq[:, :, :20] == 0) and not torch.isnan(dq).any()
     # every key padded away: the whole output is 0, no NaN anywhere
-    out = vlkernels.attention(q, k, v, masks.key_padding(torch.zeros(B, dtype=torch.long, device=DEVICE)),
-                              backend="triton")
+    out = vlkernels.attention(
+        q, k, v, masks.key_padding(torch.zeros(B, dtype=torch.long, device=DEVICE)), backend="triton"
+    )
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
     for t in (out, dq, dk, dv):
         assert torch.all(t == 0)

@@ -51,13 +51,19 @@ def problems(draw):
         mask = masks.media(t2m.to(DEVICE), lat, draw(st.booleans()))
     else:
         mask = None
-    q, k, v = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_()
-               for s in ((Bq, H, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, D)))
+    q, k, v = (
+        torch.randn(*s, generator=g).to(DEVICE).requires_grad_()
+        for s in ((Bq, H, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, D))
+    )
     return q, k, v, mask
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(problems())
 def test_random_problems_match_reference(problem):
     q, k, v, mask = problem

@@ -26,45 +26,55 @@ def test_key_padding():
 def test_qformer_modes_blip2_figure2():
     # 2 learned queries followed by 3 text tokens
     assert dense(masks.qformer(2, "bidirectional"), 1, 5, 5) == [[[T] * 5] * 5]
-    assert dense(masks.qformer(2, "multimodal_causal"), 1, 5, 5) == [[
-        [T, T, F, F, F],
-        [T, T, F, F, F],
-        [T, T, T, F, F],
-        [T, T, T, T, F],
-        [T, T, T, T, T],
-    ]]
-    assert dense(masks.qformer(2, "unimodal"), 1, 5, 5) == [[
-        [T, T, F, F, F],
-        [T, T, F, F, F],
-        [F, F, T, T, T],
-        [F, F, T, T, T],
-        [F, F, T, T, T],
-    ]]
+    assert dense(masks.qformer(2, "multimodal_causal"), 1, 5, 5) == [
+        [
+            [T, T, F, F, F],
+            [T, T, F, F, F],
+            [T, T, T, F, F],
+            [T, T, T, T, F],
+            [T, T, T, T, T],
+        ]
+    ]
+    assert dense(masks.qformer(2, "unimodal"), 1, 5, 5) == [
+        [
+            [T, T, F, F, F],
+            [T, T, F, F, F],
+            [F, F, T, T, T],
+            [F, F, T, T, T],
+            [F, F, T, T, T],
+        ]
+    ]
 
 
 def test_prefix_lm():
-    assert dense(masks.prefix_lm(torch.tensor([2])), 1, 4, 4) == [[
-        [T, T, F, F],
-        [T, T, F, F],
-        [T, T, T, F],
-        [T, T, T, T],
-    ]]
+    assert dense(masks.prefix_lm(torch.tensor([2])), 1, 4, 4) == [
+        [
+            [T, T, F, F],
+            [T, T, F, F],
+            [T, T, T, F],
+            [T, T, T, T],
+        ]
+    ]
 
 
 def test_media_immediate_and_all_previous():
     t2m = torch.tensor([[0, 1, 2, 2]])  # 2 images x 2 latents
-    assert dense(masks.media(t2m, 2, True), 1, 4, 4) == [[
-        [F, F, F, F],
-        [T, T, F, F],
-        [F, F, T, T],
-        [F, F, T, T],
-    ]]
-    assert dense(masks.media(t2m, 2, False), 1, 4, 4) == [[
-        [F, F, F, F],
-        [T, T, F, F],
-        [T, T, T, T],
-        [T, T, T, T],
-    ]]
+    assert dense(masks.media(t2m, 2, True), 1, 4, 4) == [
+        [
+            [F, F, F, F],
+            [T, T, F, F],
+            [F, F, T, T],
+            [F, F, T, T],
+        ]
+    ]
+    assert dense(masks.media(t2m, 2, False), 1, 4, 4) == [
+        [
+            [F, F, F, F],
+            [T, T, F, F],
+            [T, T, T, T],
+            [T, T, T, T],
+        ]
+    ]
 
 
 def test_intersection():
@@ -73,8 +83,9 @@ def test_intersection():
     both = masks.key_padding(torch.tensor([3])) & masks.key_padding(torch.tensor([2]))
     assert dense(both, 1, 1, 4) == [[[T, T, F, F]]]
     prefixes = masks.prefix_lm(torch.tensor([3])) & masks.prefix_lm(torch.tensor([1]))
-    expect = (masks.prefix_lm(torch.tensor([3])).to_dense(1, 4, 4)
-              & masks.prefix_lm(torch.tensor([1])).to_dense(1, 4, 4))
+    expect = masks.prefix_lm(torch.tensor([3])).to_dense(1, 4, 4) & masks.prefix_lm(
+        torch.tensor([1])
+    ).to_dense(1, 4, 4)
     assert torch.equal(prefixes.to_dense(1, 4, 4), expect)
     assert "causal()" in repr(masks.causal() & masks.key_padding(torch.tensor([1])))
 

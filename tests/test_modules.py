@@ -53,8 +53,9 @@ def test_attentional_pooler_matches_open_clip(context_dim):
 def test_gated_cross_attention_block_matches_open_flamingo(only_immediate, cached):
     helpers = _open_flamingo_helpers()
     torch.manual_seed(0)
-    kw = dict(dim=64, dim_visual=48, dim_head=16, heads=4, ff_mult=2,
-              only_attend_immediate_media=only_immediate)
+    kw = dict(
+        dim=64, dim_visual=48, dim_head=16, heads=4, ff_mult=2, only_attend_immediate_media=only_immediate
+    )
     theirs = helpers.GatedCrossAttentionBlock(**kw).to(DEVICE)
     with torch.no_grad():  # open_flamingo initialises the gates at 0: open them
         theirs.attn_gate.fill_(0.8)
@@ -95,9 +96,14 @@ def _hf_qformer_attention(cross: bool):
     transformers = pytest.importorskip("transformers")
     from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerAttention
 
-    cfg = transformers.Blip2QFormerConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                                          encoder_hidden_size=48, attention_probs_dropout_prob=0.0,
-                                          hidden_dropout_prob=0.0)
+    cfg = transformers.Blip2QFormerConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        encoder_hidden_size=48,
+        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )
     cfg._attn_implementation = "eager"
     return Blip2QFormerAttention(cfg, is_cross_attention=cross).to(DEVICE).eval()
 
@@ -114,8 +120,14 @@ def test_qformer_self_attention_matches_transformers(mode):
     allowed = (masks.qformer(nq, mode) & masks.key_padding(text_lengths + nq)).to_dense(B, nq + T, nq + T)
     additive = (~allowed).float() * torch.finfo(torch.float32).min  # HF's extended mask
     with assert_launched("attention_fwd", "attention_bwd"):
-        _compare(ours, theirs, (x,), (x,), dict(num_queries=nq, mode=mode, text_lengths=text_lengths),
-                 dict(attention_mask=additive))
+        _compare(
+            ours,
+            theirs,
+            (x,),
+            (x,),
+            dict(num_queries=nq, mode=mode, text_lengths=text_lengths),
+            dict(attention_mask=additive),
+        )
 
 
 def test_qformer_cross_attention_matches_transformers():

@@ -44,12 +44,14 @@ def test_opcheck_attention_backward_and_gated_residual():
     q, k, v, *rest = _op_args("qformer")
     q, k, v = q.detach(), k.detach(), v.detach()  # the backward op has no double backward
     out, lse = torch.ops.vlkernels.triton_attention_fwd(q, k, v, *rest)
-    torch.library.opcheck(torch.ops.vlkernels.triton_attention_bwd,
-                          (torch.randn_like(out), q, k, v, out, lse, *rest))
+    torch.library.opcheck(
+        torch.ops.vlkernels.triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, *rest)
+    )
     x = torch.randn(3, 5, 7, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.vlkernels.triton_gated_residual_fwd,
-                          (x, torch.randn_like(x, requires_grad=True),
-                           torch.tensor([0.3], device=DEVICE, requires_grad=True)))
+    torch.library.opcheck(
+        torch.ops.vlkernels.triton_gated_residual_fwd,
+        (x, torch.randn_like(x, requires_grad=True), torch.tensor([0.3], device=DEVICE, requires_grad=True)),
+    )
 
 
 def test_torch_compile_fullgraph_forward_backward():
@@ -93,7 +95,7 @@ def test_backend_selection_and_reasons(monkeypatch):
         assert vlkernels.get_backend() == "torch"
         torch.testing.assert_close(vlkernels.attention(q, k, v), attention_ref(q, k, v))
     assert vlkernels.get_backend() is None
-    with pytest.raises(vlkernels.BackendUnavailableError, match="vlkernels._C is not built"):
+    with pytest.raises(vlkernels.BackendUnavailableError, match=r"vlkernels\._C is not built"):
         vlkernels.attention(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         vlkernels.attention(q, k, v, backend="flash")
@@ -119,20 +121,60 @@ def test_info_runs(capsys):
 
 BAD_INPUTS = [
     (lambda q, k, v: ([q], k, v, None), TypeError, "q must be a torch.Tensor, got list"),
-    (lambda q, k, v: (q[0], k, v, None), ValueError, r"q must be 4-D \[B, H, L, D\], got shape \[2, 20, 32\]"),
-    (lambda q, k, v: (q.double(), k.double(), v.double(), None), TypeError, "q must be float16, bfloat16 or float32, got torch.float64"),
+    (
+        lambda q, k, v: (q[0], k, v, None),
+        ValueError,
+        r"q must be 4-D \[B, H, L, D\], got shape \[2, 20, 32\]",
+    ),
+    (
+        lambda q, k, v: (q.double(), k.double(), v.double(), None),
+        TypeError,
+        "q must be float16, bfloat16 or float32, got torch.float64",
+    ),
     (lambda q, k, v: (q.half(), k, v, None), TypeError, "must share a dtype"),
     (lambda q, k, v: (q, k, v[:, :, :5], None), ValueError, "k and v must have the same shape"),
-    (lambda q, k, v: (torch.cat([q, q[:1]]), k, v, None), ValueError, r"q batch must be 2 \(the batch of k\) or 1, got 3"),
+    (
+        lambda q, k, v: (torch.cat([q, q[:1]]), k, v, None),
+        ValueError,
+        r"q batch must be 2 \(the batch of k\) or 1, got 3",
+    ),
     (lambda q, k, v: (q[..., :16], k, v, None), ValueError, r"q head dim must equal k's \(32\), got 16"),
-    (lambda q, k, v: (q[:, :1].expand(2, 3, 20, 32), k, v, None), ValueError, r"q heads \(3\) must be a multiple of k/v heads \(2\)"),
-    (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], None), ValueError, "head dim must be a multiple of 8 in"),
+    (
+        lambda q, k, v: (q[:, :1].expand(2, 3, 20, 32), k, v, None),
+        ValueError,
+        r"q heads \(3\) must be a multiple of k/v heads \(2\)",
+    ),
+    (
+        lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], None),
+        ValueError,
+        "head dim must be a multiple of 8 in",
+    ),
     (lambda q, k, v: (q, k, v, torch.ones(2, 1, 20, 24)), TypeError, "a tensor mask must be bool"),
-    (lambda q, k, v: (q, k, v, torch.ones(2, 1, 20, 23, dtype=torch.bool)), ValueError, r"mask must broadcast to \[B, H, Lq, Lk\] = \[2, 2, 20, 24\]"),
-    (lambda q, k, v: (q, k, v, "causal"), TypeError, "mask must be None, a bool tensor or a vlkernels.masks mask"),
-    (lambda q, k, v: (q, k, v, masks.key_padding(torch.tensor([3]))), ValueError, r"key_padding lengths must have shape \[B\]"),
-    (lambda q, k, v: (q, k, v, masks.media(torch.zeros(2, 19, dtype=torch.long), 4)), ValueError, r"text_to_media must have shape \[B, Lq\]"),
-    (lambda q, k, v: (q, k, v, masks.media(torch.zeros(2, 20, dtype=torch.long), 5)), ValueError, "multiple of latents_per_media=5, got 24"),
+    (
+        lambda q, k, v: (q, k, v, torch.ones(2, 1, 20, 23, dtype=torch.bool)),
+        ValueError,
+        r"mask must broadcast to \[B, H, Lq, Lk\] = \[2, 2, 20, 24\]",
+    ),
+    (
+        lambda q, k, v: (q, k, v, "causal"),
+        TypeError,
+        "mask must be None, a bool tensor or a vlkernels.masks mask",
+    ),
+    (
+        lambda q, k, v: (q, k, v, masks.key_padding(torch.tensor([3]))),
+        ValueError,
+        r"key_padding lengths must have shape \[B\]",
+    ),
+    (
+        lambda q, k, v: (q, k, v, masks.media(torch.zeros(2, 19, dtype=torch.long), 4)),
+        ValueError,
+        r"text_to_media must have shape \[B, Lq\]",
+    ),
+    (
+        lambda q, k, v: (q, k, v, masks.media(torch.zeros(2, 20, dtype=torch.long), 5)),
+        ValueError,
+        "multiple of latents_per_media=5, got 24",
+    ),
     (lambda q, k, v: (q[:, :, :0], k, v, None), ValueError, "lengths must be >= 1"),
 ]
 
@@ -156,5 +198,5 @@ def test_bad_device_mix_and_gated_residual_errors():
         vlkernels.gated_residual(q, q, torch.ones(2))
     with pytest.raises(ValueError, match="x and y must match"):
         vlkernels.gated_residual(q, k, torch.ones(1))
-    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"y must be a torch\.Tensor"):
         vlkernels.gated_residual(q, 1.0, torch.ones(1))

@@ -1,6 +1,6 @@
 """vlkernels: fused Triton (and CUDA C++) kernels for vision-language models.
 
-    out = vlkernels.attention(q, k, v, mask=vlkernels.masks.qformer(32, "unimodal"))
+out = vlkernels.attention(q, k, v, mask=vlkernels.masks.qformer(32, "unimodal"))
 """
 
 from vlkernels import masks

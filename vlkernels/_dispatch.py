@@ -77,8 +77,9 @@ def unavailable_reasons(backend: str, device: torch.device) -> list[str]:
         if device.type != "cuda":
             reasons.append(f"the CUDA C++ backend needs CUDA tensors, got {device.type}")
         if cuda_extension() is None:
-            reasons.append("vlkernels._C is not built (no CUDA toolkit at install time, or "
-                           "VLK_SKIP_CUDA_BUILD=1)")
+            reasons.append(
+                "vlkernels._C is not built (no CUDA toolkit at install time, or VLK_SKIP_CUDA_BUILD=1)"
+            )
     return reasons
 
 

@@ -34,9 +34,22 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _row_bounds(
-    offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr,
+    offs_m,
+    b,
+    Lq,
+    Lk,
+    KLEN,
+    PREFIX,
+    T2M,
+    stb,
+    stm,
+    NQ,
+    LAT,
+    CAUSAL: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    QF_MODE: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    MEDIA: tl.constexpr,
 ):
     """Allowed key interval [lo, hi) of each query row; empty rows get [Lk, 0)."""
     lo = tl.zeros_like(offs_m)
@@ -83,27 +96,70 @@ _MASK_FLAGS = ["CAUSAL", "HAS_KLEN", "QF_MODE", "HAS_PREFIX", "MEDIA", "HAS_MASK
 
 
 def _configs(pairs):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
-    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 _FWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (32, 32, 4, 1)])
 _BWD_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 64, 4, 1)])
-_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP"] + _MASK_FLAGS
+_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", *_MASK_FLAGS]
 
 
 @autotuned(_FWD_CONFIGS, _KEY, _INTERPRET_CONFIG)
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, MASK, KLEN, PREFIX, T2M,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    smb, smh, smm, smn, stb, stm,
-    H, GROUP, Lq, Lk, D, NQ, LAT, qk_scale, LQ_KEY, LK_KEY,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    MASK,
+    KLEN,
+    PREFIX,
+    T2M,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    som,
+    sod,
+    smb,
+    smh,
+    smm,
+    smn,
+    stb,
+    stm,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    D,
+    NQ,
+    LAT,
+    qk_scale,
+    LQ_KEY,
+    LK_KEY,
+    CAUSAL: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    QF_MODE: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    MEDIA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -112,14 +168,18 @@ def _attn_fwd(
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    lo, hi = _row_bounds(offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT,
-                         CAUSAL, HAS_KLEN, QF_MODE, HAS_PREFIX, MEDIA)
+    lo, hi = _row_bounds(
+        offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT, CAUSAL, HAS_KLEN, QF_MODE, HAS_PREFIX, MEDIA
+    )
     n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
     n_end = tl.max(hi, axis=0)
 
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=(offs_m[:, None] < Lq) & d_ok[None, :],
+        other=0.0,
+    )
     K += b * skb + hk * skh
     V += b * svb + hk * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -144,14 +204,33 @@ def _attn_fwd(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     m_ok = offs_m < Lq
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        out.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
     tl.store(LSE + bh * Lq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq, D,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_bwd_delta(
+    O,
+    DO,
+    DELTA,
+    sob,
+    soh,
+    som,
+    sod,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    H,
+    Lq,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """delta[b, h, i] = sum_d o * do (fp32)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -169,13 +248,71 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq,
 @autotuned(_BWD_CONFIGS, _KEY, _INTERPRET_CONFIG)
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KLEN, PREFIX, T2M,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, stb, stm,
-    H, Hk, GROUP, Lq, Lk, D, NQ, LAT, qk_scale, sm_scale, LQ_KEY, LK_KEY,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    MASK,
+    KLEN,
+    PREFIX,
+    T2M,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    sdkb,
+    sdkh,
+    sdkn,
+    sdkd,
+    sdvb,
+    sdvh,
+    sdvn,
+    sdvd,
+    smb,
+    smh,
+    smm,
+    smn,
+    stb,
+    stm,
+    H,
+    Hk,
+    GROUP,
+    Lq,
+    Lk,
+    D,
+    NQ,
+    LAT,
+    qk_scale,
+    sm_scale,
+    LQ_KEY,
+    LK_KEY,
+    CAUSAL: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    QF_MODE: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    MEDIA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one key tile: loops over the GROUP query heads sharing it and over the query
     tiles whose allowed intervals touch it."""
@@ -196,15 +333,37 @@ def _attn_bwd_dkdv(
         h = hk * GROUP + g
         for start_m in tl.range(0, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            lo, hi = _row_bounds(offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT,
-                                 CAUSAL, HAS_KLEN, QF_MODE, HAS_PREFIX, MEDIA)
+            lo, hi = _row_bounds(
+                offs_m,
+                b,
+                Lq,
+                Lk,
+                KLEN,
+                PREFIX,
+                T2M,
+                stb,
+                stm,
+                NQ,
+                LAT,
+                CAUSAL,
+                HAS_KLEN,
+                QF_MODE,
+                HAS_PREFIX,
+                MEDIA,
+            )
             touches = tl.max(((lo < n0 + BLOCK_N) & (hi > n0)).to(tl.int32), axis=0)
             if touches > 0:
                 q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
-                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                            mask=q_ok, other=0.0)
-                do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                             mask=q_ok, other=0.0)
+                q = tl.load(
+                    Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=q_ok,
+                    other=0.0,
+                )
+                do = tl.load(
+                    DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                    mask=q_ok,
+                    other=0.0,
+                )
                 row = (b * H + h) * Lq + offs_m
                 lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
                 delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
@@ -216,22 +375,82 @@ def _attn_bwd_dkdv(
                 ds = p * (dp - delta[:, None])
                 dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
     dk *= sm_scale
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=kv_ok)
+    tl.store(
+        DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+        dk.to(DK.dtype.element_ty),
+        mask=kv_ok,
+    )
+    tl.store(
+        DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+        dv.to(DV.dtype.element_ty),
+        mask=kv_ok,
+    )
 
 
-@autotuned(_BWD_CONFIGS, _KEY + ["B_PER_PROG"], _INTERPRET_CONFIG)
+@autotuned(_BWD_CONFIGS, [*_KEY, "B_PER_PROG"], _INTERPRET_CONFIG)
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, KLEN, PREFIX, T2M,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-    sdqc, sdqh, sdqm, sdqd, smb, smh, smm, smn, stb, stm,
-    B, H, GROUP, Lq, Lk, D, NQ, LAT, qk_scale, sm_scale, B_PER_PROG, LQ_KEY, LK_KEY,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    MASK,
+    KLEN,
+    PREFIX,
+    T2M,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    sdqc,
+    sdqh,
+    sdqm,
+    sdqd,
+    smb,
+    smh,
+    smm,
+    smn,
+    stb,
+    stm,
+    B,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    D,
+    NQ,
+    LAT,
+    qk_scale,
+    sm_scale,
+    B_PER_PROG,
+    LQ_KEY,
+    LK_KEY,
+    CAUSAL: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    QF_MODE: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    MEDIA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dq of one query tile, summed over the B_PER_PROG batch entries of chunk c (shared queries:
     chunk c's partial sum goes to DQ[c]; otherwise B_PER_PROG == 1 and c is the batch)."""
@@ -247,14 +466,32 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     b_end = tl.minimum(c * B_PER_PROG + B_PER_PROG, B)
     for b in tl.range(c * B_PER_PROG, b_end):
-        lo, hi = _row_bounds(offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT,
-                             CAUSAL, HAS_KLEN, QF_MODE, HAS_PREFIX, MEDIA)
+        lo, hi = _row_bounds(
+            offs_m,
+            b,
+            Lq,
+            Lk,
+            KLEN,
+            PREFIX,
+            T2M,
+            stb,
+            stm,
+            NQ,
+            LAT,
+            CAUSAL,
+            HAS_KLEN,
+            QF_MODE,
+            HAS_PREFIX,
+            MEDIA,
+        )
         n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
         n_end = tl.max(hi, axis=0)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=q_ok, other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                     mask=q_ok, other=0.0)
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0
+        )
+        do = tl.load(
+            DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=q_ok, other=0.0
+        )
         row = (b * H + h) * Lq + offs_m
         lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
         delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
@@ -272,8 +509,11 @@ def _attn_bwd_dq(
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
     dq *= sm_scale
-    tl.store(DQ + c * sdqc + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=q_ok)
+    tl.store(
+        DQ + c * sdqc + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=q_ok,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,8 +521,19 @@ def _attn_bwd_dq(
 # ----------------------------------------------------------------------------------------------
 
 
-def _mask_launch_args(q, k, dense_mask, key_lengths, prefix_lengths, text_to_media,
-                      causal, qformer_queries, qformer_mode, media_mode, latents_per_media):
+def _mask_launch_args(
+    q,
+    k,
+    dense_mask,
+    key_lengths,
+    prefix_lengths,
+    text_to_media,
+    causal,
+    qformer_queries,
+    qformer_mode,
+    media_mode,
+    latents_per_media,
+):
     """Pointers, strides and constexpr flags of the mask; absent tensors point at ``q``."""
     B, H, Lq, Lk = k.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if dense_mask is not None:
@@ -291,24 +542,34 @@ def _mask_launch_args(q, k, dense_mask, key_lengths, prefix_lengths, text_to_med
     else:
         mask_ptr, mask_strides = q, (0, 0, 0, 0)
     t2m_ptr, t2m_strides = (q, (0, 0)) if text_to_media is None else (text_to_media, text_to_media.stride())
-    ptrs = (mask_ptr,
-            key_lengths if key_lengths is not None else q,
-            prefix_lengths if prefix_lengths is not None else q,
-            t2m_ptr)
+    ptrs = (
+        mask_ptr,
+        key_lengths if key_lengths is not None else q,
+        prefix_lengths if prefix_lengths is not None else q,
+        t2m_ptr,
+    )
     strides = (*mask_strides, *t2m_strides)
-    flags = dict(CAUSAL=causal, HAS_KLEN=key_lengths is not None, QF_MODE=qformer_mode,
-                 HAS_PREFIX=prefix_lengths is not None, MEDIA=media_mode,
-                 HAS_MASK=dense_mask is not None)
+    flags = dict(
+        CAUSAL=causal,
+        HAS_KLEN=key_lengths is not None,
+        QF_MODE=qformer_mode,
+        HAS_PREFIX=prefix_lengths is not None,
+        MEDIA=media_mode,
+        HAS_MASK=dense_mask is not None,
+    )
     return ptrs, strides, (qformer_queries, latents_per_media), flags
 
 
 def _common(q, k):
-    B, Hk, Lk, D = k.shape
+    _, Hk, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     return dict(
         precision="ieee" if q.dtype == torch.float32 else "tf32",
         upcast=q.dtype == torch.bfloat16 and q.device.type == "cpu",
-        BLOCK_D=next_pow2(D), LQ_KEY=next_pow2(Lq), LK_KEY=next_pow2(Lk), GROUP=H // Hk,
+        BLOCK_D=next_pow2(D),
+        LQ_KEY=next_pow2(Lq),
+        LK_KEY=next_pow2(Lk),
+        GROUP=H // Hk,
     )
 
 
@@ -318,21 +579,66 @@ def _q_strides(q, B):
     return (s[0] if q.shape[0] == B else 0, s[1], s[2], s[3])
 
 
-def _fwd_impl(q, k, v, dense_mask, key_lengths, prefix_lengths, text_to_media, causal,
-              qformer_queries, qformer_mode, media_mode, latents_per_media, scale):
-    B, Hk, Lk, D = k.shape
+def _fwd_impl(
+    q,
+    k,
+    v,
+    dense_mask,
+    key_lengths,
+    prefix_lengths,
+    text_to_media,
+    causal,
+    qformer_queries,
+    qformer_mode,
+    media_mode,
+    latents_per_media,
+    scale,
+):
+    B, _, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     out = poisoned(q.new_empty((B, Lq, H, D))).transpose(1, 2)
     lse = poisoned(q.new_empty((B, H, Lq), dtype=torch.float32))
     ptrs, mstrides, (nq, lat), flags = _mask_launch_args(
-        q, k, dense_mask, key_lengths, prefix_lengths, text_to_media, causal,
-        qformer_queries, qformer_mode, media_mode, latents_per_media)
+        q,
+        k,
+        dense_mask,
+        key_lengths,
+        prefix_lengths,
+        text_to_media,
+        causal,
+        qformer_queries,
+        qformer_mode,
+        media_mode,
+        latents_per_media,
+    )
     c = _common(q, k)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     _attn_fwd[grid](
-        q, k, v, out, lse, *ptrs, *_q_strides(q, B), *k.stride(), *v.stride(), *out.stride(),
-        *mstrides, H, c["GROUP"], Lq, Lk, D, nq, lat, scale * LOG2E, c["LQ_KEY"], c["LK_KEY"],
-        **flags, PRECISION=c["precision"], UPCAST=c["upcast"], BLOCK_D=c["BLOCK_D"],
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *ptrs,
+        *_q_strides(q, B),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *mstrides,
+        H,
+        c["GROUP"],
+        Lq,
+        Lk,
+        D,
+        nq,
+        lat,
+        scale * LOG2E,
+        c["LQ_KEY"],
+        c["LK_KEY"],
+        **flags,
+        PRECISION=c["precision"],
+        UPCAST=c["upcast"],
+        BLOCK_D=c["BLOCK_D"],
     )
     LAUNCHES["attention_fwd"] += 1
     return out, lse
@@ -349,29 +655,82 @@ def _dq_chunks(B: int, H: int, Lq: int, shared: bool, device: torch.device) -> i
     return max(1, min(B, triton.cdiv(2 * sms, H * triton.cdiv(Lq, 64))))
 
 
-def _bwd_impl(grad_out, q, k, v, out, lse, dense_mask, key_lengths, prefix_lengths,
-              text_to_media, causal, qformer_queries, qformer_mode, media_mode,
-              latents_per_media, scale):
+def _bwd_impl(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dense_mask,
+    key_lengths,
+    prefix_lengths,
+    text_to_media,
+    causal,
+    qformer_queries,
+    qformer_mode,
+    media_mode,
+    latents_per_media,
+    scale,
+):
     B, Hk, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     ptrs, mstrides, (nq, lat), flags = _mask_launch_args(
-        q, k, dense_mask, key_lengths, prefix_lengths, text_to_media, causal,
-        qformer_queries, qformer_mode, media_mode, latents_per_media)
+        q,
+        k,
+        dense_mask,
+        key_lengths,
+        prefix_lengths,
+        text_to_media,
+        causal,
+        qformer_queries,
+        qformer_mode,
+        media_mode,
+        latents_per_media,
+    )
     c = _common(q, k)
     qs = _q_strides(q, B)
     delta = poisoned(q.new_empty((B, H, Lq), dtype=torch.float32))
     _attn_bwd_delta[(triton.cdiv(Lq, 32), B * H)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq, D,
-        BLOCK_M=32, BLOCK_D=c["BLOCK_D"])
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq, D, BLOCK_M=32, BLOCK_D=c["BLOCK_D"]
+    )
 
     dk = poisoned(torch.empty_like(k))
     dv = poisoned(torch.empty_like(v))
-    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)  # noqa: E731
+    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)
     _attn_bwd_dkdv[grid_kv](
-        q, k, v, grad_out, lse, delta, dk, dv, *ptrs, *qs, *k.stride(), *v.stride(),
-        *grad_out.stride(), *dk.stride(), *dv.stride(), *mstrides,
-        H, Hk, c["GROUP"], Lq, Lk, D, nq, lat, scale * LOG2E, scale, c["LQ_KEY"], c["LK_KEY"],
-        **flags, PRECISION=c["precision"], UPCAST=c["upcast"], BLOCK_D=c["BLOCK_D"],
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        *ptrs,
+        *qs,
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        *mstrides,
+        H,
+        Hk,
+        c["GROUP"],
+        Lq,
+        Lk,
+        D,
+        nq,
+        lat,
+        scale * LOG2E,
+        scale,
+        c["LQ_KEY"],
+        c["LK_KEY"],
+        **flags,
+        PRECISION=c["precision"],
+        UPCAST=c["upcast"],
+        BLOCK_D=c["BLOCK_D"],
     )
 
     shared = q.shape[0] == 1 and B > 1
@@ -380,12 +739,39 @@ def _bwd_impl(grad_out, q, k, v, out, lse, dense_mask, key_lengths, prefix_lengt
     chunks = triton.cdiv(B, per_prog)
     dq = poisoned(torch.empty_like(q))
     dq_acc = poisoned(q.new_empty((chunks, H, Lq, D), dtype=torch.float32)) if shared else dq
-    grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), chunks * H)  # noqa: E731
+    grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), chunks * H)
     _attn_bwd_dq[grid_q](
-        q, k, v, grad_out, lse, delta, dq_acc, *ptrs, *qs, *k.stride(), *v.stride(),
-        *grad_out.stride(), *dq_acc.stride(), *mstrides,
-        B, H, c["GROUP"], Lq, Lk, D, nq, lat, scale * LOG2E, scale, per_prog,
-        c["LQ_KEY"], c["LK_KEY"], **flags, PRECISION=c["precision"], UPCAST=c["upcast"], BLOCK_D=c["BLOCK_D"],
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq_acc,
+        *ptrs,
+        *qs,
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *dq_acc.stride(),
+        *mstrides,
+        B,
+        H,
+        c["GROUP"],
+        Lq,
+        Lk,
+        D,
+        nq,
+        lat,
+        scale * LOG2E,
+        scale,
+        per_prog,
+        c["LQ_KEY"],
+        c["LK_KEY"],
+        **flags,
+        PRECISION=c["precision"],
+        UPCAST=c["upcast"],
+        BLOCK_D=c["BLOCK_D"],
     )
     if shared:
         dq.copy_(dq_acc.sum(dim=0, keepdim=True))
@@ -402,13 +788,36 @@ _MaskT = torch.Tensor | None
 
 @torch.library.custom_op("vlkernels::triton_attention_fwd", mutates_args=())
 def triton_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense_mask: _MaskT, key_lengths: _MaskT,
-    prefix_lengths: _MaskT, text_to_media: _MaskT, causal: bool, qformer_queries: int,
-    qformer_mode: int, media_mode: int, latents_per_media: int, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dense_mask: _MaskT,
+    key_lengths: _MaskT,
+    prefix_lengths: _MaskT,
+    text_to_media: _MaskT,
+    causal: bool,
+    qformer_queries: int,
+    qformer_mode: int,
+    media_mode: int,
+    latents_per_media: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel: (out [B, H, Lq, D] stored as [B, Lq, H, D], lse [B, H, Lq] fp32 log2)."""
-    return _fwd_impl(q, k, v, dense_mask, key_lengths, prefix_lengths, text_to_media, causal,
-                     qformer_queries, qformer_mode, media_mode, latents_per_media, scale)
+    return _fwd_impl(
+        q,
+        k,
+        v,
+        dense_mask,
+        key_lengths,
+        prefix_lengths,
+        text_to_media,
+        causal,
+        qformer_queries,
+        qformer_mode,
+        media_mode,
+        latents_per_media,
+        scale,
+    )
 
 
 @triton_attention_fwd.register_fake
@@ -421,15 +830,42 @@ def _(q, k, v, *args):
 
 @torch.library.custom_op("vlkernels::triton_attention_bwd", mutates_args=())
 def triton_attention_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, dense_mask: _MaskT, key_lengths: _MaskT, prefix_lengths: _MaskT,
-    text_to_media: _MaskT, causal: bool, qformer_queries: int, qformer_mode: int,
-    media_mode: int, latents_per_media: int, scale: float,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dense_mask: _MaskT,
+    key_lengths: _MaskT,
+    prefix_lengths: _MaskT,
+    text_to_media: _MaskT,
+    causal: bool,
+    qformer_queries: int,
+    qformer_mode: int,
+    media_mode: int,
+    latents_per_media: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward kernels: (dq, dk, dv) shaped like (q, k, v)."""
-    return _bwd_impl(grad_out, q, k, v, out, lse, dense_mask, key_lengths, prefix_lengths,
-                     text_to_media, causal, qformer_queries, qformer_mode, media_mode,
-                     latents_per_media, scale)
+    return _bwd_impl(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dense_mask,
+        key_lengths,
+        prefix_lengths,
+        text_to_media,
+        causal,
+        qformer_queries,
+        qformer_mode,
+        media_mode,
+        latents_per_media,
+        scale,
+    )
 
 
 @triton_attention_bwd.register_fake
@@ -446,7 +882,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, *mask_tensors = ctx.saved_tensors
     dq, dk, dv = torch.ops.vlkernels.triton_attention_bwd(
-        grad_out, q, k, v, out, lse, *mask_tensors, *ctx.mask_args)
+        grad_out, q, k, v, out, lse, *mask_tensors, *ctx.mask_args
+    )
     return (dq, dk, dv) + (None,) * 10
 
 
@@ -498,11 +935,11 @@ def _check_dense_mask(mask, B, H, Lq, Lk, device) -> None:
     if mask.device != device:
         raise ValueError(f"attention: mask is on {mask.device}, the inputs are on {device}")
     full = (B, H, Lq, Lk)
-    ok = mask.dim() <= 4 and all(
-        m in (1, f) for m, f in zip(mask.shape[::-1], full[::-1], strict=False))
+    ok = mask.dim() <= 4 and all(m in (1, f) for m, f in zip(mask.shape[::-1], full[::-1], strict=False))
     if not ok:
-        raise ValueError(f"attention: mask must broadcast to [B, H, Lq, Lk] = {list(full)}, "
-                         f"got shape {_shape(mask)}")
+        raise ValueError(
+            f"attention: mask must broadcast to [B, H, Lq, Lk] = {list(full)}, got shape {_shape(mask)}"
+        )
 
 
 def _lower(mask, B, H, Lq, Lk, device):
@@ -513,8 +950,10 @@ def _lower(mask, B, H, Lq, Lk, device):
         _check_dense_mask(mask, B, H, Lq, Lk, device)
         return (mask, None, None, None, False, 0, 0, 0, 1)
     if not isinstance(mask, Mask):
-        raise TypeError("attention: mask must be None, a bool tensor or a vlkernels.masks mask, "
-                        f"got {type(mask).__name__}")
+        raise TypeError(
+            "attention: mask must be None, a bool tensor or a vlkernels.masks mask, "
+            f"got {type(mask).__name__}"
+        )
     mask.check(B, Lq, Lk, device)
 
     def i32(t):
@@ -523,8 +962,17 @@ def _lower(mask, B, H, Lq, Lk, device):
     nq, mode = mask.qformer if mask.qformer is not None else (0, "bidirectional")
     t2m, lat, immediate = mask.media if mask.media is not None else (None, 1, True)
     media_mode = 0 if t2m is None else (1 if immediate else 2)
-    return (None, i32(mask.key_lengths), i32(mask.prefix_lengths), i32(t2m), mask.causal,
-            nq, QFORMER_MODE_IDS[mode], media_mode, lat)
+    return (
+        None,
+        i32(mask.key_lengths),
+        i32(mask.prefix_lengths),
+        i32(t2m),
+        mask.causal,
+        nq,
+        QFORMER_MODE_IDS[mode],
+        media_mode,
+        lat,
+    )
 
 
 def attention(q, k, v, mask=None, *, scale=None, backend=None):
@@ -536,7 +984,7 @@ def attention(q, k, v, mask=None, *, scale=None, backend=None):
     ``scale`` defaults to 1/sqrt(D). ``backend``: None (automatic), "triton", "cuda", "torch".
     """
     _check_inputs(q, k, v, scale)
-    B, Hk, Lk, D = k.shape
+    B, _, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     lowered = _lower(mask, B, H, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

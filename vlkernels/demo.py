@@ -19,8 +19,11 @@ GPU = torch.cuda.is_available()
 
 def _reexec_under_interpreter() -> None:
     """TRITON_INTERPRET must be set before the kernels are defined: restart with it."""
-    print("No GPU visible: running the Triton kernels under the interpreter (TRITON_INTERPRET=1)"
-          " at a small size; correctness only, no timings.", flush=True)
+    print(
+        "No GPU visible: running the Triton kernels under the interpreter (TRITON_INTERPRET=1)"
+        " at a small size; correctness only, no timings.",
+        flush=True,
+    )
     env = dict(os.environ, TRITON_INTERPRET="1")
     os.execve(sys.executable, [sys.executable, "-m", "vlkernels.demo", *sys.argv[1:]], env)
 
@@ -44,8 +47,14 @@ def _cases(dtype, device):
     text_len = torch.randint(T // 2, T + 1, (B,), generator=g).to(device)
     for mode, task in (("bidirectional", "ITM"), ("multimodal_causal", "ITG"), ("unimodal", "ITC")):
         mask = masks.qformer(nq, mode) & masks.key_padding(text_len + nq)
-        cases.append((f"Q-Former {task} ({mode})", f"B={B} H={H} L={nq}+{T} D=64",
-                      lambda m=mask: attention(q, k, v, m), (q, k, v)))
+        cases.append(
+            (
+                f"Q-Former {task} ({mode})",
+                f"B={B} H={H} L={nq}+{T} D=64",
+                lambda m=mask: attention(q, k, v, m),
+                (q, k, v),
+            )
+        )
     # Flamingo gated cross-attention block: text -> latents of the immediately preceding image
     B, T_txt, n_img, n_lat, dim = (8, 2048, 5, 64, 1024) if GPU else (1, 64, 2, 16, 64)
     block = GatedCrossAttentionBlock(dim=dim, dim_visual=dim, dim_head=64, heads=dim // 64 if GPU else 2)
@@ -56,15 +65,27 @@ def _cases(dtype, device):
     x, media = randn(B, T_txt, dim), randn(B, n_img, n_lat, dim)
     loc = torch.zeros(B, T_txt, dtype=torch.bool, device=device)
     loc[:, torch.linspace(0, T_txt - 8, n_img).long()] = True
-    cases.append(("Flamingo gated xattn block", f"B={B} text={T_txt} {n_img}x{n_lat} latents",
-                  lambda: block(x, media, loc), (x, media, *block.parameters())))
+    cases.append(
+        (
+            "Flamingo gated xattn block",
+            f"B={B} text={T_txt} {n_img}x{n_lat} latents",
+            lambda: block(x, media, loc),
+            (x, media, *block.parameters()),
+        )
+    )
     # CoCa attentional pooler: 256 learned queries shared by the batch, head dim 96
     B, L, d, n_q = (64, 576, 768, 256) if GPU else (2, 48, 96, 16)
     pooler = AttentionalPooler(d, 1024 if GPU else 64, n_head=8 if GPU else 1, n_queries=n_q)
     pooler = pooler.to(device, dtype)
     img = randn(B, L, 1024 if GPU else 64)
-    cases.append(("CoCa attentional pooler", f"B={B} {n_q} queries over {L} tokens",
-                  lambda: pooler(img), (img, *pooler.parameters())))
+    cases.append(
+        (
+            "CoCa attentional pooler",
+            f"B={B} {n_q} queries over {L} tokens",
+            lambda: pooler(img),
+            (img, *pooler.parameters()),
+        )
+    )
     return cases
 
 
@@ -117,7 +138,9 @@ def main() -> None:
         with vlkernels.use_backend("torch"):
             ref, ref_grads = _fwd_bwd(fn, inputs)
         err_out = (out.float() - ref.float()).abs().max().item()
-        err_grad = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads, ref_grads))
+        err_grad = max(
+            (a.float() - b.float()).abs().max().item() for a, b in zip(grads, ref_grads, strict=True)
+        )
         row = [name, f"{err_out:.1e}", f"{err_grad:.1e}"]
         if GPU:
             with vlkernels.use_backend("triton"):
@@ -129,12 +152,20 @@ def main() -> None:
             row += ["-"] * 5
         rows.append(row)
         print(f"      done in {time.perf_counter() - t0:.1f} s", flush=True)
-    header = ["problem", "max err out", "max err grads", "fused ms", "eager ms", "speedup",
-              "fused MiB", "eager MiB"]
+    header = [
+        "problem",
+        "max err out",
+        "max err grads",
+        "fused ms",
+        "eager ms",
+        "speedup",
+        "fused MiB",
+        "eager MiB",
+    ]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     print()
     for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
     if not GPU:
         print("\nTimings and memory need a GPU; errors are vs the eager PyTorch path (fp32).")
 

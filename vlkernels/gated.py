@@ -105,13 +105,15 @@ def gated_residual(x, y, gate, *, backend=None):
         if not t.dtype.is_floating_point:
             raise TypeError(f"gated_residual: {name} must be floating point, got {t.dtype}")
     if x.shape != y.shape or x.dtype != y.dtype:
-        raise ValueError(f"gated_residual: x and y must match, got {list(x.shape)} {x.dtype} "
-                         f"and {list(y.shape)} {y.dtype}")
+        raise ValueError(
+            f"gated_residual: x and y must match, got {list(x.shape)} {x.dtype} and {list(y.shape)} {y.dtype}"
+        )
     if gate.numel() != 1:
         raise ValueError(f"gated_residual: gate must have one element, got shape {list(gate.shape)}")
     if not (x.device == y.device == gate.device):
-        raise ValueError(f"gated_residual: x, y, gate must be on one device, got {x.device}, "
-                         f"{y.device}, {gate.device}")
+        raise ValueError(
+            f"gated_residual: x, y, gate must be on one device, got {x.device}, {y.device}, {gate.device}"
+        )
     if _dispatch.choose(backend, x.device, "gated_residual") == "torch":
         return gated_residual_ref(x, y, gate)
     return triton_gated_residual_fwd(x, y, gate)

@@ -24,8 +24,10 @@ def main() -> None:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
-                  f"{p.multi_processor_count} SMs")
+            print(
+                f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+                f"{p.multi_processor_count} SMs"
+            )
     else:
         print("GPU: none visible (torch.cuda.is_available() is False)")
     print(f"TRITON_INTERPRET={'1' if _dispatch.interpreter_on() else 'unset'}")

@@ -60,9 +60,7 @@ class Mask:
             out = replace(out, qformer=other.qformer)
         if other.media is not None:
             if self.media is not None:
-                raise ValueError(
-                    "mask: cannot intersect two media masks; pass a dense bool mask instead"
-                )
+                raise ValueError("mask: cannot intersect two media masks; pass a dense bool mask instead")
             out = replace(out, media=other.media)
         return out
 
@@ -83,14 +81,14 @@ class Mask:
 
     def check(self, batch: int, q_len: int, k_len: int, device: torch.device) -> None:
         """Raise ValueError/TypeError if this mask cannot apply to [batch, *, q_len, k_len]."""
-        for name, t in (("key_padding lengths", self.key_lengths),
-                        ("prefix_lm prefix_lengths", self.prefix_lengths)):
+        for name, t in (
+            ("key_padding lengths", self.key_lengths),
+            ("prefix_lm prefix_lengths", self.prefix_lengths),
+        ):
             if t is not None:
                 _check_int_tensor(name, t, (batch,), "[B]", device)
         if self.qformer is not None and self.qformer[0] > k_len:
-            raise ValueError(
-                f"mask: qformer num_queries={self.qformer[0]} exceeds the key length {k_len}"
-            )
+            raise ValueError(f"mask: qformer num_queries={self.qformer[0]} exceeds the key length {k_len}")
         if self.media is not None:
             t2m, lat, _ = self.media
             _check_int_tensor("media text_to_media", t2m, (batch, q_len), "[B, Lq]", device)
@@ -124,9 +122,7 @@ class Mask:
             t2m, lat, immediate = self.media
             text_time = t2m.view(batch, q_len, 1)
             key_time = j // lat + 1
-            allowed &= (text_time >= 1) & (
-                (key_time == text_time) if immediate else (key_time <= text_time)
-            )
+            allowed &= (text_time >= 1) & ((key_time == text_time) if immediate else (key_time <= text_time))
         return allowed.unsqueeze(1)
 
 
@@ -142,9 +138,7 @@ def _check_int_tensor(name, t, shape, shape_txt, device) -> None:
         got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
         raise TypeError(f"mask: {name} must be an int32/int64 tensor {shape_txt}, got {got}")
     if tuple(t.shape) != shape:
-        raise ValueError(
-            f"mask: {name} must have shape {shape_txt} = {list(shape)}, got {list(t.shape)}"
-        )
+        raise ValueError(f"mask: {name} must have shape {shape_txt} = {list(shape)}, got {list(t.shape)}")
     if t.device != device:
         raise ValueError(f"mask: {name} is on {t.device}, the inputs are on {device}")
 

@@ -45,13 +45,15 @@ class AttentionalPooler(nn.Module):
     are never expanded over the batch, and their gradient is summed over it inside the kernel.
     """
 
-    def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 256,
-                 norm_layer=LayerNorm):
+    def __init__(
+        self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 256, norm_layer=LayerNorm
+    ):
         super().__init__()
         self.query = nn.Parameter(torch.randn(n_queries, d_model))
         # Holds the projections with nn.MultiheadAttention's parameter names (open_clip's layout).
-        self.attn = nn.MultiheadAttention(d_model, n_head, kdim=context_dim, vdim=context_dim,
-                                          batch_first=True)
+        self.attn = nn.MultiheadAttention(
+            d_model, n_head, kdim=context_dim, vdim=context_dim, batch_first=True
+        )
         self.ln_q = norm_layer(d_model)
         self.ln_k = norm_layer(context_dim)
 
@@ -76,8 +78,15 @@ class AttentionalPooler(nn.Module):
 class MaskedCrossAttention(nn.Module):
     """Flamingo's masked cross-attention from text to the resampled media latents."""
 
-    def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8,
-                 only_attend_immediate_media: bool = True):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        dim_visual: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        only_attend_immediate_media: bool = True,
+    ):
         super().__init__()
         self.scale = dim_head**-0.5
         self.heads = heads
@@ -98,8 +107,9 @@ class MaskedCrossAttention(nn.Module):
                 text_time = media_locations.count_nonzero(dim=1).view(B, 1).expand(B, T_txt)
             else:
                 if media_locations.shape[1] != T_txt:
-                    raise ValueError(f"media_locations must have shape [B, {T_txt}], got "
-                                     f"{list(media_locations.shape)}")
+                    raise ValueError(
+                        f"media_locations must have shape [B, {T_txt}], got {list(media_locations.shape)}"
+                    )
                 text_time = media_locations.cumsum(dim=-1)
             mask = masks.media(text_time, n, self.only_attend_immediate_media)
         q = self.to_q(self.norm(x))
@@ -111,8 +121,12 @@ class MaskedCrossAttention(nn.Module):
 
 def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (open_flamingo's name)
     inner_dim = int(dim * mult)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner_dim, bias=False), nn.GELU(),
-                         nn.Linear(inner_dim, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, inner_dim, bias=False),
+        nn.GELU(),
+        nn.Linear(inner_dim, dim, bias=False),
+    )
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -124,12 +138,24 @@ class GatedCrossAttentionBlock(nn.Module):
     precedes gets a zero attention output (open_flamingo averages all latents for it).
     """
 
-    def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8,
-                 ff_mult: int = 4, only_attend_immediate_media: bool = True):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        dim_visual: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: int = 4,
+        only_attend_immediate_media: bool = True,
+    ):
         super().__init__()
-        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, dim_head=dim_head,
-                                         heads=heads,
-                                         only_attend_immediate_media=only_attend_immediate_media)
+        self.attn = MaskedCrossAttention(
+            dim=dim,
+            dim_visual=dim_visual,
+            dim_head=dim_head,
+            heads=heads,
+            only_attend_immediate_media=only_attend_immediate_media,
+        )
         self.attn_gate = nn.Parameter(torch.tensor([0.0]))
         self.ff = FeedForward(dim, mult=ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))
@@ -165,8 +191,13 @@ class QFormerAttention(nn.Module):
     ``encoder_hidden_states`` [B, L_img, encoder_hidden_size]. Returns LayerNorm(dense(attn) + x).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, encoder_hidden_size: int | None = None,
-                 layer_norm_eps: float = 1e-12):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        encoder_hidden_size: int | None = None,
+        layer_norm_eps: float = 1e-12,
+    ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
@@ -175,8 +206,15 @@ class QFormerAttention(nn.Module):
         self.attention = _Projections(hidden_size, encoder_hidden_size or hidden_size)
         self.output = _SelfOutput(hidden_size, layer_norm_eps)
 
-    def forward(self, hidden_states, encoder_hidden_states=None, *, num_queries=None,
-                mode="bidirectional", text_lengths=None):
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=None,
+        *,
+        num_queries=None,
+        mode="bidirectional",
+        text_lengths=None,
+    ):
         p, h = self.attention, self.num_heads
         if self.is_cross_attention:
             if encoder_hidden_states is None:
@@ -188,6 +226,5 @@ class QFormerAttention(nn.Module):
             kv, mask = hidden_states, masks.qformer(num_queries, mode)
             if text_lengths is not None:
                 mask = mask & masks.key_padding(text_lengths + num_queries)
-        out = attention(_heads(p.query(hidden_states), h), _heads(p.key(kv), h),
-                        _heads(p.value(kv), h), mask)
+        out = attention(_heads(p.query(hidden_states), h), _heads(p.key(kv), h), _heads(p.value(kv), h), mask)
         return self.output.LayerNorm(self.output.dense(_merge(out)) + hidden_states)

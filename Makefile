@@ -1,0 +1,27 @@
+# Two entry points, each doing all set-up on a fresh machine (virtual environment, dependencies,
+# the package): `make demo` runs the main job, `make test` runs lint and the test suite.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+$(VENV)/.installed: setup.py Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	# open_flamingo pins torch==2.0.1: install it without its dependencies (tests load helpers.py)
+	$(PY) -m pip install -q --no-deps open-flamingo==2.0.1
+	touch $@
+
+.PHONY: install demo test lint
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m vlkernels.demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q tests
