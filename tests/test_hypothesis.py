@@ -1,9 +1,12 @@
 """Randomised shapes and masks (hypothesis) against the float64 reference."""
 
+import pytest
 import torch
 from helpers import DEVICE, assert_launched
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import vlkernels
 from vlkernels import masks

@@ -37,8 +37,7 @@ def _compare(ours, theirs, inputs, grad_inputs, kw_ours=None, kw_theirs=None, to
 
 @pytest.mark.parametrize("context_dim", [48, 64])  # 64: MultiheadAttention packs in_proj_weight
 def test_attentional_pooler_matches_open_clip(context_dim):
-    from open_clip.transformer import AttentionalPooler as OpenClipPooler
-
+    OpenClipPooler = pytest.importorskip("open_clip.transformer").AttentionalPooler
     torch.manual_seed(0)
     theirs = OpenClipPooler(64, context_dim, n_head=4, n_queries=37).to(DEVICE)
     ours = AttentionalPooler(64, context_dim, n_head=4, n_queries=37).to(DEVICE)

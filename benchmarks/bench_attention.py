@@ -1,0 +1,232 @@
+"""Attention benchmarks: Q-Former self-attention (3 masks), Q-Former cross-attention, Flamingo
+text-to-media cross-attention, CoCa pooler — vlkernels-triton against eager PyTorch, SDPA with a
+boolean mask, FlexAttention (compiled, block mask) and xformers where installed.
+
+Every provider computes the same attention on the same inputs; a provider that is missing or
+cannot run a case is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import vlkernels
+from vlkernels import masks
+from vlkernels.reference import attention_ref
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    B: int
+    Bq: int
+    H: int
+    Lq: int
+    Lk: int
+    D: int
+    make_mask: Callable  # (device) -> mask object or None
+
+    @property
+    def shape(self) -> str:
+        q = f"q[{self.Bq},{self.H},{self.Lq},{self.D}]"
+        return f"{q} kv[{self.B},{self.H},{self.Lk},{self.D}]"
+
+
+def _t2m(B, T, n_img, device):
+    """Flamingo: image m (1-based) before token m*T/n_img, text before the first image sees none."""
+    pos = torch.arange(T, device=device)
+    return ((pos * n_img) // T + 1).expand(B, T).contiguous()
+
+
+def cases(quick: bool, device) -> list[Case]:
+    if quick and device.type == "cpu":
+        B, nq, T = 2, 8, 8
+        lengths = torch.tensor([12, 16], device=device)
+        return [
+            Case(
+                "qformer_self_itg",
+                B,
+                B,
+                2,
+                nq + T,
+                nq + T,
+                64,
+                lambda d: masks.qformer(nq, "multimodal_causal") & masks.key_padding(lengths),
+            ),
+            Case(
+                "flamingo_xattn_immediate",
+                1,
+                1,
+                2,
+                32,
+                3 * 8,
+                64,
+                lambda d: masks.media(_t2m(1, 32, 3, d), 8, True),
+            ),
+            Case("coca_pooler", 2, 1, 2, 16, 20, 96, lambda d: None),
+        ]
+    B = 64 if quick else 256
+    gen = torch.Generator().manual_seed(0)
+    text_len = (torch.randint(16, 33, (B,), generator=gen) + 32).to(device)
+    out = [
+        Case(
+            f"qformer_self_{task}",
+            B,
+            B,
+            12,
+            64,
+            64,
+            64,
+            lambda d, m=mode: masks.qformer(32, m) & masks.key_padding(text_len),
+        )
+        for task, mode in (("itm", "bidirectional"), ("itg", "multimodal_causal"), ("itc", "unimodal"))
+    ]
+    out.append(Case("qformer_cross", B, B, 12, 32, 257, 64, lambda d: None))
+    for imm in (True, False):
+        out.append(
+            Case(
+                f"flamingo_xattn_{'immediate' if imm else 'all_previous'}",
+                8,
+                8,
+                8,
+                2048,
+                5 * 64,
+                64,
+                lambda d, i=imm: masks.media(_t2m(8, 2048, 5, d), 64, i),
+            )
+        )
+    for L, D in ((196, 64), (576, 96)):
+        out.append(Case(f"coca_pooler_L{L}_D{D}", 64 if quick else 128, 1, 8, 257, L, D, lambda d: None))
+    return out
+
+
+def providers(device) -> dict[str, Callable | str]:
+    """name -> function(q, k, v, mask, dense) or a string saying why it is skipped."""
+    out: dict[str, Callable | str] = {
+        "vlkernels-triton": lambda q, k, v, m, dense: vlkernels.attention(q, k, v, m, backend="triton"),
+        "eager": lambda q, k, v, m, dense: attention_ref(q, k, v, dense),
+        "sdpa-bool-mask": lambda q, k, v, m, dense: F.scaled_dot_product_attention(
+            q.expand(k.shape[0], -1, -1, -1), k, v, attn_mask=dense
+        ),
+    }
+    if device.type != "cuda":
+        out["flex-attention"] = "needs a GPU (compiled)"
+        out["xformers"] = "needs a GPU"
+        return out
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def run_flex(q, k, v, m, dense, _cache={}):  # noqa: B006 (block masks cached per case)
+            key = id(dense)
+            if key not in _cache:
+                dm = dense[:, 0]
+                t0 = time.perf_counter()
+                _cache.clear()
+                _cache[key] = create_block_mask(
+                    lambda b, h, i, j: dm[b, i, j],
+                    dense.shape[0],
+                    None,
+                    dense.shape[2],
+                    dense.shape[3],
+                    device=q.device,
+                )
+                torch.cuda.synchronize()
+                run_flex.block_mask_ms = (time.perf_counter() - t0) * 1e3
+            return flex(q.expand(k.shape[0], -1, -1, -1), k, v, block_mask=_cache[key])
+
+        out["flex-attention"] = run_flex
+    except ImportError as e:
+        out["flex-attention"] = f"not available ({e})"
+    try:
+        import xformers.ops as xops
+
+        def run_xformers(q, k, v, m, dense):
+            bias = torch.zeros(dense.shape, dtype=q.dtype, device=q.device).masked_fill(~dense, float("-inf"))
+            bias = bias.expand(k.shape[0], q.shape[1], -1, -1)
+            t = lambda x: x.expand(k.shape[0], -1, -1, -1).transpose(1, 2)  # [B, L, H, D]
+            return xops.memory_efficient_attention(t(q), t(k), t(v), attn_bias=bias).transpose(1, 2)
+
+        out["xformers"] = run_xformers
+    except ImportError:
+        out["xformers"] = "not installed"
+    return out
+
+
+def _measure(fn, q, k, v, mask, dense, quick) -> list[tuple[str, str, tuple]]:
+    """(mode, metric, (p20, p50, p80)) for forward, backward, forward+backward and peak memory."""
+    from benchmarks.common import peak_mib, time_ms
+
+    fwd = lambda: fn(q, k, v, mask, dense)
+    out = fwd()
+    do = torch.randn_like(out)
+    bwd = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    full = lambda: torch.autograd.grad(fwd(), (q, k, v), do)
+    res = [
+        (mode, "ms", time_ms(f, quick)) for mode, f in (("forward", fwd), ("backward", bwd), ("full", full))
+    ]
+    mem = peak_mib(full)
+    res.append(("full", "peak_MiB", (mem, mem, mem)))
+    if hasattr(fn, "block_mask_ms"):
+        res.append(("create_block_mask", "ms", (fn.block_mask_ms,) * 3))
+    return res
+
+
+def run(quick: bool, dtype=None, progress=print) -> list[dict]:
+    """Measure every case x provider x mode; returns CSV rows (see benchmarks.common.FIELDS)."""
+    from benchmarks.common import environment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    env = environment()
+    rows = []
+    provs = providers(device)
+    for name, why in provs.items():
+        if isinstance(why, str):
+            progress(f"skip {name}: {why}")
+    all_cases = cases(quick, device)
+    for ci, case in enumerate(all_cases, 1):
+        g = torch.Generator().manual_seed(ci)
+        q = torch.randn(case.Bq, case.H, case.Lq, case.D, generator=g).to(device, dtype).requires_grad_()
+        k, v = (
+            torch.randn(case.B, case.H, case.Lk, case.D, generator=g).to(device, dtype).requires_grad_()
+            for _ in range(2)
+        )
+        mask = case.make_mask(device)
+        dense = (
+            mask.to_dense(case.B, case.Lq, case.Lk)
+            if mask is not None
+            else torch.ones(1, 1, case.Lq, case.Lk, dtype=torch.bool, device=device)
+        )
+        dense = dense.expand(case.B, 1, case.Lq, case.Lk)
+        for pname, fn in provs.items():
+            if isinstance(fn, str):
+                continue
+            progress(f"[{ci}/{len(all_cases)}] {case.name} {pname}")
+            try:
+                measured = _measure(fn, q, k, v, mask, dense, quick)
+            except Exception as e:  # a peer that cannot run a case is reported, never a crash
+                progress(f"    {pname} failed on {case.name}: {type(e).__name__}: {e}")
+                continue
+            for mode, metric, (p20, p50, p80) in measured:
+                rows.append(
+                    dict(
+                        op=case.name,
+                        provider=pname,
+                        mode=mode,
+                        shape=case.shape,
+                        dtype=str(dtype).replace("torch.", ""),
+                        metric=metric,
+                        p20=p20,
+                        p50=p50,
+                        p80=p80,
+                        **env,
+                    )
+                )
+    return rows

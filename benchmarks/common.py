@@ -1,0 +1,83 @@
+"""Timing, memory and CSV helpers shared by the benchmark modules."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import pathlib
+import subprocess
+
+import torch
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "results.csv"
+FIELDS = [
+    "op",
+    "provider",
+    "mode",
+    "shape",
+    "dtype",
+    "metric",
+    "p20",
+    "p50",
+    "p80",
+    "device",
+    "torch",
+    "triton",
+    "commit",
+    "date",
+]
+
+
+def environment() -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return dict(
+        device=device,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        commit=commit,
+        date=datetime.date.today().isoformat(),
+    )
+
+
+def time_ms(fn, quick: bool) -> tuple[float, float, float]:
+    """(p20, p50, p80) milliseconds of ``fn``: triton's do_bench on a GPU; one untimed call on CPU."""
+    if not torch.cuda.is_available():
+        fn()
+        return (float("nan"),) * 3
+    import triton
+
+    p20, p50, p80 = triton.testing.do_bench(
+        fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=[0.2, 0.5, 0.8]
+    )
+    return p20, p50, p80
+
+
+def peak_mib(fn) -> float:
+    """Peak memory above the current allocation while ``fn`` runs (GPU only)."""
+    if not torch.cuda.is_available():
+        fn()
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def append_rows(rows: list[dict], path: pathlib.Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
