@@ -5,8 +5,8 @@ import torch
 from helpers import DEVICE, assert_launched
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vlkernels
 from vlkernels import masks
