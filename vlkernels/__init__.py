@@ -6,13 +6,16 @@ out = vlkernels.attention(q, k, v, mask=vlkernels.masks.qformer(32, "unimodal"))
 from vlkernels import masks
 from vlkernels._dispatch import BackendUnavailableError, get_backend, set_backend, use_backend
 from vlkernels.attention import attention
+from vlkernels.contrastive import MomentumDistillation, contrastive_loss
 from vlkernels.gated import gated_residual
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "MomentumDistillation",
     "attention",
+    "contrastive_loss",
     "gated_residual",
     "get_backend",
     "masks",
