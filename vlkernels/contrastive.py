@@ -646,8 +646,8 @@ def _rows_bwd_triton(
 
 
 def _chunk_rows(M, n_cols, q):
-    """Rows per chunk of the PyTorch fallback: at most 2**22 logits (16 MiB fp32) at a time."""
-    return max(1, min(M, 2**22 // max(1, n_cols * q)))
+    """Rows per chunk of the PyTorch fallback: at most 2**20 logits (4 MiB fp32) at a time."""
+    return max(1, min(M, 2**20 // max(1, n_cols * q)))
 
 
 def _sim_torch(r, c):

@@ -1,0 +1,279 @@
+"""vlkernels.contrastive_loss against open_clip's losses and literal transcriptions of LAVIS's
+BLIP-2 ITC and BLIP's ITC with queues and momentum distillation; both backends; bad inputs."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, LOWP, ON_GPU, assert_launched, check_against_reference
+
+import vlkernels
+from vlkernels import MomentumDistillation, contrastive_loss
+from vlkernels.reference import blip2_itc_ref, blip_itc_ref, clip_loss_ref, siglip_loss_ref
+
+BACKENDS = ["triton", "torch"]
+
+
+def _feats(N, D, dtype=torch.float32, Q=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (N, Q, D) if Q else (N, D)
+    x = F.normalize(torch.randn(*shape, generator=g), dim=-1).to(DEVICE, dtype).requires_grad_()
+    y = F.normalize(torch.randn(N, D, generator=g), dim=-1).to(DEVICE, dtype).requires_grad_()
+    return x, y
+
+
+def _scalar(v):
+    return torch.tensor(v, device=DEVICE, requires_grad=True)
+
+
+def _check(ours, ref, inputs, tol=1e-4):
+    """Loss and every gradient (features, scale, bias) of ``ours`` match ``ref`` (float64 inputs)."""
+    got = torch.autograd.grad(ours, inputs)
+    want = torch.autograd.grad(ref, inputs)
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=tol, atol=tol)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+
+
+def _launched(backend):
+    return assert_launched("contrastive_fwd", "contrastive_bwd") if backend == "triton" else _nullcontext()
+
+
+class _nullcontext:  # noqa: N801
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,D", [(1, 16), (37, 24), (70, 72)])
+def test_clip_matches_open_clip(backend, N, D):
+    from open_clip.loss import ClipLoss
+
+    x, y = _feats(N, D)
+    s = _scalar(100.0)  # open_clip's clamp: the hardest stable case
+    with _launched(backend):
+        ours = contrastive_loss(x, y, s, backend=backend)
+        _check(ours, ClipLoss()(x, y, s), (x, y, s))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_bias_smoothing_and_queues(backend):
+    x, y = _feats(45, 32)
+    s, b = _scalar(14.0), _scalar(-2.0)
+    g = torch.Generator().manual_seed(3)
+    nx, ny = (F.normalize(torch.randn(k, 32, generator=g), dim=-1).to(DEVICE) for k in (19, 40))
+    with _launched(backend):
+        ours = contrastive_loss(
+            x, y, s, b, label_smoothing=0.1, image_negatives=nx, text_negatives=ny, backend=backend
+        )
+        _check(ours, clip_loss_ref(x, y, s, b, 0.1, nx, ny), (x, y, s, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N", [1, 37])
+def test_siglip_matches_open_clip(backend, N):
+    from open_clip.loss import SigLipLoss
+
+    x, y = _feats(N, 40)
+    s, b = _scalar(10.0), _scalar(-10.0)
+    with _launched(backend):
+        ours = contrastive_loss(x, y, s, b, kind="siglip", backend=backend)
+        _check(ours, SigLipLoss()(x, y, s, b), (x, y, s, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blip2_max_over_queries_matches_lavis(backend):
+    x, y = _feats(33, 24, Q=5)
+    s = _scalar(1 / 0.07)
+    with _launched(backend):
+        ours = contrastive_loss(x, y, s, label_smoothing=0.1, backend=backend)
+        _check(ours, blip2_itc_ref(x, y, 1 / s, 0.1), (x, y, s))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blip_queue_and_momentum_distillation_match_blip(backend):
+    x, y = _feats(29, 32)
+    xm, ym = (t.detach() + 0.05 * torch.randn_like(t) for t in (x, y))
+    g = torch.Generator().manual_seed(1)
+    image_queue, text_queue = (
+        F.normalize(torch.randn(32, 50, generator=g), dim=0).to(DEVICE) for _ in range(2)
+    )
+    s = _scalar(1 / 0.07)
+    with _launched(backend):
+        ours = contrastive_loss(
+            x,
+            y,
+            s,
+            image_negatives=image_queue.T,
+            text_negatives=text_queue.T,
+            distill=MomentumDistillation(xm, ym, alpha=0.4),
+            backend=backend,
+        )
+        ref = blip_itc_ref(x, y, xm, ym, image_queue, text_queue, 1 / s, 0.4)
+        _check(ours, ref, (x, y, s))
+
+
+def test_large_odd_batch_triton():
+    x, y = _feats(1030, 16, seed=5)
+    s = _scalar(30.0)
+    with _launched("triton"):
+        ours = contrastive_loss(x, y, s, backend="triton")
+        _check(ours, clip_loss_ref(x, y, s), (x, y, s))
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_low_precision_two_x_rule(dtype, kind):
+    x, y = _feats(64 if ON_GPU else 40, 64, dtype)
+    s, b = _scalar(50.0), _scalar(-5.0)
+    ref_fn = clip_loss_ref if kind == "clip" else siglip_loss_ref
+    with _launched("triton"):
+        ours = contrastive_loss(x, y, s, b, kind=kind, backend="triton")
+        grads = torch.autograd.grad(ours, (x, y, s, b))
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    s64, b64 = (t.detach().double().requires_grad_() for t in (s, b))
+    ref = ref_fn(x64, y64, s64, b64)
+    ref_grads = torch.autograd.grad(ref, (x64, y64, s64, b64))
+    lowp = ref_fn(x, y, s.to(dtype), b.to(dtype))
+    lowp_grads = torch.autograd.grad(lowp, (x, y, s, b))
+    for name, got, r, lp in zip(
+        ("loss", "dx", "dy", "ds", "db"), (ours, *grads), (ref, *ref_grads), (lowp, *lowp_grads), strict=True
+    ):
+        check_against_reference(f"{kind} {name}", got, r, lp, dtype)
+
+
+def test_drop_in_classes_match_open_clip():
+    import open_clip.loss as oc
+
+    from vlkernels import losses
+
+    x, y = _feats(21, 32)
+    s, b = _scalar(20.0), _scalar(-4.0)
+    _check(losses.ClipLoss()(x, y, s), oc.ClipLoss()(x, y, s), (x, y, s))
+    _check(losses.SigLipLoss()(x, y, s, b), oc.SigLipLoss()(x, y, s, b), (x, y, s, b))
+    logits = torch.randn(21, 7, 50, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 50, (21, 7), device=DEVICE)
+    labels[:, 5:] = 0  # pad_id
+    ours = losses.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(
+        x, y, logits, labels, s, output_dict=True
+    )
+    ref = oc.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(
+        x, y, logits, labels, s, output_dict=True
+    )
+    _check(
+        ours["contrastive_loss"] + ours["caption_loss"],
+        ref["contrastive_loss"] + ref["caption_loss"],
+        (x, y, s, logits),
+    )
+    with pytest.raises(ValueError, match="only local_loss=True, gather_with_grad=True"):
+        losses.ClipLoss(world_size=2)
+    with pytest.raises(ValueError, match="use_horovod=True is not supported"):
+        losses.ClipLoss(use_horovod=True)
+
+
+def test_opcheck_contrastive_ops():
+    x, y = _feats(20, 16)
+    s = _scalar(5.0)
+    x3, y3 = x.detach()[:, None], y.detach()[:, None]
+    neg = torch.randn(7, 16, device=DEVICE)
+    args = (x3, None, y3, neg, s.detach(), None, "clip", 0, 0)
+    torch.library.opcheck(torch.ops.vlkernels.triton_contrastive_fwd, args)
+    st = torch.ops.vlkernels.triton_contrastive_fwd(*args)
+    torch.library.opcheck(
+        torch.ops.vlkernels.triton_contrastive_bwd,
+        (
+            x3,
+            None,
+            y3,
+            neg,
+            s.detach(),
+            None,
+            st[0],
+            None,
+            st[0],
+            "clip",
+            True,
+            True,
+            0,
+            0,
+            0.1,
+            0.1,
+            0.0,
+            27,
+            27,
+            0.0,
+        ),
+    )
+
+
+def _peak_growth_bytes(N, D=64):
+    """Growth of the peak RSS of a fresh process while the CPU fallback runs forward + backward."""
+    code = textwrap.dedent(f"""
+        import resource, torch, vlkernels
+        x = torch.nn.functional.normalize(torch.randn({N}, {D}), dim=-1).requires_grad_()
+        y = torch.nn.functional.normalize(torch.randn({N}, {D}), dim=-1).requires_grad_()
+        s = torch.tensor(10.0, requires_grad=True)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        vlkernels.contrastive_loss(x, y, s, backend="torch").backward()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_no_n_by_n_buffer_on_cpu():
+    """At N = 20 000 one N×N fp32 matrix is 1.6 GB: the CPU fallback's peak stays far under it and
+    does not grow with N² (it holds a few row chunks of 2**20 logits; ~200 MB is a fixed cost)."""
+    n_sq = 20000**2 * 4
+    small, large = _peak_growth_bytes(2000), _peak_growth_bytes(20000)
+    assert large < n_sq / 4, f"peak grew by {large / 2**20:.0f} MiB at N=20000"
+    assert large - small < n_sq / 20, f"peak grew by {(large - small) / 2**20:.0f} MiB from N=2000 to 20000"
+
+
+BAD = [
+    (dict(kind="infonce"), ValueError, "kind must be one of"),
+    (dict(x=torch.randn(4)), ValueError, r"image_features must be 2-D or 3-D, got shape \[4\]"),
+    (dict(y=torch.randn(5, 8)), ValueError, "must have the same N >= 1, got 4 and 5"),
+    (dict(y=torch.randn(4, 9)), ValueError, "feature dims differ: image 8, text 9"),
+    (
+        dict(x=torch.randn(4, 8).double(), y=torch.randn(4, 8).double()),
+        TypeError,
+        "must be float16, bfloat16 or float32",
+    ),
+    (dict(s=torch.ones(2)), TypeError, r"logit_scale must be a one-element float tensor, got shape \[2\]"),
+    (dict(s=3.0), TypeError, "logit_scale must be a one-element float tensor, got float"),
+    (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
+    (dict(text_negatives=torch.randn(3, 7)), ValueError, r"text_negatives must be \[K, 8\]"),
+    (dict(kind="siglip", text_negatives=torch.randn(3, 8)), ValueError, "only used by kind='clip'"),
+    (dict(distill=(1, 2)), TypeError, "distill must be a MomentumDistillation"),
+    (
+        dict(distill=MomentumDistillation(torch.randn(4, 8), torch.randn(3, 8), 0.4)),
+        ValueError,
+        "distill.text_features must match",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_inputs(case):
+    over, exc, msg = BAD[case]
+    kw = dict(over)
+    x = kw.pop("x", torch.randn(4, 8))
+    y = kw.pop("y", torch.randn(4, 8))
+    s = kw.pop("s", torch.tensor(1.0))
+    with pytest.raises(exc, match=msg):
+        contrastive_loss(x, y, s, backend="torch", **kw)
+
+
+def test_automatic_backend_on_this_machine():
+    x, y = _feats(8, 16)
+    with assert_launched("contrastive_fwd"):
+        vlkernels.contrastive_loss(x, y, _scalar(3.0))

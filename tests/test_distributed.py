@@ -1,0 +1,81 @@
+"""contrastive_loss across ranks (gloo, 2 and 3 CPU processes): each rank's loss and gradients
+equal open_clip's ClipLoss(local_loss=True, gather_with_grad=True) / SigLipLoss on that rank."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, kind, backend, negatives):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        import open_clip.loss as oc
+
+        import vlkernels
+        from vlkernels import losses
+        from vlkernels._triton_utils import LAUNCHES
+
+        g = torch.Generator().manual_seed(0)
+        n, D = 7, 24
+        X = torch.nn.functional.normalize(torch.randn(world * n, D, generator=g), dim=-1)
+        Y = torch.nn.functional.normalize(torch.randn(world * n, D, generator=g), dim=-1)
+        x = X[rank * n : (rank + 1) * n].clone().requires_grad_()
+        y = Y[rank * n : (rank + 1) * n].clone().requires_grad_()
+        s = torch.tensor(20.0, requires_grad=True)
+        b = torch.tensor(-5.0, requires_grad=True)
+        if kind == "clip":
+            inputs = (x, y, s)
+            ref = oc.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(x, y, s)
+            dropin = losses.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+        else:
+            inputs = (x, y, s, b)
+            ref = oc.SigLipLoss(rank=rank, world_size=world)(x, y, s, b)
+            dropin = losses.SigLipLoss(rank=rank, world_size=world)
+        before = LAUNCHES["contrastive_bwd"]
+        ours = vlkernels.contrastive_loss(*inputs, kind=kind, group=dist.group.WORLD, backend=backend)
+        got = torch.autograd.grad(ours, inputs)
+        want = torch.autograd.grad(ref, inputs)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+        for a, c in zip(got, want, strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+        if backend == "triton":
+            assert LAUNCHES["contrastive_bwd"] > before, "the Triton kernels did not run"
+        # the drop-in class on the same ranks
+        torch.testing.assert_close(dropin(*inputs), ref, rtol=1e-4, atol=1e-4)
+        if negatives:  # a queue shared by all ranks: every rank's rows also see it
+            q = torch.nn.functional.normalize(torch.randn(5, D, generator=g), dim=-1)
+            loss = vlkernels.contrastive_loss(
+                x, y, s, text_negatives=q, group=dist.group.WORLD, backend=backend
+            )
+            allx = torch.cat(torch.distributed.nn.all_gather(x))
+            ally = torch.cat(torch.distributed.nn.all_gather(y))
+            labels = torch.arange(n) + rank * n
+            ce = torch.nn.functional.cross_entropy
+            ref = (ce(s * x @ torch.cat([ally, q]).T, labels) + ce(s * y @ allx.T, labels)) / 2
+            got = torch.autograd.grad(loss, (x, y, s))
+            want = torch.autograd.grad(ref, (x, y, s))
+            torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+            for a, c in zip(got, want, strict=True):
+                torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ring_matches_open_clip(world, kind, backend):
+    pytest.importorskip("open_clip")
+    mp.spawn(_worker, args=(world, _free_port(), kind, backend, kind == "clip" and world == 3), nprocs=world)

@@ -1,0 +1,124 @@
+"""Drop-in replacements for open_clip's ``ClipLoss``, ``SigLipLoss`` and ``CoCaLoss``: same
+constructor arguments, same ``forward``, same values and gradients, computed by
+``vlkernels.contrastive_loss`` (no N×N logits; across ranks through a ring exchange).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkernels.contrastive import contrastive_loss
+
+
+def _group(world_size: int, use_horovod: bool):
+    if use_horovod:
+        raise ValueError("vlkernels losses: use_horovod=True is not supported (torch.distributed only)")
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ValueError(f"vlkernels losses: world_size={world_size} needs torch.distributed initialised")
+        if dist.get_world_size() != world_size:
+            raise ValueError(
+                f"vlkernels losses: world_size={world_size} but the default process group "
+                f"has {dist.get_world_size()} ranks"
+            )
+        return dist.group.WORLD
+    return None
+
+
+class ClipLoss(nn.Module):
+    """open_clip's ClipLoss. With ``world_size > 1`` the configuration that scales,
+    ``local_loss=True, gather_with_grad=True``, is computed by the ring; the other combinations
+    change what each rank's gradient means in open_clip and are rejected."""
+
+    def __init__(
+        self,
+        local_loss=False,
+        gather_with_grad=False,
+        cache_labels=False,
+        rank=0,
+        world_size=1,
+        use_horovod=False,
+    ):
+        super().__init__()
+        if world_size > 1 and not (local_loss and gather_with_grad):
+            raise ValueError(
+                "vlkernels ClipLoss: with world_size > 1 only local_loss=True, "
+                "gather_with_grad=True is supported (open_clip's scalable setting)"
+            )
+        self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
+        self.rank, self.world_size = rank, world_size
+        self.group = _group(world_size, use_horovod)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        loss = contrastive_loss(
+            image_features, text_features, logit_scale, logit_bias, kind="clip", group=self.group
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's SigLipLoss (sigmoid loss; across ranks every text block meets every image)."""
+
+    def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None):
+        super().__init__()
+        if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"vlkernels SigLipLoss: unknown dist_impl {dist_impl!r}")
+        # every dist_impl gives the same loss and gradients; vlkernels always uses its ring
+        self.cache_labels, self.rank, self.world_size, self.dist_impl = (
+            cache_labels,
+            rank,
+            world_size,
+            dist_impl,
+        )
+        self.group = _group(world_size, False)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        loss = contrastive_loss(
+            image_features, text_features, logit_scale, logit_bias, kind="siglip", group=self.group
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class CoCaLoss(ClipLoss):
+    """open_clip's CoCaLoss: clip_loss_weight · contrastive + caption_loss_weight · caption CE
+    (``pad_id`` ignored)."""
+
+    def __init__(
+        self,
+        caption_loss_weight,
+        clip_loss_weight,
+        pad_id=0,
+        local_loss=False,
+        gather_with_grad=False,
+        cache_labels=False,
+        rank=0,
+        world_size=1,
+        use_horovod=False,
+    ):
+        super().__init__(
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            cache_labels=cache_labels,
+            rank=rank,
+            world_size=world_size,
+            use_horovod=use_horovod,
+        )
+        self.clip_loss_weight = clip_loss_weight
+        self.caption_loss_weight = caption_loss_weight
+        self.pad_id = pad_id
+
+    def forward(self, image_features, text_features, logits, labels, logit_scale, output_dict=False):
+        """logits [B, L, vocab], labels [B, L]."""
+        if self.clip_loss_weight:
+            clip_loss = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
+        else:
+            clip_loss = torch.tensor(0, device=logits.device)
+        caption_loss = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.pad_id)
+        caption_loss = caption_loss * self.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
+        return clip_loss, caption_loss
