@@ -189,7 +189,7 @@ def _ctr_fwd(
                 BLOCK_D,
             )
             col_ok = offs_k < K
-            is_pos = offs_k[None, :] < 0
+            is_pos = (offs_m[:, None] < 0) & (offs_k[None, :] < 0)  # no positives among negatives
         ok = row_ok[:, None] & col_ok[None, :]
         logit = s * sim + b
         if KIND == 0:
@@ -397,7 +397,7 @@ def _ctr_bwd(
                 BLOCK_D,
             )
             col_ok = offs_k < K
-            is_pos = offs_k[None, :] < 0
+            is_pos = (offs_m[:, None] < 0) & (offs_k[None, :] < 0)  # no positives among negatives
             cols, offs_c, n_c, s_cn, s_cq, s_cd, q_c = NEG, offs_k, K, sqn, 0, sqd, 1
         ok = row_ok[:, None] & col_ok[None, :]
         logit = s * sim + b
