@@ -1,16 +1,18 @@
-"""``python -m benchmarks.run --op attention [--quick] [--out FILE]``: run a benchmark module,
-print a table of medians (with the ratio to vlkernels in the same run) and append to the CSV."""
+"""``python -m benchmarks.run --op {attention,contrastive} [--quick] [--out FILE]``: run one
+benchmark module, append what it measured to the CSV and print the medians with their ratio to
+vlkernels in the same run."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import pathlib
 import sys
 
 import torch
 
-OPS = ("attention",)
+OPS = ("attention", "contrastive")
 
 
 def main(argv=None) -> None:
@@ -24,23 +26,33 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:], "--quick"], env)
 
-    from benchmarks import bench_attention
     from benchmarks.common import RESULTS, append_rows
 
-    rows = bench_attention.run(args.quick, progress=lambda s: print(s, flush=True))
-    if not torch.cuda.is_available():
-        ran = sorted({(r["op"], r["provider"]) for r in rows})
-        print(f"\nSmoke run without a GPU: {len(ran)} (case, provider) pairs ran; no timings recorded.")
-        return
-    append_rows(rows, args.out or RESULTS)
-    print(f"\n{len(rows)} rows appended to {args.out or RESULTS}\n")
-    ours = {(r["op"], r["mode"], r["metric"]): r["p50"] for r in rows if r["provider"] == "vlkernels-triton"}
-    print(f"{'op':<28} {'provider':<18} {'mode':<9} {'metric':<9} {'p50':>10} {'vs vlkernels':>13}")
-    for r in rows:
-        base = ours.get((r["op"], r["mode"], r["metric"]))
-        ratio = f"{r['p50'] / base:.2f}x" if base and base == base and r["p50"] == r["p50"] else "-"
+    module = importlib.import_module(f"benchmarks.bench_{args.op}")
+    rows = module.run(args.quick, progress=lambda s: print(s, flush=True))
+    measured = [r for r in rows if r["p50"] == r["p50"]]  # without a GPU nothing is timed (NaN)
+    if len(measured) < len(rows):
         print(
-            f"{r['op']:<28} {r['provider']:<18} {r['mode']:<9} {r['metric']:<9} {r['p50']:>10.4g} {ratio:>13}"
+            f"\nWithout a GPU: {len({(r['op'], r['provider']) for r in rows})} (case, provider) pairs "
+            "ran; timings need a GPU."
+        )
+    if not measured:
+        return
+    out = args.out or RESULTS
+    append_rows(measured, out)
+    print(f"\n{len(measured)} rows appended to {out}\n")
+    ours = {
+        (r["op"], r["shape"], r["mode"], r["metric"]): r["p50"]
+        for r in measured
+        if r["provider"].startswith("vlkernels")
+    }
+    print(f"{'op':<22} {'shape':<26} {'provider':<17} {'mode':<8} {'metric':<9} {'p50':>10} {'/ ours':>7}")
+    for r in measured:
+        base = ours.get((r["op"], r["shape"], r["mode"], r["metric"]))
+        ratio = f"{r['p50'] / base:.2f}x" if base else "-"
+        print(
+            f"{r['op']:<22} {r['shape'][:26]:<26} {r['provider']:<17} {r['mode']:<8} {r['metric']:<9} "
+            f"{r['p50']:>10.4g} {ratio:>7}"
         )
 
 

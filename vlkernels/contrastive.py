@@ -1100,6 +1100,13 @@ class _Ring(torch.autograd.Function):
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n = x.shape[0]
+        sizes = torch.tensor([n, -n], device=x.device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+        if sizes[0].item() != -sizes[1].item():
+            raise ValueError(
+                f"contrastive_loss: every rank must pass the same number of rows; this rank "
+                f"has {n}, others between {-sizes[1].item()} and {sizes[0].item()}"
+            )
         x3, y3 = _as3(x).contiguous(), _as3(y).contiguous()
         kx, ky = (0 if t is None else t.shape[0] for t in (neg_x, neg_y))
         xb, yb = x3, y3
