@@ -277,3 +277,16 @@ def test_automatic_backend_on_this_machine():
     x, y = _feats(8, 16)
     with assert_launched("contrastive_fwd"):
         vlkernels.contrastive_loss(x, y, _scalar(3.0))
+
+
+def test_torch_compile_fullgraph():
+    x, y = _feats(20, 16)
+    s = _scalar(5.0)
+    f = lambda x, y, s: contrastive_loss(x, y, s, label_smoothing=0.1, backend="triton")
+    compiled = torch.compile(f, fullgraph=True)
+    with assert_launched("contrastive_fwd", "contrastive_bwd"):
+        loss = compiled(x, y, s)
+        grads = torch.autograd.grad(loss, (x, y, s))
+    want = torch.autograd.grad(clip_loss_ref(x, y, s, label_smoothing=0.1), (x, y, s))
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
