@@ -1,0 +1,196 @@
+"""Building blocks shared by the reference models.
+
+Every block takes ``kernels``: False runs plain eager PyTorch (dense masks built here, no
+vlkernels call at all); True routes attention and the contrastive loss through vlkernels. Both
+build the same parameters, so a state_dict moves between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ------------------------------------------------------------------------------------------------
+# Masks: one recipe, two forms (dense bool for eager, analytic for the kernels)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MaskRecipe:
+    """Which keys each query may attend to. Any subset of the fields (intersected):
+    causal; key_lengths int [B]; qformer (num_queries, mode); prefix_lengths int [B];
+    media (text_to_media int [B, Lq], latents_per_media, only_immediate)."""
+
+    causal: bool = False
+    key_lengths: torch.Tensor | None = None
+    qformer: tuple[int, str] | None = None
+    prefix_lengths: torch.Tensor | None = None
+    media: tuple[torch.Tensor, int, bool] | None = None
+
+    def dense(self, B: int, Lq: int, Lk: int, device) -> torch.Tensor:
+        """Bool [B, 1, Lq, Lk], True = may attend (eager PyTorch)."""
+        i = torch.arange(Lq, device=device).view(1, Lq, 1)
+        j = torch.arange(Lk, device=device).view(1, 1, Lk)
+        ok = torch.ones(B, Lq, Lk, dtype=torch.bool, device=device)
+        if self.causal:
+            ok = ok & (j <= i + (Lk - Lq))
+        if self.key_lengths is not None:
+            ok = ok & (j < self.key_lengths.view(B, 1, 1))
+        if self.qformer is not None:
+            nq, mode = self.qformer
+            if mode == "multimodal_causal":
+                ok = ok & ((j < nq) | ((i >= nq) & (j <= i)))
+            elif mode == "unimodal":
+                ok = ok & ((i < nq) == (j < nq))
+        if self.prefix_lengths is not None:
+            ok = ok & ((j < self.prefix_lengths.view(B, 1, 1)) | (j <= i))
+        if self.media is not None:
+            t2m, lat, immediate = self.media
+            t = t2m.view(B, Lq, 1)
+            img = j // lat + 1
+            ok = ok & (t >= 1) & ((img == t) if immediate else (img <= t))
+        return ok.unsqueeze(1)
+
+    def analytic(self):
+        """The same mask as a ``vlkernels.masks`` object."""
+        from vlkernels import masks
+
+        parts = []
+        if self.causal:
+            parts.append(masks.causal())
+        if self.key_lengths is not None:
+            parts.append(masks.key_padding(self.key_lengths))
+        if self.qformer is not None:
+            parts.append(masks.qformer(*self.qformer))
+        if self.prefix_lengths is not None:
+            parts.append(masks.prefix_lm(self.prefix_lengths))
+        if self.media is not None:
+            parts.append(masks.media(*self.media))
+        out = parts[0]
+        for p in parts[1:]:
+            out = out & p
+        return out
+
+
+def eager_attention(q, k, v, allowed=None, scale=None):
+    """Softmax attention in eager PyTorch; rows with no allowed key give 0. q [B|1, H, Lq, D]."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if allowed is None:
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+    any_ok = allowed.any(dim=-1, keepdim=True)
+    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~any_ok, 0.0)
+    return torch.matmul(torch.softmax(s, dim=-1) * any_ok, v)
+
+
+def attend(q, k, v, recipe: MaskRecipe | None, kernels: bool, scale=None):
+    """[B, H, Lq, D] attention with ``recipe``, through vlkernels or eager."""
+    if kernels:
+        import vlkernels
+
+        return vlkernels.attention(q, k, v, None if recipe is None else recipe.analytic(), scale=scale)
+    allowed = None if recipe is None else recipe.dense(k.shape[0], q.shape[2], k.shape[2], q.device)
+    return eager_attention(q, k, v, allowed, scale)
+
+
+def clip_loss(image_emb, text_emb, logit_scale, kernels: bool, label_smoothing=0.0):
+    """CLIP InfoNCE, through vlkernels (no N×N) or eager (N×N logits, open_clip's formula)."""
+    if kernels:
+        import vlkernels
+
+        return vlkernels.contrastive_loss(image_emb, text_emb, logit_scale, label_smoothing=label_smoothing)
+    if image_emb.dim() == 3:  # BLIP-2: max over query embeddings
+        sim = torch.einsum("iqd,jd->ijq", image_emb, text_emb).amax(-1)
+    else:
+        sim = image_emb @ text_emb.T
+    logits = logit_scale * sim
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (
+        F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)
+    ) / 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers
+# ------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections. x [B, L, dim] -> [B, L, dim]."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, kernels: bool = False):
+        super().__init__()
+        self.heads, self.kernels = heads, kernels
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(kv_dim or dim, dim)
+        self.v = nn.Linear(kv_dim or dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, recipe: MaskRecipe | None = None):
+        """x [B or 1, Lq, dim] (1: queries shared by the batch of ``context`` [B, Lk, kv_dim])."""
+        ctx = x if context is None else context
+        h = self.heads
+
+        def split(t):
+            B, L, C = t.shape
+            return t.view(B, L, h, C // h).transpose(1, 2)
+
+        q = split(self.q(x))
+        o = attend(q, split(self.k(ctx)), split(self.v(ctx)), recipe, self.kernels)
+        B, H, L, D = o.shape
+        return self.out(o.transpose(1, 2).reshape(B, L, H * D))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__(nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: self-attention, optional cross-attention, MLP."""
+
+    def __init__(self, dim: int, heads: int, cross_dim: int | None = None, kernels: bool = False):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, kernels=kernels)
+        self.cross = None
+        if cross_dim is not None:
+            self.ln_x = nn.LayerNorm(dim)
+            self.cross = Attention(dim, heads, kv_dim=cross_dim, kernels=kernels)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim)
+
+    def forward(self, x, recipe=None, context=None, cross_recipe=None):
+        x = x + self.attn(self.ln1(x), recipe=recipe)
+        if self.cross is not None:
+            x = x + self.cross(self.ln_x(x), context=context, recipe=cross_recipe)
+        return x + self.mlp(self.ln2(x))
+
+
+class ViT(nn.Module):
+    """Vision transformer: patches + class token + learned positions -> tokens [B, 1 + P, width]."""
+
+    def __init__(self, image_size: int, patch: int, width: int, layers: int, heads: int, kernels: bool):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, width, patch, patch)
+        n = (image_size // patch) ** 2
+        self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, n + 1, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, heads, kernels=kernels) for _ in range(layers))
+        self.ln = nn.LayerNorm(width)
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
