@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib
 
 _CLASSES = {
+    "blip": ("models.blip", "BLIP"),
     "blip2": ("models.blip2", "BLIP2"),
     "coca": ("models.coca", "CoCa"),
     "flamingo": ("models.flamingo", "Flamingo"),
+    "pali": ("models.pali", "PaLI"),
 }
 MODEL_NAMES = tuple(_CLASSES)
 SIZES = ("tiny", "base", "paper")

@@ -290,3 +290,14 @@ def test_torch_compile_fullgraph():
     want = torch.autograd.grad(clip_loss_ref(x, y, s, label_smoothing=0.1), (x, y, s))
     for a, b in zip(grads, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_queues_may_be_updated_in_place_before_backward():
+    """BLIP enqueues the new momentum features right after the loss, before the backward."""
+    x, y = _feats(10, 16)
+    s = _scalar(10.0)
+    queue = torch.randn(6, 16, device=DEVICE)
+    loss = contrastive_loss(x, y, s, text_negatives=queue, backend="triton")
+    ref = clip_loss_ref(x, y, s, text_negatives=queue.clone())
+    queue.zero_()
+    _check(loss, ref, (x, y, s))

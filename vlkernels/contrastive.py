@@ -1456,24 +1456,17 @@ def contrastive_loss(
     )
     chosen = _dispatch.choose(backend, device, "contrastive_loss")
     smooth = float(label_smoothing)
+    # copies of the queues: BLIP updates them in place right after the loss, before the backward
+    neg_x = None if image_negatives is None else image_negatives.detach().clone()
+    neg_y = None if text_negatives is None else text_negatives.detach().clone()
     if group is not None:
         import torch.distributed as dist
 
         if dist.get_world_size(group) > 1:
             if distill is not None:
                 raise ValueError("contrastive_loss: distill is not supported with a process group yet")
-            return _Ring.apply(
-                image_features,
-                text_features,
-                logit_scale,
-                logit_bias,
-                image_negatives,
-                text_negatives,
-                kind,
-                smooth,
-                chosen,
-                group,
-            )
+            args = (image_features, text_features, logit_scale, logit_bias, neg_x, neg_y)
+            return _Ring.apply(*args, kind, smooth, chosen, group)
     xm = ym = None
     alpha = 0.0
     if distill is not None:
@@ -1483,8 +1476,8 @@ def contrastive_loss(
         text_features,
         logit_scale,
         logit_bias,
-        None if image_negatives is None else image_negatives.detach(),
-        None if text_negatives is None else text_negatives.detach(),
+        neg_x,
+        neg_y,
         xm,
         ym,
         kind,
