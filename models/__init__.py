@@ -17,6 +17,7 @@ _CLASSES = {
     "blip2": ("models.blip2", "BLIP2"),
     "coca": ("models.coca", "CoCa"),
     "flamingo": ("models.flamingo", "Flamingo"),
+    "flava": ("models.flava", "FLAVA"),
     "pali": ("models.pali", "PaLI"),
 }
 MODEL_NAMES = tuple(_CLASSES)

@@ -175,17 +175,30 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """Vision transformer: patches + class token + learned positions -> tokens [B, 1 + P, width]."""
 
-    def __init__(self, image_size: int, patch: int, width: int, layers: int, heads: int, kernels: bool):
+    def __init__(
+        self,
+        image_size: int,
+        patch: int,
+        width: int,
+        layers: int,
+        heads: int,
+        kernels: bool,
+        mask_token: bool = False,
+    ):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, width, patch, patch)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if mask_token else None
         n = (image_size // patch) ** 2
         self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.pos = nn.Parameter(torch.randn(1, n + 1, width) * 0.02)
         self.blocks = nn.ModuleList(Block(width, heads, kernels=kernels) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
 
-    def forward(self, images):
+    def forward(self, images, patch_mask=None):
+        """images [B, 3, H, W]; patch_mask bool [B, P]: patches replaced by the mask token (MIM)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        if patch_mask is not None:
+            x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         for blk in self.blocks:
             x = blk(x)
