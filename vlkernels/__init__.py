@@ -8,6 +8,7 @@ from vlkernels._dispatch import BackendUnavailableError, get_backend, set_backen
 from vlkernels.attention import attention
 from vlkernels.contrastive import MomentumDistillation, contrastive_loss
 from vlkernels.gated import gated_residual
+from vlkernels.patch import patch
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "gated_residual",
     "get_backend",
     "masks",
+    "patch",
     "set_backend",
     "use_backend",
 ]

@@ -1,0 +1,83 @@
+"""vlkernels.patch on public models: same outputs as before the patch, and the kernels ran."""
+
+import copy
+
+import pytest
+import torch
+from helpers import DEVICE, assert_launched
+
+import vlkernels
+from vlkernels import masks
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "multimodal_causal", "unimodal"])
+def test_patch_hf_blip2_qformer_three_masks(mode):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Blip2QFormerConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        encoder_hidden_size=48,
+        use_qformer_text_input=True,
+        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )
+    ref = transformers.Blip2QFormerModel(cfg).to(DEVICE).eval()
+    ours = copy.deepcopy(ref)
+    done = vlkernels.patch(ours)
+    assert done and "attention interface" in done[0]
+    B, nq, T = 2, 8, 11
+    embeds = torch.randn(B, nq + T, 64, device=DEVICE)  # [queries ; embedded text]
+    image = torch.randn(B, 17, 48, device=DEVICE)
+    allowed = masks.qformer(nq, mode) & masks.key_padding(torch.tensor([nq + T, nq + 5], device=DEVICE))
+    mask4d = allowed.to_dense(B, nq + T, nq + T)
+    kw = dict(query_embeds=embeds, query_length=nq, attention_mask=mask4d, encoder_hidden_states=image)
+    want = ref(**kw).last_hidden_state
+    with assert_launched("attention_fwd"):
+        got = ours(**kw).last_hidden_state
+    valid = mask4d[:, 0].any(-1)  # padded text rows are not compared
+    torch.testing.assert_close(got[valid], want[valid], rtol=2e-5, atol=2e-5)
+
+
+def test_patch_open_clip_coca_poolers_and_open_flamingo_blocks():
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.transformer import AttentionalPooler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(AttentionalPooler(64, 48, n_head=4, n_queries=9)).to(DEVICE)
+    x = torch.randn(3, 20, 48, device=DEVICE)
+    want = model(x)
+    done = vlkernels.patch(model)
+    assert done == ["0: AttentionalPooler -> vlkernels.modules.AttentionalPooler"]
+    with assert_launched("attention_fwd"):
+        torch.testing.assert_close(model(x), want, rtol=2e-5, atol=2e-5)
+    assert open_clip is not None
+
+
+def test_patch_rejects_non_modules():
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        vlkernels.patch("blip2")
+
+
+def test_patch_open_flamingo_gated_blocks():
+    from test_modules import _open_flamingo_helpers
+
+    helpers = _open_flamingo_helpers()
+    torch.manual_seed(0)
+    block = helpers.GatedCrossAttentionBlock(dim=32, dim_visual=24, dim_head=16, heads=2, ff_mult=2)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.5)
+        block.ff_gate.fill_(0.5)
+    model = torch.nn.ModuleDict({"xattn": block}).to(DEVICE)
+    x = torch.randn(2, 10, 32, device=DEVICE)
+    media = torch.randn(2, 2, 4, 24, device=DEVICE)
+    loc = torch.zeros(2, 10, dtype=torch.bool, device=DEVICE)
+    loc[:, [0, 6]] = True
+    want = model["xattn"](x, media, loc)
+    assert vlkernels.patch(model) == [
+        "xattn: GatedCrossAttentionBlock -> vlkernels.modules.GatedCrossAttentionBlock"
+    ]
+    with assert_launched("attention_fwd", "gated_residual_fwd"):
+        torch.testing.assert_close(model["xattn"](x, media, loc), want, rtol=2e-5, atol=2e-5)
