@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-OPS = ("attention", "contrastive")
+OPS = ("attention", "contrastive", "models")
 
 
 def main(argv=None) -> None:
@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=pathlib.Path, default=None, help="CSV to append to")
     args = ap.parse_args(argv)
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if args.op == "attention" and not torch.cuda.is_available() and not interp:
+    if args.op in ("attention", "models") and not torch.cuda.is_available() and not interp:
         print("No GPU: re-running under the Triton interpreter (--quick shapes, no timings)", flush=True)
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:], "--quick"], env)

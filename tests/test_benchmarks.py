@@ -14,3 +14,17 @@ def test_attention_benchmark_quick_runs_every_provider():
     assert len(ops) == len(
         bench_attention.cases(True, bench_attention.torch.device("cuda" if ON_GPU else "cpu"))
     )
+
+
+def test_model_step_benchmark_and_plots_run(tmp_path):
+    from benchmarks import bench_models, plot
+    from benchmarks.common import append_rows
+
+    with assert_launched("attention_fwd", "attention_bwd"):
+        rows = bench_models.run(quick=True, progress=lambda s: None)
+    assert {r["provider"] for r in rows} == {"eager", "vlkernels"}
+    assert {r["op"] for r in rows} == {"train_step_blip2", "train_step_flamingo", "train_step_coca"}
+    measured = [dict(r, p20=1.0, p50=2.0, p80=3.0) for r in rows]  # CPU times are NaN: plot stand-ins
+    append_rows(measured, tmp_path / "r.csv")
+    pngs = plot.plot(tmp_path / "r.csv", tmp_path / "plots")
+    assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)
