@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import MLP, Attention, Block, MaskRecipe, ViT, attend
+from models.common import Block, MaskRecipe, ViT, attend
 
 SIZES = {
     # paper (Flamingo-3B): NFNet-F6 vision, 64 latents, 6-layer resampler, 1.4B LM, xattn every layer
@@ -66,34 +66,61 @@ SIZES = {
 PAD_ID, IMAGE_ID = 0, 1
 
 
-class PerceiverResampler(nn.Module):
-    """Latents attend to [media tokens ; latents], ``layers`` times -> [B, T_img, latents, dim]."""
+def FeedForward(dim, mult=4):  # noqa: N802 (open_flamingo's name and parameter layout)
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, dim * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(dim * mult, dim, bias=False),
+    )
 
-    def __init__(self, dim, heads, n_latents, layers, kernels):
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [media ; latents] (open_flamingo's parameter names)."""
+
+    def __init__(self, dim, heads, dim_head, kernels):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(n_latents, dim) * 0.02)
+        self.heads, self.scale, self.kernels = heads, dim_head**-0.5, kernels
+        self.norm_media, self.norm_latents = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim_head * heads, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim_head * heads, bias=False)
+        self.to_out = nn.Linear(dim_head * heads, dim, bias=False)
+
+    def forward(self, x, latents):
+        """x [N, n_media_tokens, dim], latents [N, n_latents, dim] -> [N, n_latents, dim]."""
+        x, lat = self.norm_media(x), self.norm_latents(latents)
+        q = self.to_q(lat)
+        k, v = self.to_kv(torch.cat([x, lat], dim=1)).chunk(2, dim=-1)
+        N, h = q.shape[0], self.heads
+
+        def split(t):
+            return t.view(N, t.shape[1], h, -1).transpose(1, 2)
+
+        o = attend(split(q), split(k), split(v), None, self.kernels, scale=self.scale)
+        return self.to_out(o.transpose(1, 2).reshape(N, lat.shape[1], -1))
+
+
+class PerceiverResampler(nn.Module):
+    """open_flamingo's Perceiver resampler (single frame per image): media [B, T, n, dim] ->
+    [B, T, num_latents, dim]; loads its state_dict."""
+
+    def __init__(self, dim, depth, heads, dim_head, num_latents, max_num_media, kernels):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.media_time_embs = nn.Parameter(torch.randn(max_num_media, 1, dim))
         self.layers = nn.ModuleList(
-            nn.ModuleList(
-                [
-                    nn.LayerNorm(dim),
-                    nn.LayerNorm(dim),
-                    Attention(dim, heads, kernels=kernels),
-                    nn.LayerNorm(dim),
-                    MLP(dim),
-                ]
-            )
-            for _ in range(layers)
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head, kernels), FeedForward(dim)])
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x):
         B, T, n, d = x.shape
-        x = x.reshape(B * T, n, d)
+        x = (x + self.media_time_embs[:T]).reshape(B * T, n, d)
         lat = self.latents.expand(B * T, -1, -1)
-        for ln_media, ln_lat, attn, ln_ff, ff in self.layers:
-            q = ln_lat(lat)
-            lat = lat + attn(q, context=torch.cat([ln_media(x), q], dim=1))
-            lat = lat + ff(ln_ff(lat))
+        for attn, ff in self.layers:
+            lat = attn(x, lat) + lat
+            lat = ff(lat) + lat
         return self.norm(lat).view(B, T, -1, d)
 
 
@@ -148,7 +175,9 @@ class Flamingo(nn.Module):
         d = c["dim"]
         self.vision = ViT(c["image_size"], c["patch"], c["vis_width"], c["vis_layers"], c["heads"], kernels)
         self.vision_proj = nn.Linear(c["vis_width"], d)
-        self.resampler = PerceiverResampler(d, c["heads"], c["latents"], c["resampler_layers"], kernels)
+        self.resampler = PerceiverResampler(
+            d, c["resampler_layers"], c["heads"], d // c["heads"], c["latents"], c["images"], kernels
+        )
         self.embed = nn.Embedding(c["vocab"], d)
         self.pos = nn.Parameter(torch.randn(1, c["text_len"], d) * 0.02)
         self.lm = nn.ModuleList(Block(d, c["heads"], kernels=kernels) for _ in range(c["lm_layers"]))

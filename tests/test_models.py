@@ -72,3 +72,36 @@ def test_sizes_and_bad_names():
         build_model("gpt2")
     with pytest.raises(ValueError, match="size must be one of"):
         build_model("coca", size="huge")
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_flamingo_blocks_match_open_flamingo(kernels):
+    """Where the architectures coincide: open_flamingo's resampler and gated cross-attention block
+    load into models/flamingo.py's and give the same outputs (eager and with the kernels)."""
+    from test_modules import _open_flamingo_helpers
+
+    from models.flamingo import GatedCrossAttention, PerceiverResampler
+
+    helpers = _open_flamingo_helpers()
+    torch.manual_seed(0)
+    theirs = helpers.PerceiverResampler(dim=64, depth=2, dim_head=16, heads=4, num_latents=8, max_num_media=3)
+    theirs = theirs.to(DEVICE)
+    ours = PerceiverResampler(64, 2, 4, 16, 8, 3, kernels).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 10, 64, device=DEVICE)
+    torch.testing.assert_close(ours(x), theirs(x[:, :, None]), rtol=2e-5, atol=2e-5)
+
+    block = helpers.GatedCrossAttentionBlock(dim=64, dim_visual=64, dim_head=16, heads=4)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.7)
+        block.ff_gate.fill_(-0.4)
+    block = block.to(DEVICE)
+    ours = GatedCrossAttention(64, 4, kernels, dim_head=16).to(DEVICE)
+    ours.load_state_dict(block.state_dict())
+    text = torch.randn(2, 12, 64, device=DEVICE)
+    media = torch.randn(2, 3, 8, 64, device=DEVICE)
+    loc = torch.zeros(2, 12, dtype=torch.bool, device=DEVICE)
+    loc[:, [1, 5, 9]] = True
+    torch.testing.assert_close(
+        ours(text, media, loc.cumsum(-1)), block(text, media, loc), rtol=2e-5, atol=2e-5
+    )
