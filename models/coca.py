@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Attention, Block, MaskRecipe, ViT, clip_loss
+from models.common import Block, MaskRecipe, ViT, attend, clip_loss
 
 SIZES = {
     # paper (CoCa-Base): ViT-B/18 at 288 px, 12 unimodal + 12 multimodal decoder layers, width 768
@@ -55,16 +55,33 @@ PAD_ID = 0
 
 
 class AttentionalPooler(nn.Module):
-    """n_queries learned queries, shared by the batch, attend over the image tokens."""
+    """n_queries learned queries, shared by the batch, attend over the image tokens; open_clip's
+    parameter layout (query, nn.MultiheadAttention's projections, ln_q, ln_k), so its
+    AttentionalPooler's state_dict loads."""
 
-    def __init__(self, width, heads, n_queries, kernels):
+    def __init__(self, width, heads, n_queries, kernels, context_dim=None):
         super().__init__()
+        self.kernels = kernels
         self.query = nn.Parameter(torch.randn(n_queries, width) * 0.02)
-        self.ln_q, self.ln_k = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = Attention(width, heads, kernels=kernels)
+        ctx = context_dim or width
+        self.attn = nn.MultiheadAttention(width, heads, kdim=ctx, vdim=ctx, batch_first=True)
+        self.ln_q, self.ln_k = nn.LayerNorm(width), nn.LayerNorm(ctx)
 
     def forward(self, tokens):
-        return self.attn(self.ln_q(self.query)[None], context=self.ln_k(tokens))
+        a, d, h = self.attn, self.attn.embed_dim, self.attn.num_heads
+        if a._qkv_same_embed_dim:
+            wq, wk, wv = a.in_proj_weight.split(d)
+        else:
+            wq, wk, wv = a.q_proj_weight, a.k_proj_weight, a.v_proj_weight
+        bq, bk, bv = a.in_proj_bias.split(d)
+        x = self.ln_k(tokens)
+
+        def split(t):
+            return t.view(t.shape[0], t.shape[1], h, d // h).transpose(1, 2)
+
+        q = split(F.linear(self.ln_q(self.query), wq, bq)[None])  # [1, H, n_queries, Dh]: shared
+        o = attend(q, split(F.linear(x, wk, bk)), split(F.linear(x, wv, bv)), None, self.kernels)
+        return a.out_proj(o.transpose(1, 2).reshape(tokens.shape[0], -1, d))
 
 
 class CoCa(nn.Module):

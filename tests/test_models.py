@@ -105,3 +105,16 @@ def test_flamingo_blocks_match_open_flamingo(kernels):
     torch.testing.assert_close(
         ours(text, media, loc.cumsum(-1)), block(text, media, loc), rtol=2e-5, atol=2e-5
     )
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_coca_pooler_matches_open_clip(kernels):
+    open_clip_transformer = pytest.importorskip("open_clip.transformer")
+    from models.coca import AttentionalPooler
+
+    torch.manual_seed(0)
+    theirs = open_clip_transformer.AttentionalPooler(64, 48, n_head=4, n_queries=5).to(DEVICE)
+    ours = AttentionalPooler(64, 4, 5, kernels, context_dim=48).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 17, 48, device=DEVICE)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=2e-5, atol=2e-5)
