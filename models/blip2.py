@@ -90,6 +90,38 @@ class QFormerLayer(nn.Module):
         return torch.cat([q, t], dim=1)
 
 
+# transformers' Blip2QFormerLayer parameter names -> QFormerLayer's
+HF_LAYER_NAMES = {
+    "attention.attention.query": "self_attn.q",
+    "attention.attention.key": "self_attn.k",
+    "attention.attention.value": "self_attn.v",
+    "attention.output.dense": "self_attn.out",
+    "attention.output.LayerNorm": "ln_self",
+    "crossattention.attention.query": "cross.q",
+    "crossattention.attention.key": "cross.k",
+    "crossattention.attention.value": "cross.v",
+    "crossattention.output.dense": "cross.out",
+    "crossattention.output.LayerNorm": "ln_cross",
+    "intermediate_query.dense": "ffn_query.0",
+    "output_query.dense": "ffn_query.2",
+    "output_query.LayerNorm": "ln_query",
+    "intermediate.dense": "ffn_text.0",
+    "output.dense": "ffn_text.2",
+    "output.LayerNorm": "ln_text",
+}
+
+
+def qformer_layer_state_from_hf(hf_state: dict) -> dict:
+    """A transformers ``Blip2QFormerLayer`` state_dict renamed for ``QFormerLayer``."""
+    out = {}
+    for key, value in hf_state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix not in HF_LAYER_NAMES:
+            raise KeyError(f"unexpected Blip2QFormerLayer parameter {key!r}")
+        out[f"{HF_LAYER_NAMES[prefix]}.{leaf}"] = value
+    return out
+
+
 class BLIP2(nn.Module):
     def __init__(self, size="tiny", kernels=False):
         super().__init__()

@@ -118,3 +118,43 @@ def test_coca_pooler_matches_open_clip(kernels):
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(3, 17, 48, device=DEVICE)
     torch.testing.assert_close(ours(x), theirs(x), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "multimodal_causal", "unimodal"])
+@pytest.mark.parametrize("kernels", [False, True])
+def test_blip2_qformer_layers_match_transformers(mode, kernels):
+    """transformers' Blip2QFormerEncoder (eager) and models/blip2.py's layers, same weights, same
+    [queries ; text] states, the BLIP-2 mask of each mode with padded text."""
+    transformers = pytest.importorskip("transformers")
+    from models.blip2 import QFormerLayer, qformer_layer_state_from_hf
+    from models.common import MaskRecipe
+
+    torch.manual_seed(0)
+    cfg = transformers.Blip2QFormerConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        encoder_hidden_size=32,
+        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )
+    cfg.use_qformer_text_input = True  # the text feed-forward networks (intermediate / output)
+    cfg._attn_implementation = "eager"
+    hf = transformers.models.blip_2.modeling_blip_2.Blip2QFormerEncoder(cfg).to(DEVICE).eval()
+    ours = torch.nn.ModuleList(QFormerLayer(64, 4, 32, i % 2 == 0, kernels) for i in range(2)).to(DEVICE)
+    for layer, hf_layer in zip(ours, hf.layer, strict=True):
+        layer.load_state_dict(qformer_layer_state_from_hf(hf_layer.state_dict()))
+    B, nq, T = 2, 6, 9
+    lengths = torch.tensor([T, 4], device=DEVICE)
+    recipe = MaskRecipe(qformer=(nq, mode), key_lengths=lengths + nq)
+    allowed = recipe.dense(B, nq + T, nq + T, DEVICE)
+    additive = (~allowed).float() * torch.finfo(torch.float32).min
+    x = torch.randn(B, nq + T, 64, device=DEVICE)
+    image = torch.randn(B, 13, 32, device=DEVICE)
+    want = hf(x, attention_mask=additive, encoder_hidden_states=image, query_length=nq).last_hidden_state
+    got = x
+    for layer in ours:
+        got = layer(got, nq, recipe, image)
+    valid = allowed[:, 0].any(-1)
+    torch.testing.assert_close(got[valid], want[valid], rtol=2e-5, atol=2e-5)
