@@ -81,3 +81,64 @@ def test_patch_open_flamingo_gated_blocks():
     ]
     with assert_launched("attention_fwd", "gated_residual_fwd"):
         torch.testing.assert_close(model["xattn"](x, media, loc), want, rtol=2e-5, atol=2e-5)
+
+
+def test_patch_paligemma_prefix_lm(monkeypatch):
+    """PaliGemma (SigLIP + Gemma with grouped keys): same logits after the patch, and the mask its
+    Gemma layers hand to vlkernels is exactly masks.prefix_lm(prefix lengths)."""
+    transformers = pytest.importorskip("transformers")
+    import importlib
+
+    patch_mod = importlib.import_module("vlkernels.patch")
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+    )
+    text = transformers.GemmaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=120,
+    )
+    cfg = transformers.PaliGemmaConfig(
+        vision_config=vision, text_config=text, image_token_index=100, projection_dim=64
+    )
+    ref = transformers.PaliGemmaForConditionalGeneration(cfg).to(DEVICE).eval()
+    ours = copy.deepcopy(ref)
+    vlkernels.patch(ours)
+    n_img, n_prompt, n_suffix = 4, 6, 5
+    ids = torch.randint(0, 99, (2, n_img + n_prompt + n_suffix), device=DEVICE)
+    ids[:, :n_img] = 100
+    token_type = torch.zeros_like(ids)
+    token_type[:, n_img + n_prompt :] = 1  # suffix: causal; image + prompt: bidirectional prefix
+    kw = dict(
+        input_ids=ids,
+        pixel_values=torch.randn(2, 3, 16, 16, device=DEVICE),
+        token_type_ids=token_type,
+        attention_mask=torch.ones_like(ids),
+    )
+    seen = []
+    original = patch_mod.hf_attention_forward
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        if type(module).__name__ == "GemmaAttention":
+            seen.append(attention_mask)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(patch_mod, "hf_attention_forward", spy)
+    vlkernels.patch(ours)  # re-register with the spy
+    want = ref(**kw).logits
+    with assert_launched("attention_fwd"):
+        got = ours(**kw).logits
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    L = ids.shape[1]
+    expect = masks.prefix_lm(torch.full((2,), n_img + n_prompt, device=DEVICE)).to_dense(2, L, L)
+    assert len(seen) == 2 and all(torch.equal(m.expand(2, 1, L, L), expect) for m in seen)

@@ -51,9 +51,13 @@ def hf_attention_forward(
 
 
 def _register_hf() -> None:
+    """Register the attention function, and SDPA's mask builder (bool masks, None when plain
+    causal) so that models build their masks (prefix-LM, padding) for it."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(HF_NAME, hf_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(HF_NAME, sdpa_mask)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
