@@ -26,8 +26,8 @@ def test_patch_hf_blip2_qformer_three_masks(mode):
     )
     ref = transformers.Blip2QFormerModel(cfg).to(DEVICE).eval()
     ours = copy.deepcopy(ref)
-    done = vlkernels.patch(ours)
-    assert done and "attention interface" in done[0]
+    assert vlkernels.patch(ours) is ours
+    assert "attention interface" in ours.vlkernels_patched[0]
     B, nq, T = 2, 8, 11
     embeds = torch.randn(B, nq + T, 64, device=DEVICE)  # [queries ; embedded text]
     image = torch.randn(B, 17, 48, device=DEVICE)
@@ -49,16 +49,18 @@ def test_patch_open_clip_coca_poolers_and_open_flamingo_blocks():
     model = torch.nn.Sequential(AttentionalPooler(64, 48, n_head=4, n_queries=9)).to(DEVICE)
     x = torch.randn(3, 20, 48, device=DEVICE)
     want = model(x)
-    done = vlkernels.patch(model)
-    assert done == ["0: AttentionalPooler -> vlkernels.modules.AttentionalPooler"]
+    vlkernels.patch(model)
+    assert model.vlkernels_patched == ["0: AttentionalPooler -> vlkernels.modules.AttentionalPooler"]
     with assert_launched("attention_fwd"):
         torch.testing.assert_close(model(x), want, rtol=2e-5, atol=2e-5)
     assert open_clip is not None
 
 
-def test_patch_rejects_non_modules():
+def test_patch_rejects_non_modules_and_unsupported_models():
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         vlkernels.patch("blip2")
+    with pytest.raises(ValueError, match="nothing in Linear can be swapped"):
+        vlkernels.patch(torch.nn.Linear(2, 2))
 
 
 def test_patch_open_flamingo_gated_blocks():
@@ -142,3 +144,95 @@ def test_patch_paligemma_prefix_lm(monkeypatch):
     L = ids.shape[1]
     expect = masks.prefix_lm(torch.full((2,), n_img + n_prompt, device=DEVICE)).to_dense(2, L, L)
     assert len(seen) == 2 and all(torch.equal(m.expand(2, 1, L, L), expect) for m in seen)
+
+
+def _compare_patched(ref, run):
+    """Patch a copy of ``ref``: same output, same gradients for every parameter, kernels ran."""
+    ref = ref.to(DEVICE).eval()
+    ours = vlkernels.patch(copy.deepcopy(ref))
+    want = run(ref)
+    with assert_launched("attention_fwd", "attention_bwd"):
+        got = run(ours)
+        go = torch.randn_like(want)
+        names, params = zip(*[(n, p) for n, p in ours.named_parameters() if p.requires_grad], strict=True)
+        grads = dict(zip(names, torch.autograd.grad(got, params, go, allow_unused=True), strict=True))
+    ref_params = dict(ref.named_parameters())
+    want_grads = torch.autograd.grad(want, [ref_params[n] for n in names], go, allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for n, w in zip(names, want_grads, strict=True):
+        if w is None:
+            assert grads[n] is None, n
+        else:
+            torch.testing.assert_close(grads[n], w, rtol=1e-4, atol=1e-5, msg=n)
+    return ours
+
+
+def test_patch_hf_blip_flava_idefics_outputs_and_gradients():
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    layer = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(hidden_size=32, image_size=16, patch_size=8, **layer)
+    ids = torch.randint(5, 99, (2, 7), device=DEVICE)
+    am = torch.ones_like(ids)
+    am[1, 5:] = 0  # padded text
+    pix = torch.randn(2, 3, 16, 16, device=DEVICE)
+
+    blip = T.BlipForImageTextRetrieval(
+        T.BlipConfig(
+            text_config=dict(hidden_size=32, vocab_size=100, encoder_hidden_size=32, **layer),
+            vision_config=vision,
+            projection_dim=16,
+        )
+    )
+    ours = _compare_patched(blip, lambda m: m(input_ids=ids, pixel_values=pix, attention_mask=am).itm_score)
+    assert any("BlipTextSelfAttention" in s for s in ours.vlkernels_patched)
+
+    flava = T.FlavaModel(
+        T.FlavaConfig(
+            image_config=vision,
+            text_config=dict(hidden_size=32, vocab_size=100, **layer),
+            multimodal_config=dict(hidden_size=32, **layer),
+            projection_dim=16,
+        )
+    )
+    _compare_patched(
+        flava, lambda m: m(input_ids=ids, pixel_values=pix, attention_mask=am).multimodal_embeddings
+    )
+
+    idefics = T.IdeficsForVisionText2Text(
+        T.IdeficsConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=120,
+            additional_vocab_size=2,
+            alpha_initializer="zeros",
+            cross_layer_interval=1,
+            vision_config=dict(
+                embed_dim=32,
+                image_size=16,
+                patch_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+            ),
+            perceiver_config=dict(use_resampler=False),
+        )
+    )
+    with torch.no_grad():  # open the tanh gates so that the cross-attention matters
+        for name, p in idefics.named_parameters():
+            if "alpha" in name:
+                p.fill_(0.5)
+    ids9 = torch.randint(5, 99, (2, 9), device=DEVICE)
+    _compare_patched(
+        idefics,
+        lambda m: (
+            m(
+                input_ids=ids9,
+                attention_mask=torch.ones_like(ids9),
+                pixel_values=pix[:, None],  # one image per sample
+                image_attention_mask=torch.ones(2, 9, 1, dtype=torch.long, device=DEVICE),
+            ).logits
+        ),
+    )

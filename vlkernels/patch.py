@@ -1,15 +1,18 @@
 """``vlkernels.patch(model)``: swap vlkernels into a public model in place (à la Liger-Kernel's
 ``apply_liger_kernel_to_*``).
 
-- transformers models (BLIP, BLIP-2 Q-Former self- and cross-attention, FLAVA, PaliGemma, Idefics,
-  …): every attention that goes through transformers' attention interface runs
-  ``vlkernels.attention``, with the model's own mask (bool, or additive 0 / -inf).
+- transformers models (BLIP-2 Q-Former self- and cross-attention, PaliGemma, Idefics, …): every
+  attention that goes through transformers' attention interface runs ``vlkernels.attention`` with
+  the model's own mask (bool, or additive 0 / -inf); BLIP's and FLAVA's attention modules, which
+  do not use that interface, get a forward that does.
 - open_clip: each ``AttentionalPooler`` (CoCa) becomes ``vlkernels.modules.AttentionalPooler``.
 - open_flamingo: each ``GatedCrossAttentionBlock`` becomes ``vlkernels.modules.GatedCrossAttentionBlock``.
 The swapped modules load the originals' state_dicts, so the model's parameters keep their values.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 from torch import nn
@@ -93,29 +96,143 @@ def _open_flamingo_block(mod):
     )
 
 
+def _bool_mask(mask):
+    """transformers' masks (bool, or additive 0 / very negative) as bool, True = attend."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _no_dropout(module, p):
+    if module.training and p > 0:
+        raise NotImplementedError(
+            f"vlkernels attention has no attention dropout: {type(module).__name__} has "
+            f"p={p} in training mode; set the model's attention dropout to 0"
+        )
+
+
+def _heads(module, x, linear):
+    B, L, _ = x.shape
+    return linear(x).view(B, L, -1, module.attention_head_size).transpose(1, 2)
+
+
+def _merged(out):
+    B, H, L, D = out.shape
+    return out.transpose(1, 2).reshape(B, L, H * D)
+
+
+def _flava_self_attention(self, hidden_states, attention_mask=None, output_attentions=False):
+    """FlavaSelfAttention.forward through vlkernels.attention."""
+    from vlkernels.attention import attention
+
+    if output_attentions:
+        raise NotImplementedError("vlkernels attention does not return attention probabilities")
+    _no_dropout(self, self.dropout.p)
+    q, k, v = (_heads(self, hidden_states, lin) for lin in (self.query, self.key, self.value))
+    return (_merged(attention(q, k, v, _bool_mask(attention_mask))),)
+
+
+def _blip_text_self_attention(
+    self,
+    hidden_states,
+    attention_mask=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    past_key_values=None,
+    **kwargs,
+):
+    """BlipTextSelfAttention.forward through vlkernels.attention (decoding with a KV cache keeps
+    transformers' own path)."""
+    from vlkernels.attention import attention
+
+    if past_key_values is not None:
+        return self._vlkernels_original_forward(
+            hidden_states,
+            attention_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            past_key_values,
+            **kwargs,
+        )
+    _no_dropout(self, self.dropout.p)
+    cross = encoder_hidden_states is not None
+    ctx = encoder_hidden_states if cross else hidden_states
+    mask = encoder_attention_mask if cross else attention_mask
+    q = _heads(self, hidden_states, self.query)
+    k, v = _heads(self, ctx, self.key), _heads(self, ctx, self.value)
+    return _merged(attention(q, k, v, _bool_mask(mask))), None
+
+
+def _blip_vision_attention(self, hidden_states, **kwargs):
+    """BlipAttention.forward (vision) through vlkernels.attention."""
+    from vlkernels.attention import attention
+
+    _no_dropout(self, self.dropout.p)
+    B, L, C = hidden_states.shape
+    qkv = self.qkv(hidden_states).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    return self.projection(_merged(attention(qkv[0], qkv[1], qkv[2], scale=self.scale))), None
+
+
+# transformers modules that do not go through the attention interface: their forward is replaced
+_FORWARD_SWAPS = {
+    ("transformers.models.flava", "FlavaSelfAttention"): _flava_self_attention,
+    ("transformers.models.blip", "BlipTextSelfAttention"): _blip_text_self_attention,
+    ("transformers.models.blip", "BlipAttention"): _blip_vision_attention,
+}
+
+
 _MODULE_SWAPS = {
     ("open_clip.transformer", "AttentionalPooler"): _open_clip_pooler,
     ("open_flamingo", "GatedCrossAttentionBlock"): _open_flamingo_block,
 }
 
 
-def patch(model: nn.Module) -> list[str]:
-    """Swap vlkernels into ``model`` in place; returns what was swapped (empty: nothing known)."""
+def patch(
+    model: nn.Module, *, attention: bool = True, pooler: bool = True, gated_xattn: bool = True
+) -> nn.Module:
+    """Swap vlkernels into ``model`` in place and return it; ``model.vlkernels_patched`` lists
+    what was swapped. Flags: ``attention`` (transformers' attention interface), ``pooler``
+    (open_clip AttentionalPooler), ``gated_xattn`` (open_flamingo GatedCrossAttentionBlock). The
+    contrastive / CoCa losses live outside the models: use ``vlkernels.losses``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     done = []
-    if hasattr(model, "set_attn_implementation") and type(model).__module__.startswith("transformers"):
+    if (
+        attention
+        and hasattr(model, "set_attn_implementation")
+        and type(model).__module__.startswith("transformers")
+    ):
         _register_hf()
         model.set_attn_implementation(HF_NAME)
         done.append(f"{type(model).__name__}: attention interface -> vlkernels.attention")
+    wanted = {"AttentionalPooler": pooler, "GatedCrossAttentionBlock": gated_xattn}
     for name, mod in list(model.named_modules()):
+        for (module_prefix, cls_name), fn in _FORWARD_SWAPS.items():
+            cls = type(mod)
+            if attention and cls.__name__ == cls_name and cls.__module__.startswith(module_prefix):
+                if not hasattr(mod, "_vlkernels_original_forward"):
+                    mod._vlkernels_original_forward = mod.forward
+                    mod.forward = types.MethodType(fn, mod)
+                    done.append(f"{name}: {cls_name}.forward -> vlkernels.attention")
         if not name:  # the model itself cannot be replaced in place
             continue
         for (module_prefix, cls_name), make in _MODULE_SWAPS.items():
-            if type(mod).__name__ == cls_name and type(mod).__module__.startswith(module_prefix):
+            if (
+                wanted[cls_name]
+                and type(mod).__name__ == cls_name
+                and type(mod).__module__.startswith(module_prefix)
+            ):
                 new = make(mod).to(device=next(mod.parameters()).device, dtype=next(mod.parameters()).dtype)
                 new.load_state_dict(mod.state_dict())
                 new.train(mod.training)
                 _replace(model, name, new)
                 done.append(f"{name}: {cls_name} -> vlkernels.modules.{cls_name}")
-    return done
+    if not done:
+        raise ValueError(
+            f"patch: nothing in {type(model).__name__} can be swapped (with these flags). Supported: "
+            "transformers models (BLIP, BLIP-2, FLAVA, Idefics, PaliGemma, and others whose attention goes "
+            "through the attention interface), open_clip AttentionalPooler (CoCa), open_flamingo "
+            "GatedCrossAttentionBlock"
+        )
+    model.vlkernels_patched = [*getattr(model, "vlkernels_patched", []), *done]
+    return model
