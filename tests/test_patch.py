@@ -10,6 +10,27 @@ import vlkernels
 from vlkernels import masks
 
 
+def _compare_patched(ref, run):
+    """Patch a copy of ``ref``: same output, same gradients for every parameter, kernels ran."""
+    ref = ref.to(DEVICE).eval()
+    ours = vlkernels.patch(copy.deepcopy(ref))
+    want = run(ref)
+    with assert_launched("attention_fwd", "attention_bwd"):
+        got = run(ours)
+        go = torch.randn_like(want)
+        names, params = zip(*[(n, p) for n, p in ours.named_parameters() if p.requires_grad], strict=True)
+        grads = dict(zip(names, torch.autograd.grad(got, params, go, allow_unused=True), strict=True))
+    ref_params = dict(ref.named_parameters())
+    want_grads = torch.autograd.grad(want, [ref_params[n] for n in names], go, allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for n, w in zip(names, want_grads, strict=True):
+        if w is None:
+            assert grads[n] is None, n
+        else:
+            torch.testing.assert_close(grads[n], w, rtol=1e-4, atol=1e-5, msg=n)
+    return ours
+
+
 @pytest.mark.parametrize("mode", ["bidirectional", "multimodal_causal", "unimodal"])
 def test_patch_hf_blip2_qformer_three_masks(mode):
     transformers = pytest.importorskip("transformers")
@@ -24,21 +45,15 @@ def test_patch_hf_blip2_qformer_three_masks(mode):
         attention_probs_dropout_prob=0.0,
         hidden_dropout_prob=0.0,
     )
-    ref = transformers.Blip2QFormerModel(cfg).to(DEVICE).eval()
-    ours = copy.deepcopy(ref)
-    assert vlkernels.patch(ours) is ours
-    assert "attention interface" in ours.vlkernels_patched[0]
+    ref = transformers.Blip2QFormerModel(cfg)
     B, nq, T = 2, 8, 11
     embeds = torch.randn(B, nq + T, 64, device=DEVICE)  # [queries ; embedded text]
     image = torch.randn(B, 17, 48, device=DEVICE)
     allowed = masks.qformer(nq, mode) & masks.key_padding(torch.tensor([nq + T, nq + 5], device=DEVICE))
     mask4d = allowed.to_dense(B, nq + T, nq + T)
     kw = dict(query_embeds=embeds, query_length=nq, attention_mask=mask4d, encoder_hidden_states=image)
-    want = ref(**kw).last_hidden_state
-    with assert_launched("attention_fwd"):
-        got = ours(**kw).last_hidden_state
-    valid = mask4d[:, 0].any(-1)  # padded text rows are not compared
-    torch.testing.assert_close(got[valid], want[valid], rtol=2e-5, atol=2e-5)
+    ours = _compare_patched(ref, lambda m: m(**kw).last_hidden_state)
+    assert "attention interface" in ours.vlkernels_patched[0]
 
 
 def test_patch_open_clip_coca_poolers_and_open_flamingo_blocks():
@@ -46,13 +61,10 @@ def test_patch_open_clip_coca_poolers_and_open_flamingo_blocks():
     from open_clip.transformer import AttentionalPooler
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(AttentionalPooler(64, 48, n_head=4, n_queries=9)).to(DEVICE)
+    model = torch.nn.Sequential(AttentionalPooler(64, 48, n_head=4, n_queries=9))
     x = torch.randn(3, 20, 48, device=DEVICE)
-    want = model(x)
-    vlkernels.patch(model)
-    assert model.vlkernels_patched == ["0: AttentionalPooler -> vlkernels.modules.AttentionalPooler"]
-    with assert_launched("attention_fwd"):
-        torch.testing.assert_close(model(x), want, rtol=2e-5, atol=2e-5)
+    ours = _compare_patched(model, lambda m: m(x))
+    assert ours.vlkernels_patched == ["0: AttentionalPooler -> vlkernels.modules.AttentionalPooler"]
     assert open_clip is not None
 
 
@@ -72,18 +84,16 @@ def test_patch_open_flamingo_gated_blocks():
     with torch.no_grad():
         block.attn_gate.fill_(0.5)
         block.ff_gate.fill_(0.5)
-    model = torch.nn.ModuleDict({"xattn": block}).to(DEVICE)
+    model = torch.nn.ModuleDict({"xattn": block})
     x = torch.randn(2, 10, 32, device=DEVICE)
     media = torch.randn(2, 2, 4, 24, device=DEVICE)
     loc = torch.zeros(2, 10, dtype=torch.bool, device=DEVICE)
     loc[:, [0, 6]] = True
-    want = model["xattn"](x, media, loc)
-    vlkernels.patch(model)
-    assert model.vlkernels_patched == [
+    with assert_launched("gated_residual_fwd", "gated_residual_bwd"):
+        ours = _compare_patched(model, lambda m: m["xattn"](x, media, loc))
+    assert ours.vlkernels_patched == [
         "xattn: GatedCrossAttentionBlock -> vlkernels.modules.GatedCrossAttentionBlock"
     ]
-    with assert_launched("attention_fwd", "gated_residual_fwd"):
-        torch.testing.assert_close(model["xattn"](x, media, loc), want, rtol=2e-5, atol=2e-5)
 
 
 def test_patch_paligemma_prefix_lm(monkeypatch):
@@ -114,9 +124,7 @@ def test_patch_paligemma_prefix_lm(monkeypatch):
     cfg = transformers.PaliGemmaConfig(
         vision_config=vision, text_config=text, image_token_index=100, projection_dim=64
     )
-    ref = transformers.PaliGemmaForConditionalGeneration(cfg).to(DEVICE).eval()
-    ours = copy.deepcopy(ref)
-    vlkernels.patch(ours)
+    ref = transformers.PaliGemmaForConditionalGeneration(cfg)
     n_img, n_prompt, n_suffix = 4, 6, 5
     ids = torch.randint(0, 99, (2, n_img + n_prompt + n_suffix), device=DEVICE)
     ids[:, :n_img] = 100
@@ -137,35 +145,10 @@ def test_patch_paligemma_prefix_lm(monkeypatch):
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     monkeypatch.setattr(patch_mod, "hf_attention_forward", spy)
-    vlkernels.patch(ours)  # re-register with the spy
-    want = ref(**kw).logits
-    with assert_launched("attention_fwd"):
-        got = ours(**kw).logits
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    _compare_patched(ref, lambda m: m(**kw).logits)
     L = ids.shape[1]
     expect = masks.prefix_lm(torch.full((2,), n_img + n_prompt, device=DEVICE)).to_dense(2, L, L)
     assert len(seen) == 2 and all(torch.equal(m.expand(2, 1, L, L), expect) for m in seen)
-
-
-def _compare_patched(ref, run):
-    """Patch a copy of ``ref``: same output, same gradients for every parameter, kernels ran."""
-    ref = ref.to(DEVICE).eval()
-    ours = vlkernels.patch(copy.deepcopy(ref))
-    want = run(ref)
-    with assert_launched("attention_fwd", "attention_bwd"):
-        got = run(ours)
-        go = torch.randn_like(want)
-        names, params = zip(*[(n, p) for n, p in ours.named_parameters() if p.requires_grad], strict=True)
-        grads = dict(zip(names, torch.autograd.grad(got, params, go, allow_unused=True), strict=True))
-    ref_params = dict(ref.named_parameters())
-    want_grads = torch.autograd.grad(want, [ref_params[n] for n in names], go, allow_unused=True)
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
-    for n, w in zip(names, want_grads, strict=True):
-        if w is None:
-            assert grads[n] is None, n
-        else:
-            torch.testing.assert_close(grads[n], w, rtol=1e-4, atol=1e-5, msg=n)
-    return ours
 
 
 def test_patch_hf_blip_flava_idefics_outputs_and_gradients():
