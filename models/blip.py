@@ -63,6 +63,16 @@ SIZES = {
 PAD_ID, CLS_ID, ENC_ID, DEC_ID = 0, 1, 2, 3
 
 
+# transformers' BlipEncoderLayer (vision, pre-LN, fused qkv) -> models.common.Block
+HF_VISION_LAYER_NAMES = {
+    "layer_norm1": "ln1",
+    "self_attn.projection": "attn.out",
+    "layer_norm2": "ln2",
+    "mlp.fc1": "mlp.0",
+    "mlp.fc2": "mlp.2",
+}
+
+
 class TextEncoder(nn.Module):
     """Token + position embeddings and layers; cross-attention to the image when given one."""
 

@@ -54,6 +54,16 @@ SIZES = {
 PAD_ID = 0
 
 
+# open_clip's ResidualAttentionBlock (the unimodal text decoder's layers) -> models.common.Block
+OPEN_CLIP_BLOCK_NAMES = {
+    "ln_1": "ln1",
+    "attn.out_proj": "attn.out",
+    "ln_2": "ln2",
+    "mlp.c_fc": "mlp.0",
+    "mlp.c_proj": "mlp.2",
+}
+
+
 class AttentionalPooler(nn.Module):
     """n_queries learned queries, shared by the batch, attend over the image tokens; open_clip's
     parameter layout (query, nn.MultiheadAttention's projections, ln_q, ln_k), so its

@@ -154,15 +154,17 @@ class MLP(nn.Sequential):
 class Block(nn.Module):
     """Pre-LN transformer block: self-attention, optional cross-attention, MLP."""
 
-    def __init__(self, dim: int, heads: int, cross_dim: int | None = None, kernels: bool = False):
+    def __init__(
+        self, dim: int, heads: int, cross_dim: int | None = None, kernels: bool = False, eps: float = 1e-5
+    ):
         super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
+        self.ln1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, kernels=kernels)
         self.cross = None
         if cross_dim is not None:
-            self.ln_x = nn.LayerNorm(dim)
+            self.ln_x = nn.LayerNorm(dim, eps=eps)
             self.cross = Attention(dim, heads, kv_dim=cross_dim, kernels=kernels)
-        self.ln2 = nn.LayerNorm(dim)
+        self.ln2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim)
 
     def forward(self, x, recipe=None, context=None, cross_recipe=None):
@@ -203,6 +205,23 @@ class ViT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.ln(x)
+
+
+def block_state_from_public(sd: dict, names: dict, fused_qkv: str | None = None) -> dict:
+    """A public pre-LN transformer layer's state_dict renamed for ``Block``: ``names`` maps the
+    public module prefixes to Block's; ``fused_qkv`` names a fused [q; k; v] projection to split."""
+    out = {}
+    for key, value in sd.items():
+        prefix, _, leaf = key.rpartition(".")
+        if fused_qkv and key.startswith(fused_qkv):  # "self_attn.qkv.weight", "attn.in_proj_weight"
+            leaf = key[len(fused_qkv) :].lstrip("._")
+            for part, chunk in zip(("attn.q", "attn.k", "attn.v"), value.chunk(3), strict=True):
+                out[f"{part}.{leaf}"] = chunk
+        elif prefix in names:
+            out[f"{names[prefix]}.{leaf}"] = value
+        else:
+            raise KeyError(f"unexpected parameter {key!r}")
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:

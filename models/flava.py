@@ -44,6 +44,19 @@ SIZES = {
 PAD_ID, CLS_ID, MASK_ID = 0, 1, 2
 
 
+# transformers' FlavaLayer (pre-LN, as timm's Block) -> models.common.Block
+HF_LAYER_NAMES = {
+    "layernorm_before": "ln1",
+    "attention.attention.query": "attn.q",
+    "attention.attention.key": "attn.k",
+    "attention.attention.value": "attn.v",
+    "attention.output.dense": "attn.out",
+    "layernorm_after": "ln2",
+    "intermediate.dense": "mlp.0",
+    "output.dense": "mlp.2",
+}
+
+
 class FLAVA(nn.Module):
     def __init__(self, size="tiny", kernels=False):
         super().__init__()
@@ -53,11 +66,13 @@ class FLAVA(nn.Module):
         self.image_encoder = ViT(c["image_size"], c["patch"], w, c["layers"], h, kernels, mask_token=True)
         self.embed = nn.Embedding(c["vocab"], w)
         self.text_pos = nn.Parameter(torch.randn(1, c["text_len"], w) * 0.02)
-        self.text_encoder = nn.ModuleList(Block(w, h, kernels=kernels) for _ in range(c["layers"]))
+        self.text_encoder = nn.ModuleList(Block(w, h, kernels=kernels, eps=1e-12) for _ in range(c["layers"]))
         self.ln_text = nn.LayerNorm(w)
         self.image_to_mm, self.text_to_mm = nn.Linear(w, w), nn.Linear(w, w)
         self.mm_cls = nn.Parameter(torch.randn(1, 1, w) * 0.02)
-        self.mm_encoder = nn.ModuleList(Block(w, h, kernels=kernels) for _ in range(c["mm_layers"]))
+        self.mm_encoder = nn.ModuleList(
+            Block(w, h, kernels=kernels, eps=1e-12) for _ in range(c["mm_layers"])
+        )
         self.ln_mm = nn.LayerNorm(w)
         self.image_proj, self.text_proj = nn.Linear(w, c["embed"]), nn.Linear(w, c["embed"])
         self.logit_scale = nn.Parameter(torch.tensor(2.659))

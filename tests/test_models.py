@@ -159,3 +159,63 @@ def test_blip2_qformer_layers_match_transformers(mode, kernels):
         got = layer(got, nq, recipe, image)
     valid = allowed[:, 0].any(-1)
     torch.testing.assert_close(got[valid], want[valid], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_flava_and_blip_vision_layers_match_transformers(kernels):
+    """FLAVA's encoder layer and BLIP's vision layer are pre-LN blocks like models.common.Block:
+    transformers' weights load into it and give the same outputs (FLAVA with padded text)."""
+    T = pytest.importorskip("transformers")
+    from models import blip, flava
+    from models.common import Block, MaskRecipe, block_state_from_public
+
+    torch.manual_seed(0)
+    cfg = T.FlavaTextConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=256,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    hf = T.models.flava.modeling_flava.FlavaLayer(cfg).to(DEVICE).eval()
+    ours = Block(64, 4, kernels=kernels, eps=cfg.layer_norm_eps).to(DEVICE)
+    ours.load_state_dict(block_state_from_public(hf.state_dict(), flava.HF_LAYER_NAMES))
+    x = torch.randn(2, 9, 64, device=DEVICE)
+    lengths = torch.tensor([9, 4], device=DEVICE)
+    recipe = MaskRecipe(key_lengths=lengths)
+    additive = (~recipe.dense(2, 9, 9, DEVICE)).float() * torch.finfo(torch.float32).min
+    torch.testing.assert_close(
+        ours(x, recipe=recipe), hf(x, attention_mask=additive)[0], rtol=2e-5, atol=2e-5
+    )
+
+    vcfg = T.BlipVisionConfig(
+        hidden_size=64, num_attention_heads=4, intermediate_size=256, attention_dropout=0.0
+    )
+    hf = T.models.blip.modeling_blip.BlipEncoderLayer(vcfg).to(DEVICE).eval()
+    ours = Block(64, 4, kernels=kernels, eps=vcfg.layer_norm_eps).to(DEVICE)
+    ours.load_state_dict(
+        block_state_from_public(hf.state_dict(), blip.HF_VISION_LAYER_NAMES, "self_attn.qkv")
+    )
+    torch.testing.assert_close(ours(x), hf(x), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_coca_text_block_matches_open_clip(kernels):
+    """open_clip's ResidualAttentionBlock (CoCa's unimodal text decoder layer, causal) loads into
+    models.common.Block and gives the same outputs. (open_clip's multimodal decoder splits each layer
+    into a self-attention block and a cross-attention block with its own MLP: not the same layout.)"""
+    open_clip_transformer = pytest.importorskip("open_clip.transformer")
+    from models import coca
+    from models.common import Block, MaskRecipe, block_state_from_public
+
+    torch.manual_seed(0)
+    theirs = open_clip_transformer.ResidualAttentionBlock(64, 4).to(DEVICE).eval()
+    ours = Block(64, 4, kernels=kernels).to(DEVICE)
+    ours.load_state_dict(
+        block_state_from_public(theirs.state_dict(), coca.OPEN_CLIP_BLOCK_NAMES, "attn.in_proj")
+    )
+    x = torch.randn(2, 11, 64, device=DEVICE)
+    causal = torch.full((11, 11), float("-inf"), device=DEVICE).triu(1)  # open_clip's additive causal mask
+    torch.testing.assert_close(
+        ours(x, recipe=MaskRecipe(causal=True)), theirs(x, attn_mask=causal), rtol=2e-5, atol=2e-5
+    )
