@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Block, MaskRecipe, ViT
+from models.common import Block, MaskRecipe, ViT, hard_negatives, image_text_batch
 
 SIZES = {
     # paper (BLIP, ViT-B): ViT-B/16 + BERT-base encoder and decoder, queue 57 600, momentum 0.995
@@ -155,16 +155,9 @@ class BLIP(nn.Module):
 
     def example_batch(self, batch_size=2, generator=None):
         c = self.cfg
-        g = generator or torch.Generator().manual_seed(0)
-        lengths = torch.randint(3, c["text_len"] + 1, (batch_size,), generator=g)
-        text = torch.randint(4, c["vocab"], (batch_size, c["text_len"]), generator=g)
-        text[:, 0] = CLS_ID
-        text[torch.arange(c["text_len"])[None] >= lengths[:, None]] = PAD_ID
-        return {
-            "images": torch.randn(batch_size, 3, c["image_size"], c["image_size"], generator=g),
-            "text": text,
-            "text_lengths": lengths,
-        }
+        return image_text_batch(
+            batch_size, c["image_size"], c["text_len"], c["vocab"], CLS_ID, generator, low=4
+        )
 
     def _itc(self, image_feat, text_feat, image_feat_m, text_feat_m):
         s, alpha = 1 / self.temp, self.cfg["alpha"]
@@ -217,11 +210,7 @@ class BLIP(nn.Module):
         enc[:, 0] = ENC_ID
         with torch.no_grad():
             sim = image_feat @ text_feat.T / self.temp
-            eye = torch.eye(B, dtype=torch.bool, device=sim.device)
-            w_i2t = F.softmax(sim, dim=1).masked_fill(eye, 0) + (1e-6 * ~eye if B > 1 else 1.0)
-            w_t2i = F.softmax(sim.T, dim=1).masked_fill(eye, 0) + (1e-6 * ~eye if B > 1 else 1.0)
-            neg_text = torch.multinomial(w_i2t, 1).squeeze(1)
-            neg_image = torch.multinomial(w_t2i, 1).squeeze(1)
+            neg_text, neg_image = hard_negatives(sim), hard_negatives(sim.T)
         itm_out = self.text_encoder(
             torch.cat([enc, enc[neg_text], enc]),
             torch.cat([lengths, lengths[neg_text], lengths]),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Attention, Block, MaskRecipe, ViT, clip_loss
+from models.common import Attention, Block, MaskRecipe, ViT, clip_loss, hard_negatives, image_text_batch
 
 SIZES = {
     # paper: ViT-g/14 (frozen), Q-Former = BERT-base (12 layers, 768, 12 heads), 32 queries, OPT-2.7B
@@ -155,16 +155,9 @@ class BLIP2(nn.Module):
 
     def example_batch(self, batch_size=2, generator=None):
         c = self.cfg
-        g = generator or torch.Generator().manual_seed(0)
-        lengths = torch.randint(3, c["text_len"] + 1, (batch_size,), generator=g)
-        text = torch.randint(3, c["vocab"], (batch_size, c["text_len"]), generator=g)
-        text[:, 0] = CLS_ID
-        text[torch.arange(c["text_len"])[None] >= lengths[:, None]] = PAD_ID
-        return {
-            "images": torch.randn(batch_size, 3, c["image_size"], c["image_size"], generator=g),
-            "text": text,
-            "text_lengths": lengths,
-        }
+        return image_text_batch(
+            batch_size, c["image_size"], c["text_len"], c["vocab"], CLS_ID, generator, low=3
+        )
 
     def qformer(self, image, text, text_lengths, mode):
         """[queries ; text] through the Q-Former with the BLIP-2 ``mode`` mask -> (queries, text)."""
@@ -190,11 +183,7 @@ class BLIP2(nn.Module):
         # ITM: hard negatives sampled from the similarity, bidirectional mask
         with torch.no_grad():
             sim = torch.einsum("iqd,jd->ijq", image_feats, text_feat).amax(-1) / self.temp
-            eye = torch.eye(B, dtype=torch.bool, device=sim.device)
-            w_i2t = torch.softmax(sim, dim=1).masked_fill(eye, 0) + (1e-6 * ~eye if B > 1 else 1.0)
-            w_t2i = torch.softmax(sim.T, dim=1).masked_fill(eye, 0) + (1e-6 * ~eye if B > 1 else 1.0)
-            neg_text = torch.multinomial(w_i2t, 1).squeeze(1)  # B == 1: the only "negative" is itself
-            neg_image = torch.multinomial(w_t2i, 1).squeeze(1)
+            neg_text, neg_image = hard_negatives(sim), hard_negatives(sim.T)
         itm_image = torch.cat([image, image, image[neg_image]])
         itm_text = torch.cat([text, text[neg_text], text])
         itm_len = torch.cat([text_lengths, text_lengths[neg_text], text_lengths])

@@ -224,5 +224,27 @@ def block_state_from_public(sd: dict, names: dict, fused_qkv: str | None = None)
     return out
 
 
+@torch.no_grad()
+def hard_negatives(sim: torch.Tensor) -> torch.Tensor:
+    """BLIP / BLIP-2 ITM: for each row of ``sim`` [B, B] one column index drawn with probability
+    softmax(sim) off the diagonal (with B == 1 the only "negative" is the pair itself)."""
+    B = sim.shape[0]
+    eye = torch.eye(B, dtype=torch.bool, device=sim.device)
+    weights = torch.softmax(sim, dim=1).masked_fill(eye, 0) + (1e-6 * ~eye if B > 1 else 1.0)
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+def image_text_batch(batch_size, image_size, text_len, vocab, first_id, generator, low=3, pad_id=0):
+    """images [B, 3, H, W]; text [B, T]: ``first_id``, then tokens in [low, vocab), padded with
+    ``pad_id`` after random lengths (>= 3); text_lengths [B]."""
+    g = generator or torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, text_len + 1, (batch_size,), generator=g)
+    text = torch.randint(low, vocab, (batch_size, text_len), generator=g)
+    text[:, 0] = first_id
+    text[torch.arange(text_len)[None] >= lengths[:, None]] = pad_id
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=g)
+    return {"images": images, "text": text, "text_lengths": lengths}
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Block, MaskRecipe, ViT, clip_loss
+from models.common import Block, MaskRecipe, ViT, clip_loss, image_text_batch
 
 SIZES = {
     # paper (FLAVA): ViT-B/16 image and text encoders (12 layers, 768) + 6-layer multimodal encoder
@@ -83,17 +83,13 @@ class FLAVA(nn.Module):
     def example_batch(self, batch_size=2, generator=None):
         c = self.cfg
         g = generator or torch.Generator().manual_seed(0)
-        lengths = torch.randint(3, c["text_len"] + 1, (batch_size,), generator=g)
-        text = torch.randint(3, c["vocab"], (batch_size, c["text_len"]), generator=g)
-        text[:, 0] = CLS_ID
-        text[torch.arange(c["text_len"])[None] >= lengths[:, None]] = PAD_ID
-        n_patches = (c["image_size"] // c["patch"]) ** 2
+        batch = image_text_batch(batch_size, c["image_size"], c["text_len"], c["vocab"], CLS_ID, g)
+        text = batch["text"]
         text_mask = (torch.rand(batch_size, c["text_len"], generator=g) < 0.15) & (text > CLS_ID)
         text_mask[:, 1] = True  # at least one masked token per row
+        n_patches = (c["image_size"] // c["patch"]) ** 2
         return {
-            "images": torch.randn(batch_size, 3, c["image_size"], c["image_size"], generator=g),
-            "text": text,
-            "text_lengths": lengths,
+            **batch,
             "text_mask": text_mask,
             "patch_mask": torch.rand(batch_size, n_patches, generator=g) < 0.4,
         }
