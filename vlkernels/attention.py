@@ -30,26 +30,15 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
+# Kernel signatures stay packed (the formatter would put each argument on its own line).
+# fmt: off
 
 
 @triton.jit
 def _row_bounds(
-    offs_m,
-    b,
-    Lq,
-    Lk,
-    KLEN,
-    PREFIX,
-    T2M,
-    stb,
-    stm,
-    NQ,
-    LAT,
-    CAUSAL: tl.constexpr,
-    HAS_KLEN: tl.constexpr,
-    QF_MODE: tl.constexpr,
-    HAS_PREFIX: tl.constexpr,
-    MEDIA: tl.constexpr,
+    offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr,
 ):
     """Allowed key interval [lo, hi) of each query row; empty rows get [Lk, 0)."""
     lo = tl.zeros_like(offs_m)
@@ -96,7 +85,9 @@ _MASK_FLAGS = ["CAUSAL", "HAS_KLEN", "QF_MODE", "HAS_PREFIX", "MEDIA", "HAS_MASK
 
 
 def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
+    ]
 
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
@@ -108,58 +99,14 @@ _KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", *_MASK_FLAGS]
 @autotuned(_FWD_CONFIGS, _KEY, _INTERPRET_CONFIG)
 @triton.jit
 def _attn_fwd(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    MASK,
-    KLEN,
-    PREFIX,
-    T2M,
-    sqb,
-    sqh,
-    sqm,
-    sqd,
-    skb,
-    skh,
-    skn,
-    skd,
-    svb,
-    svh,
-    svn,
-    svd,
-    sob,
-    soh,
-    som,
-    sod,
-    smb,
-    smh,
-    smm,
-    smn,
-    stb,
-    stm,
-    H,
-    GROUP,
-    Lq,
-    Lk,
-    D,
-    NQ,
-    LAT,
-    qk_scale,
-    LQ_KEY,
-    LK_KEY,
-    CAUSAL: tl.constexpr,
-    HAS_KLEN: tl.constexpr,
-    QF_MODE: tl.constexpr,
-    HAS_PREFIX: tl.constexpr,
-    MEDIA: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Q, K, V, O, LSE, MASK, KLEN, PREFIX, T2M,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    smb, smh, smm, smn, stb, stm,
+    H, GROUP, Lq, Lk, D, NQ, LAT, qk_scale, LQ_KEY, LK_KEY,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -168,18 +115,14 @@ def _attn_fwd(
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    lo, hi = _row_bounds(
-        offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT, CAUSAL, HAS_KLEN, QF_MODE, HAS_PREFIX, MEDIA
-    )
+    lo, hi = _row_bounds(offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT,
+                         CAUSAL, HAS_KLEN, QF_MODE, HAS_PREFIX, MEDIA)
     n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
     n_end = tl.max(hi, axis=0)
 
     d_ok = offs_d < D
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=(offs_m[:, None] < Lq) & d_ok[None, :],
-        other=0.0,
-    )
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -204,33 +147,14 @@ def _attn_fwd(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     m_ok = offs_m < Lq
-    tl.store(
-        O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-        out.to(O.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
-    )
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh * Lq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
-def _attn_bwd_delta(
-    O,
-    DO,
-    DELTA,
-    sob,
-    soh,
-    som,
-    sod,
-    sdb,
-    sdh,
-    sdm,
-    sdd,
-    H,
-    Lq,
-    D,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq, D,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta[b, h, i] = sum_d o * do (fp32)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -248,71 +172,14 @@ def _attn_bwd_delta(
 @autotuned(_BWD_CONFIGS, _KEY, _INTERPRET_CONFIG)
 @triton.jit
 def _attn_bwd_dkdv(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    MASK,
-    KLEN,
-    PREFIX,
-    T2M,
-    sqb,
-    sqh,
-    sqm,
-    sqd,
-    skb,
-    skh,
-    skn,
-    skd,
-    svb,
-    svh,
-    svn,
-    svd,
-    sdb,
-    sdh,
-    sdm,
-    sdd,
-    sdkb,
-    sdkh,
-    sdkn,
-    sdkd,
-    sdvb,
-    sdvh,
-    sdvn,
-    sdvd,
-    smb,
-    smh,
-    smm,
-    smn,
-    stb,
-    stm,
-    H,
-    Hk,
-    GROUP,
-    Lq,
-    Lk,
-    D,
-    NQ,
-    LAT,
-    qk_scale,
-    sm_scale,
-    LQ_KEY,
-    LK_KEY,
-    CAUSAL: tl.constexpr,
-    HAS_KLEN: tl.constexpr,
-    QF_MODE: tl.constexpr,
-    HAS_PREFIX: tl.constexpr,
-    MEDIA: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KLEN, PREFIX, T2M,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, stb, stm,
+    H, Hk, GROUP, Lq, Lk, D, NQ, LAT, qk_scale, sm_scale, LQ_KEY, LK_KEY,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one key tile: loops over the GROUP query heads sharing it and over the query
     tiles whose allowed intervals touch it."""
@@ -333,37 +200,15 @@ def _attn_bwd_dkdv(
         h = hk * GROUP + g
         for start_m in tl.range(0, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            lo, hi = _row_bounds(
-                offs_m,
-                b,
-                Lq,
-                Lk,
-                KLEN,
-                PREFIX,
-                T2M,
-                stb,
-                stm,
-                NQ,
-                LAT,
-                CAUSAL,
-                HAS_KLEN,
-                QF_MODE,
-                HAS_PREFIX,
-                MEDIA,
-            )
+            lo, hi = _row_bounds(offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT,
+                                 CAUSAL, HAS_KLEN, QF_MODE, HAS_PREFIX, MEDIA)
             touches = tl.max(((lo < n0 + BLOCK_N) & (hi > n0)).to(tl.int32), axis=0)
             if touches > 0:
                 q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
-                q = tl.load(
-                    Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=q_ok,
-                    other=0.0,
-                )
-                do = tl.load(
-                    DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                    mask=q_ok,
-                    other=0.0,
-                )
+                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                            mask=q_ok, other=0.0)
+                do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                             mask=q_ok, other=0.0)
                 row = (b * H + h) * Lq + offs_m
                 lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
                 delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
@@ -375,82 +220,23 @@ def _attn_bwd_dkdv(
                 ds = p * (dp - delta[:, None])
                 dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
     dk *= sm_scale
-    tl.store(
-        DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-        dk.to(DK.dtype.element_ty),
-        mask=kv_ok,
-    )
-    tl.store(
-        DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
-        dv.to(DV.dtype.element_ty),
-        mask=kv_ok,
-    )
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @autotuned(_BWD_CONFIGS, [*_KEY, "B_PER_PROG"], _INTERPRET_CONFIG)
 @triton.jit
 def _attn_bwd_dq(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    MASK,
-    KLEN,
-    PREFIX,
-    T2M,
-    sqb,
-    sqh,
-    sqm,
-    sqd,
-    skb,
-    skh,
-    skn,
-    skd,
-    svb,
-    svh,
-    svn,
-    svd,
-    sdb,
-    sdh,
-    sdm,
-    sdd,
-    sdqc,
-    sdqh,
-    sdqm,
-    sdqd,
-    smb,
-    smh,
-    smm,
-    smn,
-    stb,
-    stm,
-    B,
-    H,
-    GROUP,
-    Lq,
-    Lk,
-    D,
-    NQ,
-    LAT,
-    qk_scale,
-    sm_scale,
-    B_PER_PROG,
-    LQ_KEY,
-    LK_KEY,
-    CAUSAL: tl.constexpr,
-    HAS_KLEN: tl.constexpr,
-    QF_MODE: tl.constexpr,
-    HAS_PREFIX: tl.constexpr,
-    MEDIA: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KLEN, PREFIX, T2M,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sdqc, sdqh, sdqm, sdqd, smb, smh, smm, smn, stb, stm,
+    B, H, GROUP, Lq, Lk, D, NQ, LAT, qk_scale, sm_scale, B_PER_PROG, LQ_KEY, LK_KEY,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, QF_MODE: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, MEDIA: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq of one query tile, summed over the B_PER_PROG batch entries of chunk c (shared queries:
     chunk c's partial sum goes to DQ[c]; otherwise B_PER_PROG == 1 and c is the batch)."""
@@ -466,32 +252,14 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     b_end = tl.minimum(c * B_PER_PROG + B_PER_PROG, B)
     for b in tl.range(c * B_PER_PROG, b_end):
-        lo, hi = _row_bounds(
-            offs_m,
-            b,
-            Lq,
-            Lk,
-            KLEN,
-            PREFIX,
-            T2M,
-            stb,
-            stm,
-            NQ,
-            LAT,
-            CAUSAL,
-            HAS_KLEN,
-            QF_MODE,
-            HAS_PREFIX,
-            MEDIA,
-        )
+        lo, hi = _row_bounds(offs_m, b, Lq, Lk, KLEN, PREFIX, T2M, stb, stm, NQ, LAT,
+                             CAUSAL, HAS_KLEN, QF_MODE, HAS_PREFIX, MEDIA)
         n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
         n_end = tl.max(hi, axis=0)
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0
-        )
-        do = tl.load(
-            DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=q_ok, other=0.0
-        )
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=q_ok, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                     mask=q_ok, other=0.0)
         row = (b * H + h) * Lq + offs_m
         lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
         delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
@@ -509,11 +277,11 @@ def _attn_bwd_dq(
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
     dq *= sm_scale
-    tl.store(
-        DQ + c * sdqc + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-        dq.to(DQ.dtype.element_ty),
-        mask=q_ok,
-    )
+    tl.store(DQ + c * sdqc + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=q_ok)
+
+
+# fmt: on
 
 
 # ----------------------------------------------------------------------------------------------

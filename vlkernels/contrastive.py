@@ -33,27 +33,12 @@ STATS = (
 # ----------------------------------------------------------------------------------------------
 
 
+# Kernel signatures stay packed (the formatter would put each argument on its own line).
+# fmt: off
 @triton.jit
 def _sim_tile(
-    R,
-    C,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    D,
-    srm,
-    srq,
-    srd,
-    scn,
-    scq,
-    scd,
-    QR,
-    QC,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    R, C, offs_m, offs_n, M, N, D, srm, srq, srd, scn, scq, scd, QR, QC,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """sim[m, n] = max over (qr, qc) of R[m, qr, :] · C[n, qc, :] (fp32) and the arg-max index of
@@ -66,16 +51,10 @@ def _sim_tile(
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 d_ok = (d0 + offs_d) < D
-                r = tl.load(
-                    R + offs_m[:, None] * srm + qr * srq + (d0 + offs_d)[None, :] * srd,
-                    mask=(offs_m[:, None] < M) & d_ok[None, :],
-                    other=0.0,
-                )
-                c = tl.load(
-                    C + offs_n[:, None] * scn + qc * scq + (d0 + offs_d)[None, :] * scd,
-                    mask=(offs_n[:, None] < N) & d_ok[None, :],
-                    other=0.0,
-                )
+                r = tl.load(R + offs_m[:, None] * srm + qr * srq + (d0 + offs_d)[None, :] * srd,
+                            mask=(offs_m[:, None] < M) & d_ok[None, :], other=0.0)
+                c = tl.load(C + offs_n[:, None] * scn + qc * scq + (d0 + offs_d)[None, :] * scd,
+                            mask=(offs_n[:, None] < N) & d_ok[None, :], other=0.0)
                 if UPCAST:
                     acc += tl.dot(r.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
                 else:
@@ -87,41 +66,50 @@ def _sim_tile(
 
 
 @triton.jit
-def _ctr_fwd(
-    R,
-    RM,
-    C,
-    NEG,
-    SCALE,
-    BIAS,
-    OUT,
-    M,
-    N,
-    K,
-    D,
-    QR,
-    QC,
-    srm,
-    srq,
-    srd,
-    smm,
-    smq,
-    smd,
-    scn,
-    scq,
-    scd,
-    sqn,
-    sqd,
-    row_off,
-    col_off,
-    KIND: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DISTILL: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _tile(
+    R, C, NEG, offs_m, start_n, n_pad, M, N, K, D, srm, srq, srd, scn, scq, scd, sqn, sqd, QR, QC,
+    row_off, col_off,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+):
+    """The tile of columns [C ; NEG] that starts at ``start_n`` (the negatives start at n_pad):
+    (sim [BLOCK_M, BLOCK_N], arg-max query index, column validity [BLOCK_N], positives)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if start_n < N:
+        sim, arg = _sim_tile(R, C, offs_m, offs_n, M, N, D, srm, srq, srd, scn, scq, scd, QR, QC,
+                             PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+        col_ok = offs_n < N
+        is_pos = (row_off + offs_m)[:, None] == (col_off + offs_n)[None, :]
+    else:
+        offs_k = offs_n - n_pad
+        sim, arg = _sim_tile(R, NEG, offs_m, offs_k, M, K, D, srm, srq, srd, sqn, 0, sqd, QR, 1,
+                             PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+        col_ok = offs_k < K
+        is_pos = (offs_m[:, None] < 0) & (offs_k[None, :] < 0)  # no positives among the negatives
+    return sim, arg, col_ok, is_pos
+
+
+@triton.jit
+def _col_block(C, NEG, start_n, n_pad, N, K, qc, offs_do, D, scn, scq, scd, sqn, sqd, BLOCK_N: tl.constexpr):
+    """Features [BLOCK_N, len(offs_do)] of query ``qc`` of the column tile that starts at start_n."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    d_ok = offs_do < D
+    if start_n < N:
+        c = tl.load(C + offs_n[:, None] * scn + qc * scq + offs_do[None, :] * scd,
+                    mask=(offs_n[:, None] < N) & d_ok[None, :], other=0.0)
+    else:
+        offs_k = offs_n - n_pad
+        c = tl.load(NEG + offs_k[:, None] * sqn + offs_do[None, :] * sqd,
+                    mask=(offs_k[:, None] < K) & d_ok[None, :], other=0.0)
+    return c
+
+
+@triton.jit
+def _ctr_fwd(
+    R, RM, C, NEG, SCALE, BIAS, OUT, M, N, K, D, QR, QC,
+    srm, srq, srd, smm, smq, smd, scn, scq, scd, sqn, sqd, row_off, col_off,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DISTILL: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Row statistics of rows R against columns [C ; NEG] (see STATS); KIND 0 clip, 1 siglip."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,61 +126,12 @@ def _ctr_fwd(
     n_pad = tl.cdiv(N, BLOCK_N) * BLOCK_N  # negatives start at the next tile after the columns
     n_cols = n_pad + K if KIND == 0 else N
     for start_n in range(0, n_cols, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_k = offs_n - n_pad
-        if start_n < N:
-            sim, _ = _sim_tile(
-                R,
-                C,
-                offs_m,
-                offs_n,
-                M,
-                N,
-                D,
-                srm,
-                srq,
-                srd,
-                scn,
-                scq,
-                scd,
-                QR,
-                QC,
-                PRECISION,
-                UPCAST,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-            )
-            col_ok = offs_n < N
-            is_pos = (row_off + offs_m)[:, None] == (col_off + offs_n)[None, :]
-        else:
-            sim, _ = _sim_tile(
-                R,
-                NEG,
-                offs_m,
-                offs_k,
-                M,
-                K,
-                D,
-                srm,
-                srq,
-                srd,
-                sqn,
-                0,
-                sqd,
-                QR,
-                1,
-                PRECISION,
-                UPCAST,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-            )
-            col_ok = offs_k < K
-            is_pos = (offs_m[:, None] < 0) & (offs_k[None, :] < 0)  # no positives among negatives
+        sim, _, col_ok, is_pos = _tile(R, C, NEG, offs_m, start_n, n_pad, M, N, K, D, srm, srq, srd, scn, scq,
+                                       scd, sqn, sqd, QR, QC, row_off, col_off, PRECISION, UPCAST, BLOCK_M,
+                                       BLOCK_N, BLOCK_D)
         ok = row_ok[:, None] & col_ok[None, :]
         logit = s * sim + b
-        if KIND == 0:
+        if KIND == 0:  # online log-sum-exp, sum of logits, positive logit
             lm = tl.where(ok, logit, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(lm, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -200,53 +139,10 @@ def _ctr_fwd(
             m_i = m_new
             tot += tl.sum(tl.where(ok, logit, 0.0), axis=1)
             pos += tl.sum(tl.where(ok & is_pos, logit, 0.0), axis=1)
-            if DISTILL:
-                if start_n < N:
-                    simm, _ = _sim_tile(
-                        RM,
-                        C,
-                        offs_m,
-                        offs_n,
-                        M,
-                        N,
-                        D,
-                        smm,
-                        smq,
-                        smd,
-                        scn,
-                        scq,
-                        scd,
-                        QR,
-                        QC,
-                        PRECISION,
-                        UPCAST,
-                        BLOCK_M,
-                        BLOCK_N,
-                        BLOCK_D,
-                    )
-                else:
-                    simm, _ = _sim_tile(
-                        RM,
-                        NEG,
-                        offs_m,
-                        offs_k,
-                        M,
-                        K,
-                        D,
-                        smm,
-                        smq,
-                        smd,
-                        sqn,
-                        0,
-                        sqd,
-                        QR,
-                        1,
-                        PRECISION,
-                        UPCAST,
-                        BLOCK_M,
-                        BLOCK_N,
-                        BLOCK_D,
-                    )
+            if DISTILL:  # momentum log-sum-exp and the logit sum weighted by the momentum softmax
+                simm, _, _, _ = _tile(RM, C, NEG, offs_m, start_n, n_pad, M, N, K, D, smm, smq, smd, scn, scq,
+                                      scd, sqn, sqd, QR, QC, row_off, col_off, PRECISION, UPCAST, BLOCK_M,
+                                      BLOCK_N, BLOCK_D)
                 mlog = tl.where(ok, s * simm, float("-inf"))
                 mm_new = tl.maximum(mm_i, tl.max(mlog, axis=1))
                 mm_safe = tl.where(mm_new == float("-inf"), 0.0, mm_new)
@@ -255,8 +151,8 @@ def _ctr_fwd(
                 lm_i = lm_i * alpha + tl.sum(e, axis=1)
                 wm_i = wm_i * alpha + tl.sum(tl.where(ok, e * logit, 0.0), axis=1)
                 mm_i = mm_new
-        else:
-            z = tl.where(is_pos, -logit, logit)  # -log sigmoid(eps * logit) = softplus(-eps * logit)
+        else:  # -log sigmoid(eps * logit) = softplus(-eps * logit)
+            z = tl.where(is_pos, -logit, logit)
             sp = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
             tot += tl.sum(tl.where(ok, sp, 0.0), axis=1)
     lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
@@ -271,56 +167,12 @@ def _ctr_fwd(
 
 @triton.jit
 def _ctr_bwd(
-    R,
-    RM,
-    C,
-    NEG,
-    SCALE,
-    BIAS,
-    LSE_ROW,
-    LSEM_ROW,
-    LSE_COL,
-    DR,
-    DSB,
-    M,
-    N,
-    K,
-    D,
-    QR,
-    QC,
-    srm,
-    srq,
-    srd,
-    smm,
-    smq,
-    smd,
-    scn,
-    scq,
-    scd,
-    sqn,
-    sqd,
-    sdm,
-    sdq,
-    sdd,
-    row_off,
-    col_off,
-    w_own,
-    w_other,
-    smooth,
-    n_cls_own,
-    n_cls_other,
-    alpha,
-    KIND: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DISTILL: tl.constexpr,
-    OWN: tl.constexpr,
-    OTHER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
+    R, RM, C, NEG, SCALE, BIAS, LSE_ROW, LSEM_ROW, LSE_COL, DR, DSB, M, N, K, D, QR, QC,
+    srm, srq, srd, smm, smq, smd, scn, scq, scd, sqn, sqd, sdm, sdq, sdd,
+    row_off, col_off, w_own, w_other, smooth, n_cls_own, n_cls_other, alpha,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DISTILL: tl.constexpr, OWN: tl.constexpr, OTHER: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     """dLoss/dR for the rows of this program, for the feature slice [d0, d0 + BLOCK_DO) of
     program axis 1; per-row sums of dLoss/dlogit · sim and dLoss/dlogit over the columns and over
@@ -331,7 +183,7 @@ def _ctr_bwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     row_ok = offs_m < M
-    do_ok = offs_do < D
+    out_ok = row_ok[:, None] & (offs_do < D)[None, :]
     s = tl.load(SCALE).to(tl.float32)
     b = tl.load(BIAS).to(tl.float32) if HAS_BIAS else 0.0
     lse_row = tl.load(LSE_ROW + offs_m, mask=row_ok, other=0.0)
@@ -344,124 +196,30 @@ def _ctr_bwd(
     n_pad = tl.cdiv(N, BLOCK_N) * BLOCK_N
     n_cols = n_pad + K if (KIND == 0 and OWN) else N
     for start_n in range(0, n_cols, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_k = offs_n - n_pad
         main = start_n < N
-        if main:
-            sim, arg = _sim_tile(
-                R,
-                C,
-                offs_m,
-                offs_n,
-                M,
-                N,
-                D,
-                srm,
-                srq,
-                srd,
-                scn,
-                scq,
-                scd,
-                QR,
-                QC,
-                PRECISION,
-                UPCAST,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-            )
-            col_ok = offs_n < N
-            is_pos = (row_off + offs_m)[:, None] == (col_off + offs_n)[None, :]
-            cols, offs_c, n_c, s_cn, s_cq, s_cd, q_c = C, offs_n, N, scn, scq, scd, QC
-        else:
-            sim, arg = _sim_tile(
-                R,
-                NEG,
-                offs_m,
-                offs_k,
-                M,
-                K,
-                D,
-                srm,
-                srq,
-                srd,
-                sqn,
-                0,
-                sqd,
-                QR,
-                1,
-                PRECISION,
-                UPCAST,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-            )
-            col_ok = offs_k < K
-            is_pos = (offs_m[:, None] < 0) & (offs_k[None, :] < 0)  # no positives among negatives
-            cols, offs_c, n_c, s_cn, s_cq, s_cd, q_c = NEG, offs_k, K, sqn, 0, sqd, 1
+        sim, arg, col_ok, is_pos = _tile(R, C, NEG, offs_m, start_n, n_pad, M, N, K, D, srm, srq, srd, scn,
+                                         scq, scd, sqn, sqd, QR, QC, row_off, col_off, PRECISION, UPCAST,
+                                         BLOCK_M, BLOCK_N, BLOCK_D)
         ok = row_ok[:, None] & col_ok[None, :]
         logit = s * sim + b
-        g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        pos_f = is_pos.to(tl.float32)
+        g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # dLoss/dlogit
         if KIND == 0:
-            if OWN:
+            if OWN:  # softmax over the row minus the row's target
                 p = tl.exp(logit - lse_row[:, None])
                 if DISTILL:
-                    if main:
-                        simm, _ = _sim_tile(
-                            RM,
-                            C,
-                            offs_m,
-                            offs_n,
-                            M,
-                            N,
-                            D,
-                            smm,
-                            smq,
-                            smd,
-                            scn,
-                            scq,
-                            scd,
-                            QR,
-                            QC,
-                            PRECISION,
-                            UPCAST,
-                            BLOCK_M,
-                            BLOCK_N,
-                            BLOCK_D,
-                        )
-                    else:
-                        simm, _ = _sim_tile(
-                            RM,
-                            NEG,
-                            offs_m,
-                            offs_k,
-                            M,
-                            K,
-                            D,
-                            smm,
-                            smq,
-                            smd,
-                            sqn,
-                            0,
-                            sqd,
-                            QR,
-                            1,
-                            PRECISION,
-                            UPCAST,
-                            BLOCK_M,
-                            BLOCK_N,
-                            BLOCK_D,
-                        )
-                    target = alpha * tl.exp(s * simm - lsem_row[:, None]) + (1.0 - alpha) * is_pos.to(
-                        tl.float32
-                    )
+                    simm, _, _, _ = _tile(RM, C, NEG, offs_m, start_n, n_pad, M, N, K, D, smm, smq, smd, scn,
+                                          scq, scd, sqn, sqd, QR, QC, row_off, col_off, PRECISION, UPCAST,
+                                          BLOCK_M, BLOCK_N, BLOCK_D)
+                    target = alpha * tl.exp(s * simm - lsem_row[:, None]) + (1.0 - alpha) * pos_f
                 else:
-                    target = (1.0 - smooth) * is_pos.to(tl.float32) + smooth / n_cls_own
+                    target = (1.0 - smooth) * pos_f + smooth / n_cls_own
                 g += w_own * (p - target)
-            if OTHER:
+            if OTHER:  # the other direction's term: softmax over the column (columns only)
+                offs_n = start_n + tl.arange(0, BLOCK_N)
                 lse_col = tl.load(LSE_COL + offs_n, mask=offs_n < N, other=0.0)
                 q = tl.exp(logit - lse_col[None, :])
-                target = (1.0 - smooth) * is_pos.to(tl.float32) + smooth / n_cls_other
+                target = (1.0 - smooth) * pos_f + smooth / n_cls_other
                 g += tl.where(main, w_other * (q - target), 0.0)
         else:
             eps = tl.where(is_pos, 1.0, -1.0)
@@ -473,41 +231,33 @@ def _ctr_bwd(
         else:
             ds_neg += tl.sum(g * sim, axis=1)
             db_neg += tl.sum(g, axis=1)
-        # dR += g @ cols[:, arg-selected query, slice]
+        # dR += g @ columns (of the arg-max query)
         if QR == 1:
+            q_c = 1 + (QC - 1) * main.to(tl.int32)  # negatives have one query
             for qc in range(0, q_c):
+                c = _col_block(C, NEG, start_n, n_pad, N, K, qc, offs_do, D, scn, scq, scd, sqn, sqd, BLOCK_N)
                 gq = tl.where(arg == qc, g, 0.0)
-                c = tl.load(
-                    cols + offs_c[:, None] * s_cn + qc * s_cq + offs_do[None, :] * s_cd,
-                    mask=(offs_c[:, None] < n_c) & do_ok[None, :],
-                    other=0.0,
-                )
                 if UPCAST:
                     dr += tl.dot(gq, c.to(tl.float32), input_precision="ieee")
                 else:
                     dr += tl.dot(gq.to(c.dtype), c, input_precision=PRECISION)
         else:
-            c = tl.load(
-                cols + offs_c[:, None] * s_cn + offs_do[None, :] * s_cd,
-                mask=(offs_c[:, None] < n_c) & do_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            c = _col_block(C, NEG, start_n, n_pad, N, K, 0, offs_do, D, scn, scq, scd, sqn, sqd, BLOCK_N)
             for qr in range(0, QR):
-                part = tl.dot(tl.where(arg == qr, g, 0.0), c, input_precision="ieee")
+                part = tl.dot(tl.where(arg == qr, g, 0.0), c.to(tl.float32), input_precision="ieee")
                 ptrs = DR + offs_m[:, None] * sdm + qr * sdq + offs_do[None, :] * sdd
-                msk = row_ok[:, None] & do_ok[None, :]
-                tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + s * part, mask=msk)
+                tl.store(ptrs, tl.load(ptrs, mask=out_ok, other=0.0) + s * part, mask=out_ok)
     if QR == 1:
-        tl.store(
-            DR + offs_m[:, None] * sdm + offs_do[None, :] * sdd,
-            (s * dr).to(DR.dtype.element_ty),
-            mask=row_ok[:, None] & do_ok[None, :],
-        )
+        tl.store(DR + offs_m[:, None] * sdm + offs_do[None, :] * sdd, (s * dr).to(DR.dtype.element_ty),
+                 mask=out_ok)
     if pid_d == 0:
         tl.store(DSB + offs_m * 4, ds, mask=row_ok)
         tl.store(DSB + offs_m * 4 + 1, db, mask=row_ok)
         tl.store(DSB + offs_m * 4 + 2, ds_neg, mask=row_ok)
         tl.store(DSB + offs_m * 4 + 3, db_neg, mask=row_ok)
+
+
+# fmt: on
 
 
 # ----------------------------------------------------------------------------------------------
