@@ -16,8 +16,13 @@ LAUNCHES: collections.Counter = collections.Counter()
 
 def autotuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config):
     """``triton.autotune`` over ``configs`` on a GPU; the single ``interpret_config`` under the
-    interpreter, which has no device to benchmark on."""
-    return triton.autotune(configs=[interpret_config] if interpreter_on() else configs, key=key)
+    interpreter, which has no device to benchmark on. VLK_AUTOTUNE=0 keeps only ``configs[0]``
+    (test runs on a GPU: many shapes, each would be tuned)."""
+    if interpreter_on():
+        configs = [interpret_config]
+    elif os.environ.get("VLK_AUTOTUNE", "1") == "0":
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=key)
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
