@@ -347,71 +347,6 @@ def _q_strides(q, B):
     return (s[0] if q.shape[0] == B else 0, s[1], s[2], s[3])
 
 
-def _fwd_impl(
-    q,
-    k,
-    v,
-    dense_mask,
-    key_lengths,
-    prefix_lengths,
-    text_to_media,
-    causal,
-    qformer_queries,
-    qformer_mode,
-    media_mode,
-    latents_per_media,
-    scale,
-):
-    B, _, Lk, D = k.shape
-    H, Lq = q.shape[1], q.shape[2]
-    out = poisoned(q.new_empty((B, Lq, H, D))).transpose(1, 2)
-    lse = poisoned(q.new_empty((B, H, Lq), dtype=torch.float32))
-    ptrs, mstrides, (nq, lat), flags = _mask_launch_args(
-        q,
-        k,
-        dense_mask,
-        key_lengths,
-        prefix_lengths,
-        text_to_media,
-        causal,
-        qformer_queries,
-        qformer_mode,
-        media_mode,
-        latents_per_media,
-    )
-    c = _common(q, k)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-    _attn_fwd[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        *ptrs,
-        *_q_strides(q, B),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        *mstrides,
-        H,
-        c["GROUP"],
-        Lq,
-        Lk,
-        D,
-        nq,
-        lat,
-        scale * LOG2E,
-        c["LQ_KEY"],
-        c["LK_KEY"],
-        **flags,
-        PRECISION=c["precision"],
-        UPCAST=c["upcast"],
-        BLOCK_D=c["BLOCK_D"],
-    )
-    LAUNCHES["attention_fwd"] += 1
-    return out, lse
-
-
 def _dq_chunks(B: int, H: int, Lq: int, shared: bool, device: torch.device) -> int:
     """How many partial dq sums a shared-query backward splits the batch into: enough programs
     to fill the GPU (at least two under the interpreter so that the reduction is exercised)."""
@@ -421,130 +356,6 @@ def _dq_chunks(B: int, H: int, Lq: int, shared: bool, device: torch.device) -> i
         return min(B, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(B, triton.cdiv(2 * sms, H * triton.cdiv(Lq, 64))))
-
-
-def _bwd_impl(
-    grad_out,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    dense_mask,
-    key_lengths,
-    prefix_lengths,
-    text_to_media,
-    causal,
-    qformer_queries,
-    qformer_mode,
-    media_mode,
-    latents_per_media,
-    scale,
-):
-    B, Hk, Lk, D = k.shape
-    H, Lq = q.shape[1], q.shape[2]
-    ptrs, mstrides, (nq, lat), flags = _mask_launch_args(
-        q,
-        k,
-        dense_mask,
-        key_lengths,
-        prefix_lengths,
-        text_to_media,
-        causal,
-        qformer_queries,
-        qformer_mode,
-        media_mode,
-        latents_per_media,
-    )
-    c = _common(q, k)
-    qs = _q_strides(q, B)
-    delta = poisoned(q.new_empty((B, H, Lq), dtype=torch.float32))
-    _attn_bwd_delta[(triton.cdiv(Lq, 32), B * H)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq, D, BLOCK_M=32, BLOCK_D=c["BLOCK_D"]
-    )
-
-    dk = poisoned(torch.empty_like(k))
-    dv = poisoned(torch.empty_like(v))
-    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)
-    _attn_bwd_dkdv[grid_kv](
-        q,
-        k,
-        v,
-        grad_out,
-        lse,
-        delta,
-        dk,
-        dv,
-        *ptrs,
-        *qs,
-        *k.stride(),
-        *v.stride(),
-        *grad_out.stride(),
-        *dk.stride(),
-        *dv.stride(),
-        *mstrides,
-        H,
-        Hk,
-        c["GROUP"],
-        Lq,
-        Lk,
-        D,
-        nq,
-        lat,
-        scale * LOG2E,
-        scale,
-        c["LQ_KEY"],
-        c["LK_KEY"],
-        **flags,
-        PRECISION=c["precision"],
-        UPCAST=c["upcast"],
-        BLOCK_D=c["BLOCK_D"],
-    )
-
-    shared = q.shape[0] == 1 and B > 1
-    chunks = _dq_chunks(B, H, Lq, shared, q.device)
-    per_prog = triton.cdiv(B, chunks)
-    chunks = triton.cdiv(B, per_prog)
-    dq = poisoned(torch.empty_like(q))
-    dq_acc = poisoned(q.new_empty((chunks, H, Lq, D), dtype=torch.float32)) if shared else dq
-    grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), chunks * H)
-    _attn_bwd_dq[grid_q](
-        q,
-        k,
-        v,
-        grad_out,
-        lse,
-        delta,
-        dq_acc,
-        *ptrs,
-        *qs,
-        *k.stride(),
-        *v.stride(),
-        *grad_out.stride(),
-        *dq_acc.stride(),
-        *mstrides,
-        B,
-        H,
-        c["GROUP"],
-        Lq,
-        Lk,
-        D,
-        nq,
-        lat,
-        scale * LOG2E,
-        scale,
-        per_prog,
-        c["LQ_KEY"],
-        c["LK_KEY"],
-        **flags,
-        PRECISION=c["precision"],
-        UPCAST=c["upcast"],
-        BLOCK_D=c["BLOCK_D"],
-    )
-    if shared:
-        dq.copy_(dq_acc.sum(dim=0, keepdim=True))
-    LAUNCHES["attention_bwd"] += 1
-    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,21 +382,25 @@ def triton_attention_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel: (out [B, H, Lq, D] stored as [B, Lq, H, D], lse [B, H, Lq] fp32 log2)."""
-    return _fwd_impl(
-        q,
-        k,
-        v,
-        dense_mask,
-        key_lengths,
-        prefix_lengths,
-        text_to_media,
-        causal,
-        qformer_queries,
-        qformer_mode,
-        media_mode,
-        latents_per_media,
-        scale,
+    B, _, Lk, D = k.shape
+    H, Lq = q.shape[1], q.shape[2]
+    out = poisoned(q.new_empty((B, Lq, H, D))).transpose(1, 2)
+    lse = poisoned(q.new_empty((B, H, Lq), dtype=torch.float32))
+    # fmt: off
+    ptrs, mstrides, (nq, lat), flags = _mask_launch_args(
+        q, k, dense_mask, key_lengths, prefix_lengths, text_to_media, causal, qformer_queries, qformer_mode,
+        media_mode, latents_per_media,
     )
+    c = _common(q, k)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    _attn_fwd[grid](
+        q, k, v, out, lse, *ptrs, *_q_strides(q, B), *k.stride(), *v.stride(), *out.stride(), *mstrides,
+        H, c["GROUP"], Lq, Lk, D, nq, lat, scale * LOG2E, c["LQ_KEY"], c["LK_KEY"],
+        **flags, PRECISION=c["precision"], UPCAST=c["upcast"], BLOCK_D=c["BLOCK_D"],
+    )
+    # fmt: on
+    LAUNCHES["attention_fwd"] += 1
+    return out, lse
 
 
 @triton_attention_fwd.register_fake
@@ -616,24 +431,46 @@ def triton_attention_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward kernels: (dq, dk, dv) shaped like (q, k, v)."""
-    return _bwd_impl(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        dense_mask,
-        key_lengths,
-        prefix_lengths,
-        text_to_media,
-        causal,
-        qformer_queries,
-        qformer_mode,
-        media_mode,
-        latents_per_media,
-        scale,
+    B, Hk, Lk, D = k.shape
+    H, Lq = q.shape[1], q.shape[2]
+    # fmt: off
+    ptrs, mstrides, (nq, lat), flags = _mask_launch_args(
+        q, k, dense_mask, key_lengths, prefix_lengths, text_to_media, causal, qformer_queries, qformer_mode,
+        media_mode, latents_per_media,
     )
+    c = _common(q, k)
+    qs = _q_strides(q, B)
+    delta = poisoned(q.new_empty((B, H, Lq), dtype=torch.float32))
+    _attn_bwd_delta[(triton.cdiv(Lq, 32), B * H)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq, D, BLOCK_M=32, BLOCK_D=c["BLOCK_D"]
+    )
+
+    dk = poisoned(torch.empty_like(k))
+    dv = poisoned(torch.empty_like(v))
+    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)
+    _attn_bwd_dkdv[grid_kv](
+        q, k, v, grad_out, lse, delta, dk, dv, *ptrs, *qs, *k.stride(), *v.stride(), *grad_out.stride(),
+        *dk.stride(), *dv.stride(), *mstrides, H, Hk, c["GROUP"], Lq, Lk, D, nq, lat, scale * LOG2E, scale,
+        c["LQ_KEY"], c["LK_KEY"], **flags, PRECISION=c["precision"], UPCAST=c["upcast"], BLOCK_D=c["BLOCK_D"],
+    )
+
+    shared = q.shape[0] == 1 and B > 1
+    chunks = _dq_chunks(B, H, Lq, shared, q.device)
+    per_prog = triton.cdiv(B, chunks)
+    chunks = triton.cdiv(B, per_prog)
+    dq = poisoned(torch.empty_like(q))
+    dq_acc = poisoned(q.new_empty((chunks, H, Lq, D), dtype=torch.float32)) if shared else dq
+    grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), chunks * H)
+    _attn_bwd_dq[grid_q](
+        q, k, v, grad_out, lse, delta, dq_acc, *ptrs, *qs, *k.stride(), *v.stride(), *grad_out.stride(),
+        *dq_acc.stride(), *mstrides, B, H, c["GROUP"], Lq, Lk, D, nq, lat, scale * LOG2E, scale, per_prog,
+        c["LQ_KEY"], c["LK_KEY"], **flags, PRECISION=c["precision"], UPCAST=c["upcast"], BLOCK_D=c["BLOCK_D"],
+    )
+    # fmt: on
+    if shared:
+        dq.copy_(dq_acc.sum(dim=0, keepdim=True))
+    LAUNCHES["attention_bwd"] += 1
+    return dq, dk, dv
 
 
 @triton_attention_bwd.register_fake
