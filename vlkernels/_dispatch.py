@@ -7,6 +7,7 @@ Backends: ``"triton"`` (fused kernels; CUDA tensors, or CPU tensors under TRITON
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -52,8 +53,10 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
 def cuda_extension():
-    """The compiled ``vlkernels._C`` module, or None when it was not built."""
+    """The compiled ``vlkernels._C`` module, or None when it was not built (probed once: a failed
+    import would otherwise search the path again on every op call)."""
     try:
         from vlkernels import _C
     except ImportError:
@@ -61,11 +64,16 @@ def cuda_extension():
     return _C
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def unavailable_reasons(backend: str, device: torch.device) -> list[str]:
     """Why ``backend`` cannot run on ``device`` (empty list: it can)."""
     reasons = []
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             reasons.append("triton is not installed")
         elif device.type == "cpu" and not interpreter_on():
             reasons.append("CPU tensors need TRITON_INTERPRET=1 set before vlkernels is imported")
