@@ -1,0 +1,460 @@
+// The one file with torch includes: checks the inputs, allocates the outputs, fills the launch
+// structs of vlk.h and registers the ops with torch.library:
+//   TORCH_LIBRARY(vlkernels)         schemas of vlkernels::attention_* and vlkernels::contrastive_*
+//   TORCH_LIBRARY_IMPL(vlkernels, CUDA) these kernels.
+// Fake kernels and autograd are registered from Python (vlkernels/_cuda.py).
+// With VLK_EMULATE (tests only) the same code registers vlkernels_emu::* for CPU tensors and runs
+// the kernels under csrc/emulate.h.
+#include <ATen/ATen.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+#include "vlk.h"
+
+#ifdef VLK_EMULATE
+#define VLK_NS vlkernels_emu
+#define VLK_KEY CPU
+#define VLK_DEVICE_NAME "CPU"
+constexpr bool kCuda = false;
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#define VLK_NS vlkernels
+#define VLK_KEY CUDA
+#define VLK_DEVICE_NAME "CUDA"
+constexpr bool kCuda = true;
+#endif
+
+#ifndef VLK_ARCHS
+#define VLK_ARCHS "emulated"
+#endif
+
+using at::Tensor;
+using std::optional;
+
+namespace {
+
+std::string shape(const Tensor& t) { return c10::str(t.sizes()); }
+
+void check_device(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(kCuda ? t.is_cuda() : t.is_cpu(), op, ": ", name, " must be a ", VLK_DEVICE_NAME,
+              " tensor, got one on ", t.device());
+}
+
+vlk::DType dtype_of(const char* op, const char* name, const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return vlk::DType::F32;
+    case at::kHalf:
+      return vlk::DType::F16;
+    case at::kBFloat16:
+      return vlk::DType::BF16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+  }
+}
+
+void check_same(const char* op, const char* name, const Tensor& t, const Tensor& like) {
+  check_device(op, name, t);
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must be ", like.scalar_type(), ", got ",
+              t.scalar_type());
+}
+
+void check_dim(const char* op, const char* name, const Tensor& t, int64_t dim, const char* layout) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ", shape(t));
+}
+
+// A fresh output; filled with NaN under VLK_POISON=1 (the tests set it) so that an element a
+// kernel forgets to write shows up.
+Tensor poisoned(Tensor t) {
+  const char* p = std::getenv("VLK_POISON");
+  if (p && std::string(p) == "1") t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+struct Launch {
+  std::optional<c10::DeviceGuard> guard;
+  void* stream = nullptr;
+  explicit Launch(const Tensor& t) {
+#ifndef VLK_EMULATE
+    guard.emplace(t.device());
+    stream = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+#else
+    (void)t;
+#endif
+  }
+  void check(const char* op, const char* err) const { TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err); }
+};
+
+int multiprocessors(const Tensor& t) {
+#ifndef VLK_EMULATE
+  int n = 0;
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.device().index());
+  return n;
+#else
+  (void)t;
+  return 1;
+#endif
+}
+
+void strides4(int64_t* s, const Tensor& t) {
+  for (int i = 0; i < 4; ++i) s[i] = t.stride(i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention
+// ---------------------------------------------------------------------------------------------
+
+struct MaskTensors {
+  optional<Tensor> dense, key_lengths, prefix_lengths, text_to_media;
+};
+
+void check_lengths(const char* op, const char* name, const optional<Tensor>& t, const Tensor& q,
+                   std::initializer_list<int64_t> size) {
+  if (!t) return;
+  check_device(op, name, *t);
+  TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(), ", expected ", q.device());
+  TORCH_CHECK(t->scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t->scalar_type());
+  TORCH_CHECK(t->sizes().equals(size), op, ": ", name, " must have shape ", c10::IntArrayRef(size), ", got ",
+              shape(*t));
+}
+
+// Checks every input of an attention op and fills the shared part of the launch struct.
+vlk::AttnArgs attn_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, MaskTensors& m,
+                        bool causal, int64_t nq, int64_t qf_mode, int64_t media_mode, int64_t lat, double scale) {
+  check_device(op, "q", q);
+  dtype_of(op, "q", q);
+  check_dim(op, "q", q, 4, "[B, H, Lq, D]");
+  check_same(op, "k", k, q);
+  check_same(op, "v", v, q);
+  check_dim(op, "k", k, 4, "[B, Hk, Lk, D]");
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": k and v must have the same shape, got ", shape(k), " and ", shape(v));
+  const int64_t B = k.size(0), Hk = k.size(1), Lk = k.size(2), D = k.size(3), H = q.size(1), Lq = q.size(2);
+  TORCH_CHECK(q.size(0) == B || q.size(0) == 1, op, ": q batch must be ", B, " (the batch of k) or 1, got ",
+              q.size(0));
+  TORCH_CHECK(q.size(3) == D, op, ": q head dim must equal k's (", D, "), got ", q.size(3));
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, op, ": q heads (", H, ") must be a multiple of k/v heads (", Hk, ")");
+  TORCH_CHECK(D >= 16 && D <= 256 && D % 8 == 0, op, ": head dim must be a multiple of 8 in [16, 256], got ", D);
+  TORCH_CHECK(B >= 1 && Lq >= 1 && Lk >= 1, op, ": batch and lengths must be >= 1, got q ", shape(q), ", k ",
+              shape(k));
+  TORCH_CHECK(qf_mode >= 0 && qf_mode <= 2, op, ": qformer_mode must be 0, 1 or 2, got ", qf_mode);
+  TORCH_CHECK(media_mode >= 0 && media_mode <= 2, op, ": media_mode must be 0, 1 or 2, got ", media_mode);
+  TORCH_CHECK(media_mode == 0 || m.text_to_media, op, ": media_mode ", media_mode, " needs text_to_media");
+  TORCH_CHECK(lat >= 1, op, ": latents_per_media must be >= 1, got ", lat);
+  check_lengths(op, "key_lengths", m.key_lengths, q, {B});
+  check_lengths(op, "prefix_lengths", m.prefix_lengths, q, {B});
+  check_lengths(op, "text_to_media", m.text_to_media, q, {B, Lq});
+
+  vlk::AttnArgs a;
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  strides4(a.sq, q);
+  if (q.size(0) != B) a.sq[0] = 0;
+  strides4(a.sk, k);
+  strides4(a.sv, v);
+  a.B = B, a.H = H, a.Hk = Hk, a.Lq = Lq, a.Lk = Lk, a.D = D;
+  a.scale = float(scale);
+  vlk::MaskArgs& mk = a.mask;
+  if (m.dense) {
+    const Tensor& d = *m.dense;
+    check_device(op, "dense_mask", d);
+    TORCH_CHECK(d.scalar_type() == at::kBool, op, ": dense_mask must be bool, got ", d.scalar_type());
+    TORCH_CHECK(d.dim() <= 4, op, ": dense_mask must broadcast to [B, H, Lq, Lk], got shape ", shape(d));
+    m.dense = d.expand({B, H, Lq, Lk}).view(at::kByte);  // raises if it does not broadcast
+    mk.dense = m.dense->data_ptr<uint8_t>();
+    mk.smb = m.dense->stride(0), mk.smh = m.dense->stride(1), mk.smm = m.dense->stride(2);
+    mk.smn = m.dense->stride(3);
+  }
+  if (m.key_lengths) mk.key_lengths = m.key_lengths->data_ptr<int32_t>();
+  if (m.prefix_lengths) mk.prefix_lengths = m.prefix_lengths->data_ptr<int32_t>();
+  if (m.text_to_media) {
+    mk.text_to_media = m.text_to_media->data_ptr<int32_t>();
+    mk.stb = m.text_to_media->stride(0), mk.stm = m.text_to_media->stride(1);
+  }
+  mk.causal = causal;
+  mk.qformer_queries = int(nq), mk.qformer_mode = int(qf_mode);
+  mk.media_mode = int(media_mode), mk.latents_per_media = int(lat);
+  return a;
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const optional<Tensor>& dense_mask, const optional<Tensor>& key_lengths,
+                                         const optional<Tensor>& prefix_lengths,
+                                         const optional<Tensor>& text_to_media, bool causal, int64_t nq,
+                                         int64_t qf_mode, int64_t media_mode, int64_t lat, double scale) {
+  const char* op = "vlkernels::attention_fwd";
+  MaskTensors m{dense_mask, key_lengths, prefix_lengths, text_to_media};
+  vlk::AttnArgs a = attn_args(op, q, k, v, m, causal, nq, qf_mode, media_mode, lat, scale);
+  Tensor out = poisoned(at::empty({a.B, a.Lq, a.H, a.D}, q.options())).transpose(1, 2);
+  Tensor lse = poisoned(at::empty({a.B, a.H, a.Lq}, q.options().dtype(at::kFloat)));
+  a.o = out.data_ptr();
+  strides4(a.so, out);
+  a.lse = lse.data_ptr<float>();
+  Launch l(q);
+  l.check(op, vlk::attention_fwd(a, dtype_of(op, "q", q), l.stream));
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                 const optional<Tensor>& dense_mask,
+                                                 const optional<Tensor>& key_lengths,
+                                                 const optional<Tensor>& prefix_lengths,
+                                                 const optional<Tensor>& text_to_media, bool causal, int64_t nq,
+                                                 int64_t qf_mode, int64_t media_mode, int64_t lat, double scale) {
+  const char* op = "vlkernels::attention_bwd";
+  MaskTensors m{dense_mask, key_lengths, prefix_lengths, text_to_media};
+  vlk::AttnArgs a = attn_args(op, q, k, v, m, causal, nq, qf_mode, media_mode, lat, scale);
+  const std::vector<int64_t> out_shape{a.B, a.H, a.Lq, a.D};
+  check_same(op, "grad_out", grad_out, q);
+  check_same(op, "out", out, q);
+  TORCH_CHECK(grad_out.sizes().equals(out_shape), op, ": grad_out must have shape ", c10::IntArrayRef(out_shape),
+              ", got ", shape(grad_out));
+  TORCH_CHECK(out.sizes().equals(out_shape), op, ": out must have shape ", c10::IntArrayRef(out_shape), ", got ",
+              shape(out));
+  check_device(op, "lse", lse);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.sizes().equals({int64_t(a.B), int64_t(a.H), int64_t(a.Lq)}),
+              op, ": lse must be a contiguous float32 [B, H, Lq] tensor, got ", lse.scalar_type(), " ", shape(lse));
+  a.out = out.data_ptr();
+  strides4(a.so, out);
+  a.grad_out = grad_out.data_ptr();
+  strides4(a.sdo, grad_out);
+  a.lse = lse.data_ptr<float>();
+  Tensor delta = poisoned(at::empty({a.B, a.H, a.Lq}, q.options().dtype(at::kFloat)));
+  a.delta = delta.data_ptr<float>();
+  Tensor dq = poisoned(at::empty_like(q)), dk = poisoned(at::empty_like(k)), dv = poisoned(at::empty_like(v));
+  a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
+  strides4(a.sdq, dq);
+  strides4(a.sdk, dk);
+  strides4(a.sdv, dv);
+  const bool shared = q.size(0) == 1 && a.B > 1;
+  Tensor partial;
+  if (shared) {  // enough programs to fill the GPU; partial dq sums reduced below
+    const int64_t tiles = a.H * ((a.Lq + 63) / 64);
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(a.B, (2 * multiprocessors(q) + tiles - 1) / tiles));
+    a.b_per_chunk = int((a.B + chunks - 1) / chunks);
+    a.dq_chunks = (a.B + a.b_per_chunk - 1) / a.b_per_chunk;
+    partial = poisoned(at::empty({a.dq_chunks, a.H, a.Lq, a.D}, q.options().dtype(at::kFloat)));
+    a.dq_partial = partial.data_ptr<float>();
+  } else {
+    a.dq_chunks = a.B;
+  }
+  Launch l(q);
+  l.check(op, vlk::attention_bwd(a, dtype_of(op, "q", q), l.stream));
+  if (shared) dq.copy_(partial.sum(0, true));
+  return {dq, dk, dv};
+}
+
+// ---------------------------------------------------------------------------------------------
+// gated residual (the epilogue of Flamingo's gated cross-attention)
+// ---------------------------------------------------------------------------------------------
+
+void check_gated(const char* op, const char* xname, const Tensor& x, const Tensor& y, const Tensor& gate) {
+  check_device(op, xname, x);
+  dtype_of(op, xname, x);
+  check_same(op, "y", y, x);
+  TORCH_CHECK(y.sizes() == x.sizes(), op, ": ", xname, " and y must have the same shape, got ", shape(x), " and ",
+              shape(y));
+  check_device(op, "gate", gate);
+  TORCH_CHECK(gate.numel() == 1 && gate.is_floating_point(), op,
+              ": gate must be a one-element floating tensor, got ", gate.scalar_type(), " ", shape(gate));
+}
+
+Tensor gated_residual_fwd(const Tensor& x, const Tensor& y, const Tensor& gate) {
+  const char* op = "vlkernels::attention_gated_residual_fwd";
+  check_gated(op, "x", x, y, gate);
+  Tensor xc = x.contiguous(), yc = y.contiguous(), g = gate.to(at::kFloat).contiguous();
+  Tensor out = poisoned(at::empty_like(xc));
+  vlk::GatedArgs a;
+  a.x = xc.data_ptr(), a.y = yc.data_ptr(), a.gate = g.data_ptr<float>(), a.out = out.data_ptr();
+  a.n = xc.numel();
+  Launch l(x);
+  if (a.n) l.check(op, vlk::gated_residual_fwd(a, dtype_of(op, "x", x), l.stream));
+  return out;
+}
+
+std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& grad_out, const Tensor& y, const Tensor& gate) {
+  const char* op = "vlkernels::attention_gated_residual_bwd";
+  check_gated(op, "grad_out", grad_out, y, gate);
+  Tensor dc = grad_out.contiguous(), yc = y.contiguous(), g = gate.to(at::kFloat).contiguous();
+  Tensor dy = poisoned(at::empty_like(yc));
+  vlk::GatedArgs a;
+  a.grad_out = dc.data_ptr(), a.y = yc.data_ptr(), a.gate = g.data_ptr<float>(), a.dy = dy.data_ptr();
+  a.n = yc.numel();
+  Tensor partial = poisoned(at::empty({vlk::gated_blocks(a.n)}, y.options().dtype(at::kFloat)));
+  a.partial = partial.data_ptr<float>();
+  Launch l(y);
+  if (a.n) l.check(op, vlk::gated_residual_bwd(a, dtype_of(op, "grad_out", grad_out), l.stream));
+  Tensor t = at::tanh(g);
+  Tensor dgate = (partial.sum() * (1 - t * t)).to(gate.scalar_type()).view(gate.sizes());
+  return {dy, dgate};
+}
+
+// ---------------------------------------------------------------------------------------------
+// contrastive row passes
+// ---------------------------------------------------------------------------------------------
+
+struct ScaleBias {
+  Tensor scale, bias;
+};
+
+vlk::ContrastiveArgs ctr_args(const char* op, const Tensor& rows, const optional<Tensor>& rows_m, const Tensor& cols,
+                              const optional<Tensor>& neg, const Tensor& scale, const optional<Tensor>& bias,
+                              const std::string& kind, int64_t row_off, int64_t col_off, ScaleBias& keep) {
+  check_device(op, "rows", rows);
+  dtype_of(op, "rows", rows);
+  check_dim(op, "rows", rows, 3, "[M, QR, D]");
+  check_same(op, "cols", cols, rows);
+  check_dim(op, "cols", cols, 3, "[N, QC, D]");
+  const int64_t M = rows.size(0), QR = rows.size(1), D = rows.size(2), N = cols.size(0), QC = cols.size(1);
+  TORCH_CHECK(cols.size(2) == D, op, ": cols feature dim must be ", D, ", got ", cols.size(2));
+  TORCH_CHECK(QR == 1 || QC == 1, op, ": only one side may have several queries, got rows ", shape(rows),
+              ", cols ", shape(cols));
+  TORCH_CHECK(M >= 1 && N >= 1 && D >= 1 && QR >= 1 && QC >= 1, op, ": empty features, rows ", shape(rows),
+              ", cols ", shape(cols));
+  TORCH_CHECK(kind == "clip" || kind == "siglip", op, ": kind must be 'clip' or 'siglip', got '", kind, "'");
+  if (rows_m) {
+    check_same(op, "rows_m", *rows_m, rows);
+    TORCH_CHECK(rows_m->sizes() == rows.sizes(), op, ": rows_m must have the shape of rows ", shape(rows),
+                ", got ", shape(*rows_m));
+  }
+  if (neg) {
+    check_same(op, "neg", *neg, rows);
+    check_dim(op, "neg", *neg, 2, "[K, D]");
+    TORCH_CHECK(neg->size(1) == D, op, ": neg feature dim must be ", D, ", got ", neg->size(1));
+  }
+  check_device(op, "scale", scale);
+  TORCH_CHECK(scale.numel() == 1 && scale.is_floating_point(), op, ": scale must be a one-element floating tensor, got ",
+              shape(scale));
+  keep.scale = scale.to(at::kFloat).contiguous();
+  if (bias) {
+    check_device(op, "bias", *bias);
+    TORCH_CHECK(bias->numel() == 1 && bias->is_floating_point(), op,
+                ": bias must be a one-element floating tensor, got ", shape(*bias));
+    keep.bias = bias->to(at::kFloat).contiguous();
+  }
+  vlk::ContrastiveArgs a;
+  a.rows = rows.data_ptr(), a.cols = cols.data_ptr();
+  for (int i = 0; i < 3; ++i) a.sr[i] = rows.stride(i), a.sc[i] = cols.stride(i);
+  if (rows_m) {
+    a.rows_m = rows_m->data_ptr();
+    for (int i = 0; i < 3; ++i) a.srm[i] = rows_m->stride(i);
+  }
+  if (neg && neg->size(0) > 0) {
+    a.neg = neg->data_ptr();
+    a.sneg[0] = neg->stride(0), a.sneg[1] = neg->stride(1);
+    a.K = neg->size(0);
+  }
+  a.scale = keep.scale.data_ptr<float>();
+  a.bias = bias ? keep.bias.data_ptr<float>() : nullptr;
+  a.M = M, a.N = N, a.D = D, a.QR = QR, a.QC = QC;
+  a.kind = kind == "clip" ? 0 : 1;
+  a.row_off = row_off, a.col_off = col_off;
+  return a;
+}
+
+void check_stat(const char* op, const char* name, const optional<Tensor>& t, int64_t n, const Tensor& like) {
+  if (!t) return;
+  check_device(op, name, *t);
+  TORCH_CHECK(t->device() == like.device() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                  t->dim() == 1 && t->size(0) == n,
+              op, ": ", name, " must be a contiguous float32 [", n, "] tensor on ", like.device(), ", got ",
+              t->scalar_type(), " ", shape(*t));
+}
+
+Tensor contrastive_fwd(const Tensor& rows, const optional<Tensor>& rows_m, const Tensor& cols,
+                       const optional<Tensor>& neg, const Tensor& scale, const optional<Tensor>& bias,
+                       const std::string& kind, int64_t row_off, int64_t col_off) {
+  const char* op = "vlkernels::contrastive_fwd";
+  ScaleBias keep;
+  vlk::ContrastiveArgs a = ctr_args(op, rows, rows_m, cols, neg, scale, bias, kind, row_off, col_off, keep);
+  Tensor stats = poisoned(at::empty({5, a.M}, rows.options().dtype(at::kFloat)));
+  a.stats = stats.data_ptr<float>();
+  Launch l(rows);
+  l.check(op, vlk::contrastive_fwd(a, dtype_of(op, "rows", rows), l.stream));
+  return stats;
+}
+
+std::tuple<Tensor, Tensor> contrastive_bwd(const Tensor& rows, const optional<Tensor>& rows_m, const Tensor& cols,
+                                           const optional<Tensor>& neg, const Tensor& scale,
+                                           const optional<Tensor>& bias, const Tensor& lse_row,
+                                           const optional<Tensor>& lsem_row, const optional<Tensor>& lse_col,
+                                           const std::string& kind, bool own, bool other, int64_t row_off,
+                                           int64_t col_off, double w_own, double w_other, double smooth,
+                                           int64_t n_cls_own, int64_t n_cls_other, double alpha) {
+  const char* op = "vlkernels::contrastive_bwd";
+  ScaleBias keep;
+  vlk::ContrastiveArgs a = ctr_args(op, rows, rows_m, cols, neg, scale, bias, kind, row_off, col_off, keep);
+  check_stat(op, "lse_row", lse_row, a.M, rows);
+  check_stat(op, "lsem_row", lsem_row, a.M, rows);
+  check_stat(op, "lse_col", lse_col, a.N, rows);
+  TORCH_CHECK(!rows_m || lsem_row, op, ": rows_m (distillation) needs lsem_row");
+  TORCH_CHECK(!other || lse_col, op, ": other=True needs lse_col");
+  a.lse_row = lse_row.data_ptr<float>();
+  a.lsem_row = lsem_row ? lsem_row->data_ptr<float>() : nullptr;
+  a.lse_col = lse_col ? lse_col->data_ptr<float>() : nullptr;
+  a.own = own, a.other = other;
+  a.w_own = float(w_own), a.w_other = float(w_other), a.smooth = float(smooth);
+  a.n_cls_own = float(n_cls_own), a.n_cls_other = float(n_cls_other), a.alpha = float(alpha);
+  Tensor dr = a.QR > 1 ? at::zeros(rows.sizes(), rows.options().dtype(at::kFloat)) : poisoned(at::empty_like(rows));
+  Tensor dsb = poisoned(at::empty({a.M, 4}, rows.options().dtype(at::kFloat)));
+  a.dr = dr.data_ptr();
+  for (int i = 0; i < 3; ++i) a.sdr[i] = dr.stride(i);
+  a.dsb = dsb.data_ptr<float>();
+  Launch l(rows);
+  l.check(op, vlk::contrastive_bwd(a, dtype_of(op, "rows", rows), l.stream));
+  return {dr.to(rows.scalar_type()), dsb.sum(0)};
+}
+
+}  // namespace
+
+#define VLK_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define VLK_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+#define VLK_MASK_ARGS                                                                                          \
+  "Tensor? dense_mask, Tensor? key_lengths, Tensor? prefix_lengths, Tensor? text_to_media, bool causal, " \
+  "int qformer_queries, int qformer_mode, int media_mode, int latents_per_media, float scale"
+#define VLK_CTR_ARGS "Tensor rows, Tensor? rows_m, Tensor cols, Tensor? neg, Tensor scale, Tensor? bias, "
+
+VLK_LIBRARY(VLK_NS, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, " VLK_MASK_ARGS ") -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, " VLK_MASK_ARGS
+        ") -> (Tensor, Tensor, Tensor)");
+  m.def("attention_gated_residual_fwd(Tensor x, Tensor y, Tensor gate) -> Tensor");
+  m.def("attention_gated_residual_bwd(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor, Tensor)");
+  m.def("contrastive_fwd(" VLK_CTR_ARGS "str kind, int row_off, int col_off) -> Tensor");
+  m.def("contrastive_bwd(" VLK_CTR_ARGS
+        "Tensor lse_row, Tensor? lsem_row, Tensor? lse_col, str kind, bool own, bool other, int row_off, "
+        "int col_off, float w_own, float w_other, float smooth, int n_cls_own, int n_cls_other, float alpha) "
+        "-> (Tensor, Tensor)");
+}
+
+VLK_LIBRARY_IMPL(VLK_NS, VLK_KEY, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+  m.impl("attention_gated_residual_fwd", &gated_residual_fwd);
+  m.impl("attention_gated_residual_bwd", &gated_residual_bwd);
+  m.impl("contrastive_fwd", &contrastive_fwd);
+  m.impl("contrastive_bwd", &contrastive_bwd);
+}
+
+// The Python module: importing it registers the ops; ARCHS says which GPUs the kernels target.
+#define VLK_CAT_(a, b) a##b
+#define VLK_CAT(a, b) VLK_CAT_(a, b)
+#define VLK_STR_(a) #a
+#define VLK_STR(a) VLK_STR_(a)
+
+PyMODINIT_FUNC VLK_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, VLK_STR(TORCH_EXTENSION_NAME), "vlkernels CUDA C++ kernels", -1,
+                            nullptr};
+  PyObject* mod = PyModule_Create(&def);
+  if (mod) PyModule_AddStringConstant(mod, "ARCHS", VLK_ARCHS);
+  return mod;
+}

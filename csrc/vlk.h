@@ -1,0 +1,79 @@
+// Launch interface of the CUDA kernels: plain structs of pointers, strides and sizes, so that the
+// .cu files need no torch headers (they compile in seconds) and only bindings.cpp includes torch.
+#pragma once
+
+#include <cstdint>
+
+namespace vlk {
+
+enum class DType { F32 = 0, F16 = 1, BF16 = 2 };
+
+// The attention mask, lowered as in vlkernels/attention.py: per query row an allowed key interval
+// [lo, hi) from the analytic parts, and optionally a dense bool mask on top.
+struct MaskArgs {
+  const uint8_t* dense = nullptr;  // [B, H, Lq, Lk] (broadcast strides), 1 = may attend
+  int64_t smb = 0, smh = 0, smm = 0, smn = 0;
+  const int32_t* key_lengths = nullptr;     // [B]
+  const int32_t* prefix_lengths = nullptr;  // [B]
+  const int32_t* text_to_media = nullptr;   // [B, Lq]
+  int64_t stb = 0, stm = 0;
+  bool causal = false;
+  int qformer_queries = 0, qformer_mode = 0;  // 0 bidirectional, 1 multimodal causal, 2 unimodal
+  int media_mode = 0, latents_per_media = 1;  // 0 none, 1 immediate, 2 all previous
+};
+
+// q [Bq, H, Lq, D] (Bq = B or 1: sq[0] is 0 for shared queries), k, v [B, Hk, Lk, D], out and
+// grad_out [B, H, Lq, D], lse and delta [B, H, Lq] fp32 (log2 units), any strides.
+struct AttnArgs {
+  const void *q = nullptr, *k = nullptr, *v = nullptr;
+  const void* out = nullptr;
+  const void* grad_out = nullptr;
+  void *o = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  float* lse = nullptr;
+  float* delta = nullptr;
+  float* dq_partial = nullptr;  // [chunks, H, Lq, D] fp32 when the queries are shared
+  int64_t sq[4], sk[4], sv[4], so[4], sdo[4], sdq[4], sdk[4], sdv[4];
+  int B = 0, H = 0, Hk = 0, Lq = 0, Lk = 0, D = 0;
+  int dq_chunks = 1, b_per_chunk = 1;
+  float scale = 1.f;
+  MaskArgs mask;
+};
+
+// Rows [M, QR, D] against columns [cols [N, QC, D] ; neg [K, D]] (see vlkernels/contrastive.py).
+struct ContrastiveArgs {
+  const void *rows = nullptr, *rows_m = nullptr, *cols = nullptr, *neg = nullptr;
+  const float *scale = nullptr, *bias = nullptr;  // one fp32 element each (bias may be null)
+  int64_t sr[3], srm[3], sc[3], sneg[2], sdr[3];
+  int M = 0, N = 0, K = 0, D = 0, QR = 1, QC = 1;
+  int kind = 0;  // 0 clip, 1 siglip
+  int64_t row_off = 0, col_off = 0;
+  float* stats = nullptr;  // forward: [5, M]
+  // backward
+  const float *lse_row = nullptr, *lsem_row = nullptr, *lse_col = nullptr;
+  void* dr = nullptr;  // [M, QR, D]: rows' dtype when QR == 1, fp32 (zeroed, accumulated) otherwise
+  float* dsb = nullptr;  // [M, 4]
+  bool own = true, other = false;
+  float w_own = 0.f, w_other = 0.f, smooth = 0.f, n_cls_own = 1.f, n_cls_other = 1.f, alpha = 0.f;
+};
+
+// x + tanh(gate) * y over n contiguous elements; backward: dy = tanh(gate) * dout and one fp32
+// partial sum of dout * y per block (gated_blocks(n) of them).
+struct GatedArgs {
+  const void *x = nullptr, *y = nullptr, *grad_out = nullptr;
+  const float* gate = nullptr;  // one fp32 element
+  void *out = nullptr, *dy = nullptr;
+  float* partial = nullptr;
+  int64_t n = 0;
+};
+
+// Each returns nullptr on success, or the CUDA error string of the launch.
+const char* attention_fwd(const AttnArgs& a, DType dt, void* stream);
+const char* attention_bwd(const AttnArgs& a, DType dt, void* stream);
+const char* contrastive_fwd(const ContrastiveArgs& a, DType dt, void* stream);
+const char* contrastive_bwd(const ContrastiveArgs& a, DType dt, void* stream);
+const char* gated_residual_fwd(const GatedArgs& a, DType dt, void* stream);
+const char* gated_residual_bwd(const GatedArgs& a, DType dt, void* stream);
+int64_t gated_blocks(int64_t n);
+int contrastive_bwd_slices(int D);
+
+}  // namespace vlk
