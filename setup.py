@@ -14,8 +14,8 @@ from setuptools import find_packages, setup
 
 
 def cuda_extensions():
-    sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
-    if os.environ.get("VLK_SKIP_CUDA_BUILD", "0") not in ("", "0") or not sources:
+    kernels = sorted(glob.glob("csrc/*.cu"))
+    if os.environ.get("VLK_SKIP_CUDA_BUILD", "0") not in ("", "0") or not kernels:
         return [], {}
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         print("vlkernels: no CUDA toolkit found, skipping vlkernels._C")
@@ -26,16 +26,14 @@ def cuda_extensions():
     if torch.version.cuda is None:
         print("vlkernels: torch has no CUDA build, skipping vlkernels._C")
         return [], {}
-    archs = os.environ.get("VLK_CUDA_ARCHS", "80;90").split(";")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-    nvcc = [
-        "-O3",
-        "--use_fast_math",
-        "-std=c++17",
-        *gencode,
-        f"--threads={os.environ.get('NVCC_THREADS', '2')}",
-    ]
-    ext = CUDAExtension("vlkernels._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})
+    archs = [a for a in os.environ.get("VLK_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # kernels: plain .cu files (no torch headers, seconds each); bindings.cpp: the torch side
+    nvcc = ["-O3", "-std=c++17", *gencode, f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
+    cxx = ["-O3", f"-DVLK_ARCH_LIST={','.join(archs)}"]
+    ext = CUDAExtension(
+        "vlkernels._C", [*kernels, "csrc/bindings.cpp"], extra_compile_args={"cxx": cxx, "nvcc": nvcc}
+    )
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -30,9 +30,6 @@ constexpr bool kCuda = false;
 constexpr bool kCuda = true;
 #endif
 
-#ifndef VLK_ARCHS
-#define VLK_ARCHS "emulated"
-#endif
 
 using at::Tensor;
 using std::optional;
@@ -455,6 +452,12 @@ PyMODINIT_FUNC VLK_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, VLK_STR(TORCH_EXTENSION_NAME), "vlkernels CUDA C++ kernels", -1,
                             nullptr};
   PyObject* mod = PyModule_Create(&def);
-  if (mod) PyModule_AddStringConstant(mod, "ARCHS", VLK_ARCHS);
+#ifdef VLK_ARCH_LIST
+  std::string archs;
+  for (int a : {VLK_ARCH_LIST}) archs += (archs.empty() ? "sm_" : ", sm_") + std::to_string(a);
+#else
+  std::string archs = "CPU emulation";
+#endif
+  if (mod) PyModule_AddStringConstant(mod, "ARCHS", archs.c_str());
   return mod;
 }

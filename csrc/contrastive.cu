@@ -59,7 +59,7 @@ __device__ void sim_tile(float (*sim)[4], int (*arg)[4], const Operand& R, const
 }
 
 template <typename T>
-bool vec3(const void* p, int64_t s0, int64_t sq, int64_t sd, int D) {
+__host__ __device__ bool vec3(const void* p, int64_t s0, int64_t sq, int64_t sd, int D) {
   constexpr int V = 16 / sizeof(T);
   return vec_ok<T>(p, s0, sd, D) && sq % V == 0;
 }

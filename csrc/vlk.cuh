@@ -293,7 +293,7 @@ __device__ __forceinline__ void load_tile(T* s, int ld, const T* g, int64_t row_
 
 // Whether load_tile may use 16-byte vectors for a matrix with these strides.
 template <typename T>
-inline bool vec_ok(const void* p, int64_t row_stride, int64_t col_stride, int cols_valid) {
+__host__ __device__ inline bool vec_ok(const void* p, int64_t row_stride, int64_t col_stride, int cols_valid) {
   constexpr int V = 16 / sizeof(T);
   return col_stride == 1 && reinterpret_cast<uintptr_t>(p) % 16 == 0 && row_stride % V == 0 && cols_valid % V == 0;
 }
@@ -303,6 +303,6 @@ __device__ __forceinline__ const T* cptr(const void* p) {
   return static_cast<const T*>(p);
 }
 
-inline int cdiv(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ inline int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace vlk

@@ -47,3 +47,104 @@ def padded_randn(shape, dtype, device, pad_last=8, layout_blhd=False, generator=
     view = buf[..., :D]
     view.copy_(torch.randn(view.shape, generator=generator).to(device=device, dtype=dtype))
     return view.transpose(1, 2) if layout_blhd else view
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA C++ backend: vlkernels._C on a GPU; elsewhere the same csrc/ kernels built with g++
+# under csrc/emulate.h (CPU emulation of the execution model), registered as vlkernels_emu::*.
+# ----------------------------------------------------------------------------------------------
+
+_EMU = {}
+
+
+def build_emulated_cuda_ops() -> str | None:
+    """Build csrc/ for the CPU emulation once per session; None (and the reason) if impossible."""
+    import os
+    import pathlib
+    import shutil
+
+    if "ns" in _EMU:
+        return _EMU["ns"]
+    root = pathlib.Path(__file__).resolve().parent.parent
+    cuda_include = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    if shutil.which("g++") is None or not (cuda_include / "cuda_fp16.h").exists():
+        _EMU["ns"] = None
+        _EMU["why"] = f"needs g++ and the CUDA headers (cuda_fp16.h) under {cuda_include}"
+        return None
+    from torch.utils import cpp_extension
+
+    from vlkernels import _dispatch
+
+    build = root / "build" / "emulated"
+    build.mkdir(parents=True, exist_ok=True)
+    sources = [str(root / "csrc" / "bindings.cpp")]
+    for cu in sorted((root / "csrc").glob("*.cu")):
+        wrapper = build / f"emu_{cu.stem}.cpp"
+        text = f'#include "{cu}"\n'
+        if not wrapper.exists() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        sources.append(str(wrapper))
+    flags = ["-DVLK_EMULATE", "-std=c++20", "-O1", "-Wno-unknown-pragmas", f"-I{cuda_include}", f"-I{root / 'csrc'}"]
+    cpp_extension.load(
+        name="vlkernels_emu", sources=sources, extra_cflags=flags, build_directory=str(build), is_python_module=False
+    )
+    _dispatch.register_cuda_ops("vlkernels_emu")
+    _EMU["ns"] = "vlkernels_emu"
+    return "vlkernels_emu"
+
+
+def use_cuda_backend(monkeypatch) -> str:
+    """Make backend="cuda" usable on DEVICE: the real extension on a GPU; the emulated build on the
+    CPU (skips the test if neither is available). Returns the op namespace."""
+    import pytest
+
+    from vlkernels import _dispatch
+
+    if ON_GPU:
+        if _dispatch.cuda_extension() is None:
+            pytest.skip("vlkernels._C is not built")
+        return "vlkernels"
+    ns = build_emulated_cuda_ops()
+    if ns is None:
+        pytest.skip(_EMU["why"])
+    original = _dispatch.unavailable_reasons
+    monkeypatch.setattr(_dispatch, "cuda_ops", lambda: getattr(torch.ops, ns))
+    monkeypatch.setattr(
+        _dispatch, "unavailable_reasons", lambda b, d: [] if b == "cuda" else original(b, d)
+    )
+    return ns
+
+
+class _OpLog:
+    """Records the names of the ops dispatched inside the block (custom ops included)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self.names = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                log.append(str(func.name()))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@contextlib.contextmanager
+def assert_ops_ran(*names: str):
+    """Fail unless every named op (e.g. ``vlkernels::attention_fwd``) was dispatched in the block."""
+    log = _OpLog()
+    with log.mode:
+        yield
+    missing = [n for n in names if n not in log.names]
+    assert not missing, f"ops not run: {missing} (ran: {sorted(set(log.names))[:20]})"
+
+
+def launched(backend: str, family: str, ns: str | None = None):
+    """The kernel-ran assertion for ``backend``: Triton launch counters, or the CUDA ops."""
+    if backend == "triton":
+        return assert_launched(f"{family}_fwd", f"{family}_bwd")
+    if backend == "cuda":
+        return assert_ops_ran(f"{ns}::{family}_fwd", f"{ns}::{family}_bwd")
+    return contextlib.nullcontext()

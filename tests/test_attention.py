@@ -1,8 +1,8 @@
-"""vlkernels.attention (Triton) against the float64 eager reference: output, dq, dk, dv."""
+"""vlkernels.attention (Triton; the CUDA backend reuses run_case in test_cuda_backend.py) against the float64 eager reference: output, dq, dk, dv."""
 
 import pytest
 import torch
-from helpers import DEVICE, LOWP, ON_GPU, assert_launched, check_against_reference, padded_randn
+from helpers import DEVICE, LOWP, ON_GPU, check_against_reference, launched, padded_randn
 
 import vlkernels
 from vlkernels import masks
@@ -60,7 +60,7 @@ def _shapes(mask_name):
     return CROSS_SHAPES + SELF_SHAPES
 
 
-def run_case(shape, mask_name, dtype, seed=0, layout_blhd=False, scale=None):
+def run_case(shape, mask_name, dtype, seed=0, layout_blhd=False, scale=None, backend="triton", ns=None):
     B, Bq, H, Hk, Lq, Lk, D = shape
     g = torch.Generator().manual_seed(seed)
     q = padded_randn((Bq, H, Lq, D), dtype, DEVICE, layout_blhd=layout_blhd, generator=g)
@@ -70,8 +70,8 @@ def run_case(shape, mask_name, dtype, seed=0, layout_blhd=False, scale=None):
     mask = MASKS[mask_name](B, Lq, Lk, g)
     do = torch.randn(B, H, Lq, D, generator=g).to(DEVICE, dtype)
 
-    with assert_launched("attention_fwd", "attention_bwd"):
-        out = vlkernels.attention(q, k, v, mask, scale=scale, backend="triton")
+    with launched(backend, "attention", ns):
+        out = vlkernels.attention(q, k, v, mask, scale=scale, backend=backend)
         grads = torch.autograd.grad(out, (q, k, v), do)
     ref = attention_ref(q, k, v, mask, scale=scale, upcast=True)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())

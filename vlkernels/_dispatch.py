@@ -56,12 +56,28 @@ def interpreter_on() -> bool:
 @functools.cache
 def cuda_extension():
     """The compiled ``vlkernels._C`` module, or None when it was not built (probed once: a failed
-    import would otherwise search the path again on every op call)."""
+    import would otherwise search the path again on every op call). Importing it registers the
+    ``vlkernels::attention_*`` / ``contrastive_*`` ops; their fake kernels and autograd are then
+    registered from Python."""
     try:
         from vlkernels import _C
     except ImportError:
         return None
+    register_cuda_ops("vlkernels")
     return _C
+
+
+def register_cuda_ops(ns: str) -> None:
+    """Fake kernels and autograd of the CUDA C++ ops in namespace ``ns`` (``vlkernels``; the tests
+    register the CPU emulation's ``vlkernels_emu`` the same way)."""
+    for family in ("attention", "gated", "contrastive"):
+        importlib.import_module(f"vlkernels.{family}").register_cuda_ops(ns)
+
+
+def cuda_ops():
+    """The ``torch.ops`` namespace that serves backend "cuda"."""
+    cuda_extension()
+    return torch.ops.vlkernels
 
 
 @functools.cache
@@ -102,7 +118,8 @@ def choose(backend: str | None, device: torch.device, op: str) -> str:
                 f"{op}: backend {backend!r} cannot serve tensors on {device}: " + "; ".join(reasons)
             )
         return backend
-    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("triton", "torch")
+    # Triton before the CUDA C++ kernels until a GPU session has measured where those are faster.
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("triton", "torch")
     for name in order:
         if not unavailable_reasons(name, device):
             return name

@@ -404,7 +404,7 @@ def triton_attention_fwd(
 
 
 @triton_attention_fwd.register_fake
-def _(q, k, v, *args):
+def _fwd_fake(q, k, v, *args):
     B, _, _, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     out = q.new_empty((B, Lq, H, D)).transpose(1, 2)
@@ -474,7 +474,7 @@ def triton_attention_bwd(
 
 
 @triton_attention_bwd.register_fake
-def _(grad_out, q, k, v, *args):
+def _bwd_fake(grad_out, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -484,15 +484,29 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, output[0], output[1], *mask_tensors)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, *mask_tensors = ctx.saved_tensors
-    dq, dk, dv = torch.ops.vlkernels.triton_attention_bwd(
-        grad_out, q, k, v, out, lse, *mask_tensors, *ctx.mask_args
-    )
-    return (dq, dk, dv) + (None,) * 10
+def _backward_with(bwd_op):
+    """The autograd backward of a forward op whose gradients come from ``bwd_op``."""
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, *mask_tensors = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, *mask_tensors, *ctx.mask_args)
+        return (dq, dk, dv) + (None,) * 10
+
+    return backward
 
 
-triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+triton_attention_fwd.register_autograd(
+    _backward_with(torch.ops.vlkernels.triton_attention_bwd), setup_context=_setup_context
+)
+
+
+def register_cuda_ops(ns: str) -> None:
+    """Fake kernels and autograd of the CUDA C++ ops ``{ns}::attention_fwd`` / ``attention_bwd``
+    (csrc/attention.cu; same schemas and outputs as the Triton ops)."""
+    torch.library.register_fake(f"{ns}::attention_fwd")(_fwd_fake)
+    torch.library.register_fake(f"{ns}::attention_bwd")(_bwd_fake)
+    bwd = getattr(torch.ops, ns).attention_bwd
+    torch.library.register_autograd(f"{ns}::attention_fwd", _backward_with(bwd), setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,5 +610,6 @@ def attention(q, k, v, mask=None, *, scale=None, backend=None):
     chosen = _dispatch.choose(backend, q.device, "attention")
     if chosen == "torch":
         return attention_ref(q, k, v, mask, scale)
-    out, _ = triton_attention_fwd(q, k, v, *lowered, scale)
+    fwd = _dispatch.cuda_ops().attention_fwd if chosen == "cuda" else triton_attention_fwd
+    out, _ = fwd(q, k, v, *lowered, scale)
     return out

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vlkernels import _dispatch
 from vlkernels._triton_utils import LAUNCHES, next_pow2, poisoned
 
 KINDS = ("clip", "siglip")
@@ -542,7 +543,7 @@ def triton_contrastive_fwd(
 
 
 @triton_contrastive_fwd.register_fake
-def _(rows, *args):
+def _fwd_fake(rows, *args):
     return rows.new_empty((STATS, rows.shape[0]), dtype=torch.float32)
 
 
@@ -595,19 +596,30 @@ def triton_contrastive_bwd(
 
 
 @triton_contrastive_bwd.register_fake
-def _(rows, *args):
+def _bwd_fake(rows, *args):
     return torch.empty_like(rows), rows.new_empty(4, dtype=torch.float32)
+
+
+def register_cuda_ops(ns: str) -> None:
+    """Fake kernels of the CUDA C++ row passes ``{ns}::contrastive_fwd`` / ``contrastive_bwd``
+    (csrc/contrastive.cu; same schemas and outputs as the Triton ops)."""
+    torch.library.register_fake(f"{ns}::contrastive_fwd")(_fwd_fake)
+    torch.library.register_fake(f"{ns}::contrastive_bwd")(_bwd_fake)
 
 
 def rows_fwd(backend, *args):
     if backend == "triton":
         return triton_contrastive_fwd(*args)
+    if backend == "cuda":
+        return _dispatch.cuda_ops().contrastive_fwd(*args)
     return _rows_fwd_torch(*args)
 
 
 def rows_bwd(backend, *args):
     if backend == "triton":
         return triton_contrastive_bwd(*args)
+    if backend == "cuda":
+        return _dispatch.cuda_ops().contrastive_bwd(*args)
     return _rows_bwd_torch(*args)
 
 
@@ -1189,8 +1201,6 @@ def contrastive_loss(
     torch.distributed process group; each rank passes its own n rows and gets open_clip's
     ``local_loss=True, gather_with_grad=True`` loss and gradients.
     """
-    from vlkernels import _dispatch
-
     device = image_features.device if isinstance(image_features, torch.Tensor) else None
     _validate(
         image_features,

@@ -57,7 +57,7 @@ def triton_gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tens
 
 
 @triton_gated_residual_fwd.register_fake
-def _(x, y, gate):
+def _fwd_fake(x, y, gate):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -79,7 +79,7 @@ def triton_gated_residual_bwd(
 
 
 @triton_gated_residual_bwd.register_fake
-def _(grad_out, y, gate):
+def _bwd_fake(grad_out, y, gate):
     return torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty_like(gate)
 
 
@@ -88,13 +88,29 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(y, gate)
 
 
-def _backward(ctx, grad_out):
-    y, gate = ctx.saved_tensors
-    dy, dgate = torch.ops.vlkernels.triton_gated_residual_bwd(grad_out, y, gate)
-    return grad_out, dy, dgate
+def _backward_with(bwd_op):
+    def backward(ctx, grad_out):
+        y, gate = ctx.saved_tensors
+        dy, dgate = bwd_op(grad_out, y, gate)
+        return grad_out, dy, dgate
+
+    return backward
 
 
-triton_gated_residual_fwd.register_autograd(_backward, setup_context=_setup_context)
+triton_gated_residual_fwd.register_autograd(
+    _backward_with(torch.ops.vlkernels.triton_gated_residual_bwd), setup_context=_setup_context
+)
+
+
+def register_cuda_ops(ns: str) -> None:
+    """Fake kernels and autograd of the CUDA C++ ops ``{ns}::attention_gated_residual_fwd/_bwd``
+    (csrc/gated.cu)."""
+    torch.library.register_fake(f"{ns}::attention_gated_residual_fwd")(_fwd_fake)
+    torch.library.register_fake(f"{ns}::attention_gated_residual_bwd")(_bwd_fake)
+    bwd = getattr(torch.ops, ns).attention_gated_residual_bwd
+    torch.library.register_autograd(
+        f"{ns}::attention_gated_residual_fwd", _backward_with(bwd), setup_context=_setup_context
+    )
 
 
 def gated_residual(x, y, gate, *, backend=None):
@@ -114,6 +130,9 @@ def gated_residual(x, y, gate, *, backend=None):
         raise ValueError(
             f"gated_residual: x, y, gate must be on one device, got {x.device}, {y.device}, {gate.device}"
         )
-    if _dispatch.choose(backend, x.device, "gated_residual") == "torch":
+    chosen = _dispatch.choose(backend, x.device, "gated_residual")
+    if chosen == "torch":
         return gated_residual_ref(x, y, gate)
+    if chosen == "cuda":
+        return _dispatch.cuda_ops().attention_gated_residual_fwd(x, y, gate)
     return triton_gated_residual_fwd(x, y, gate)
