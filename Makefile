@@ -3,8 +3,11 @@
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# vlkernels._C (csrc/) is built when nvcc is found; torch guesses CUDA_HOME=/usr/local otherwise
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export MAX_JOBS ?= 2
 
-$(VENV)/.installed: setup.py Makefile
+$(VENV)/.installed: setup.py Makefile $(wildcard csrc/*)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH)

@@ -84,9 +84,20 @@ def build_emulated_cuda_ops() -> str | None:
         if not wrapper.exists() or wrapper.read_text() != text:
             wrapper.write_text(text)
         sources.append(str(wrapper))
-    flags = ["-DVLK_EMULATE", "-std=c++20", "-O1", "-Wno-unknown-pragmas", f"-I{cuda_include}", f"-I{root / 'csrc'}"]
+    flags = [
+        "-DVLK_EMULATE",
+        "-std=c++20",
+        "-O1",
+        "-Wno-unknown-pragmas",
+        f"-I{cuda_include}",
+        f"-I{root / 'csrc'}",
+    ]
     cpp_extension.load(
-        name="vlkernels_emu", sources=sources, extra_cflags=flags, build_directory=str(build), is_python_module=False
+        name="vlkernels_emu",
+        sources=sources,
+        extra_cflags=flags,
+        build_directory=str(build),
+        is_python_module=False,
     )
     _dispatch.register_cuda_ops("vlkernels_emu")
     _EMU["ns"] = "vlkernels_emu"
@@ -109,9 +120,7 @@ def use_cuda_backend(monkeypatch) -> str:
         pytest.skip(_EMU["why"])
     original = _dispatch.unavailable_reasons
     monkeypatch.setattr(_dispatch, "cuda_ops", lambda: getattr(torch.ops, ns))
-    monkeypatch.setattr(
-        _dispatch, "unavailable_reasons", lambda b, d: [] if b == "cuda" else original(b, d)
-    )
+    monkeypatch.setattr(_dispatch, "unavailable_reasons", lambda b, d: [] if b == "cuda" else original(b, d))
     return ns
 
 

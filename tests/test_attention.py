@@ -1,4 +1,6 @@
-"""vlkernels.attention (Triton; the CUDA backend reuses run_case in test_cuda_backend.py) against the float64 eager reference: output, dq, dk, dv."""
+"""vlkernels.attention (Triton) against the float64 eager reference: output, dq, dk, dv.
+
+run_case is shared with test_cuda_backend.py, which runs the same grid through backend="cuda"."""
 
 import pytest
 import torch

@@ -9,13 +9,21 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, LOWP, ON_GPU, assert_launched, check_against_reference
+from helpers import DEVICE, LOWP, ON_GPU, assert_launched, check_against_reference, launched, use_cuda_backend
 
 import vlkernels
 from vlkernels import MomentumDistillation, contrastive_loss
 from vlkernels.reference import blip2_itc_ref, blip_itc_ref, clip_loss_ref, siglip_loss_ref
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cuda", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend(request, monkeypatch):
+    """backend="cuda": the built extension on a GPU, the CPU emulation of csrc/ elsewhere."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cuda":
+        use_cuda_backend(monkeypatch)
 
 
 def _feats(N, D, dtype=torch.float32, Q=None, seed=0):
@@ -40,15 +48,7 @@ def _check(ours, ref, inputs, tol=1e-4):
 
 
 def _launched(backend):
-    return assert_launched("contrastive_fwd", "contrastive_bwd") if backend == "triton" else _nullcontext()
-
-
-class _nullcontext:  # noqa: N801
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return launched(backend, "contrastive", "vlkernels" if ON_GPU else "vlkernels_emu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

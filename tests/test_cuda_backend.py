@@ -56,7 +56,9 @@ def test_attention_qformer_whole_problem_and_fully_masked_rows(ns):
     """The Q-Former's 32 queries + 32 text tokens; rows with nothing to attend give 0 and 0 grads."""
     B, H, L, D = 3, 2, 64, 64
     q, k, v = (torch.randn(B, H, L, D, device=DEVICE, requires_grad=True) for _ in range(3))
-    mask = masks.qformer(32, "multimodal_causal") & masks.key_padding(torch.tensor([64, 40, 0], device=DEVICE))
+    mask = masks.qformer(32, "multimodal_causal") & masks.key_padding(
+        torch.tensor([64, 40, 0], device=DEVICE)
+    )
     with launched("cuda", "attention", ns):
         out = vlkernels.attention(q, k, v, mask, backend="cuda")
         grads = torch.autograd.grad(out.sum(), (q, k, v))
@@ -166,7 +168,28 @@ def test_contrastive_ops_opcheck(ns):
     s = torch.tensor([10.0], device=DEVICE)
     torch.library.opcheck(ops.contrastive_fwd.default, (rows, None, cols, neg, s, None, "clip", 0, 0))
     st = ops.contrastive_fwd(rows, None, cols, neg, s, None, "clip", 0, 0)
-    args = (rows, None, cols, neg, s, None, st[0], None, st[0], "clip", True, True, 0, 0, 0.1, 0.1, 0.0, 24, 19, 0.0)
+    args = (
+        rows,
+        None,
+        cols,
+        neg,
+        s,
+        None,
+        st[0],
+        None,
+        st[0],
+        "clip",
+        True,
+        True,
+        0,
+        0,
+        0.1,
+        0.1,
+        0.0,
+        24,
+        19,
+        0.0,
+    )
     torch.library.opcheck(ops.contrastive_bwd.default, args)
     with pytest.raises(RuntimeError, match="contrastive_fwd: kind must be 'clip' or 'siglip', got 'x'"):
         ops.contrastive_fwd(rows, None, cols, neg, s, None, "x", 0, 0)
@@ -231,6 +254,26 @@ def test_extension_fake_kernels_give_shapes_and_dtypes():
         cols = torch.empty(9, 1, 256, dtype=torch.float16, device="cuda")
         st = ops.contrastive_fwd(rows, None, cols, None, gate, None, "clip", 0, 0)
         assert st.shape == (5, 9) and st.dtype == torch.float32
-        dr, dsb = ops.contrastive_bwd(rows, None, cols, None, gate, None, st[0], None, st[0], "clip", True, True,
-                                      0, 0, 0.1, 0.1, 0.0, 9, 9, 0.0)
+        dr, dsb = ops.contrastive_bwd(
+            rows,
+            None,
+            cols,
+            None,
+            gate,
+            None,
+            st[0],
+            None,
+            st[0],
+            "clip",
+            True,
+            True,
+            0,
+            0,
+            0.1,
+            0.1,
+            0.0,
+            9,
+            9,
+            0.0,
+        )
         assert dr.shape == rows.shape and dr.dtype == torch.float16 and dsb.shape == (4,)
