@@ -95,8 +95,13 @@ def test_backend_selection_and_reasons(monkeypatch):
         assert vlkernels.get_backend() == "torch"
         torch.testing.assert_close(vlkernels.attention(q, k, v), attention_ref(q, k, v))
     assert vlkernels.get_backend() is None
+    if not ON_GPU:
+        with pytest.raises(vlkernels.BackendUnavailableError, match="needs CUDA tensors, got cpu"):
+            vlkernels.attention(q, k, v, backend="cuda")
+    monkeypatch.setattr(vlkernels._dispatch, "cuda_extension", lambda: None)
     with pytest.raises(vlkernels.BackendUnavailableError, match=r"vlkernels\._C is not built"):
         vlkernels.attention(q, k, v, backend="cuda")
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="backend must be one of"):
         vlkernels.attention(q, k, v, backend="flash")
     with pytest.raises(ValueError, match="backend must be one of"):
