@@ -432,20 +432,13 @@ const char* dispatch_dim(const AttnArgs& a, void* stream, bool forward) {
   return forward ? fwd<T, 256>(a, stream) : bwd<T, 256>(a, stream);
 }
 
-const char* by_dtype(DType dt, const AttnArgs& a, void* stream, bool forward) {
-  switch (dt) {
-    case DType::F16:
-      return dispatch_dim<__half>(a, stream, forward);
-    case DType::BF16:
-      return dispatch_dim<__nv_bfloat16>(a, stream, forward);
-    default:
-      return dispatch_dim<float>(a, stream, forward);
-  }
-}
-
 }  // namespace
 
-const char* attention_fwd(const AttnArgs& a, DType dt, void* stream) { return by_dtype(dt, a, stream, true); }
-const char* attention_bwd(const AttnArgs& a, DType dt, void* stream) { return by_dtype(dt, a, stream, false); }
+const char* attention_fwd(const AttnArgs& a, DType dt, void* stream) {
+  return with_dtype(dt, [&](auto x) { return dispatch_dim<decltype(x)>(a, stream, true); });
+}
+const char* attention_bwd(const AttnArgs& a, DType dt, void* stream) {
+  return with_dtype(dt, [&](auto x) { return dispatch_dim<decltype(x)>(a, stream, false); });
+}
 
 }  // namespace vlk

@@ -300,21 +300,14 @@ const char* run(const ContrastiveArgs& a, void* stream, bool forward) {
   VLK_CHECK_LAUNCH();
 }
 
-const char* by_dtype(const ContrastiveArgs& a, DType dt, void* stream, bool forward) {
-  switch (dt) {
-    case DType::F16:
-      return run<__half>(a, stream, forward);
-    case DType::BF16:
-      return run<__nv_bfloat16>(a, stream, forward);
-    default:
-      return run<float>(a, stream, forward);
-  }
-}
-
 }  // namespace
 
 int contrastive_bwd_slices(int D) { return cdiv(D, DO); }
-const char* contrastive_fwd(const ContrastiveArgs& a, DType dt, void* stream) { return by_dtype(a, dt, stream, true); }
-const char* contrastive_bwd(const ContrastiveArgs& a, DType dt, void* stream) { return by_dtype(a, dt, stream, false); }
+const char* contrastive_fwd(const ContrastiveArgs& a, DType dt, void* stream) {
+  return with_dtype(dt, [&](auto x) { return run<decltype(x)>(a, stream, true); });
+}
+const char* contrastive_bwd(const ContrastiveArgs& a, DType dt, void* stream) {
+  return with_dtype(dt, [&](auto x) { return run<decltype(x)>(a, stream, false); });
+}
 
 }  // namespace vlk

@@ -85,21 +85,14 @@ const char* run(const GatedArgs& a, void* stream, bool forward) {
   VLK_CHECK_LAUNCH();
 }
 
-const char* by_dtype(const GatedArgs& a, DType dt, void* stream, bool forward) {
-  switch (dt) {
-    case DType::F16:
-      return run<__half>(a, stream, forward);
-    case DType::BF16:
-      return run<__nv_bfloat16>(a, stream, forward);
-    default:
-      return run<float>(a, stream, forward);
-  }
-}
-
 }  // namespace
 
 int64_t gated_blocks(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
-const char* gated_residual_fwd(const GatedArgs& a, DType dt, void* stream) { return by_dtype(a, dt, stream, true); }
-const char* gated_residual_bwd(const GatedArgs& a, DType dt, void* stream) { return by_dtype(a, dt, stream, false); }
+const char* gated_residual_fwd(const GatedArgs& a, DType dt, void* stream) {
+  return with_dtype(dt, [&](auto x) { return run<decltype(x)>(a, stream, true); });
+}
+const char* gated_residual_bwd(const GatedArgs& a, DType dt, void* stream) {
+  return with_dtype(dt, [&](auto x) { return run<decltype(x)>(a, stream, false); });
+}
 
 }  // namespace vlk

@@ -303,6 +303,19 @@ __device__ __forceinline__ const T* cptr(const void* p) {
   return static_cast<const T*>(p);
 }
 
+// f(T{}) with T the element type of dt: the one dtype switch of the launchers.
+template <typename F>
+const char* with_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F16:
+      return f(__half{});
+    case DType::BF16:
+      return f(__nv_bfloat16{});
+    default:
+      return f(0.f);
+  }
+}
+
 __host__ __device__ inline int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace vlk

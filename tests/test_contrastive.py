@@ -128,14 +128,15 @@ def test_large_odd_batch_triton():
         _check(ours, clip_loss_ref(x, y, s), (x, y, s))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_low_precision_two_x_rule(dtype, kind):
+def test_low_precision_two_x_rule(dtype, kind, backend):
     x, y = _feats(64 if ON_GPU else 40, 64, dtype)
     s, b = _scalar(50.0), _scalar(-5.0)
     ref_fn = clip_loss_ref if kind == "clip" else siglip_loss_ref
-    with _launched("triton"):
-        ours = contrastive_loss(x, y, s, b, kind=kind, backend="triton")
+    with _launched(backend):
+        ours = contrastive_loss(x, y, s, b, kind=kind, backend=backend)
         grads = torch.autograd.grad(ours, (x, y, s, b))
     x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
     s64, b64 = (t.detach().double().requires_grad_() for t in (s, b))
