@@ -1,14 +1,12 @@
 // Masked attention, forward and backward, on tensor cores (mma.sync m16n8k16, fp32 accumulation;
-// fp32 inputs use exact FMA products). Semantics are those of the Triton kernels in
-// vlkernels/attention.py: per query row an allowed key interval [lo, hi) from the analytic mask
-// (and a dense bool mask on top), key tiles outside the union of a block's intervals skipped,
-// rows with nothing to attend give 0 and lse = +inf, lse in log2 units.
+// fp32 inputs use exact FMA products). Semantics are those of vlkernels/attention/ (the arguments
+// in args.py, the mask as masks.MaskArgs): per query row an allowed key interval [lo, hi) from the
+// analytic mask (row_bounds) and a dense bool mask on top, key tiles outside the union of a
+// block's intervals skipped, rows with nothing to attend give 0 and lse = +inf, lse in log2 units.
 //
 // Each warp owns 16 rows of a tile (queries forward and for dq, keys for dk/dv); the tiles it
 // multiplies sit in shared memory, row stride LD = DP + pad (DP: the head dim rounded up to 32,
-// 64, 128 or 256; padded columns are zero). When D is small and the whole key range fits one
-// tile (the Q-Former's 32 queries + text, L <= 64), one block holds its (batch, head) problem in
-// shared memory and each key tile is loaded once.
+// 64, 128 or 256; padded columns are zero). Tile sizes are fixed per (dtype, DP) in Cfg.
 #include "vlk.cuh"
 
 namespace vlk {
@@ -32,8 +30,8 @@ struct VecFlags {
   bool q, k, v, o, dout;
 };
 
-// Allowed key interval [lo, hi) of query `row` of batch b (empty rows: [Lk, 0)); see
-// _row_bounds in vlkernels/attention.py.
+// Allowed key interval [lo, hi) of query `row` of batch b (empty rows: [Lk, 0)): the C++ statement
+// of masks.MaskArgs.intervals (vlkernels/masks.py; _row_bounds in vlkernels/attention/triton.py).
 __device__ __forceinline__ void row_bounds(const MaskArgs& m, int64_t b, int row, int Lq, int Lk, int& lo,
                                            int& hi) {
   lo = 0;

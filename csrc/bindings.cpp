@@ -1,11 +1,15 @@
 // The one file with torch includes: checks the inputs, allocates the outputs, fills the launch
-// structs of vlk.h and registers the ops with torch.library:
-//   TORCH_LIBRARY(vlkernels)         schemas of vlkernels::attention_* and vlkernels::contrastive_*
-//   TORCH_LIBRARY_IMPL(vlkernels, CUDA) these kernels.
-// Fake kernels and autograd are registered from Python (vlkernels/_cuda.py).
+// structs of vlk.h and registers the kernels with torch.library:
+//   TORCH_LIBRARY_IMPL(vlkernels, CUDA)  vlkernels::cuda_attention_*, cuda_gated_residual_*,
+//                                        cuda_contrastive_*
+// The ops' schemas are not written here: each op family declares its argument list once
+// (vlkernels/<family>/args.py) and vlkernels/_extension.py defines the schemas and fake kernels
+// from it. The kernels are boxed and read their arguments by name from the schema (class Args).
 // With VLK_EMULATE (tests only) the same code registers vlkernels_emu::* for CPU tensors and runs
 // the kernels under csrc/emulate.h.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -37,6 +41,36 @@ using std::optional;
 namespace {
 
 std::string shape(const Tensor& t) { return c10::str(t.sizes()); }
+
+// The arguments of a boxed call, by name (the names of the schema, i.e. of the Python
+// declaration); `done` replaces them on the stack by the outputs.
+class Args {
+ public:
+  Args(const c10::OperatorHandle& op, torch::jit::Stack* stack)
+      : schema_(op.schema()), stack_(stack), base_(stack->size() - op.schema().arguments().size()) {}
+  const char* op() const { return schema_.name().c_str(); }
+  Tensor tensor(const char* name) const { return at(name).toTensor(); }
+  optional<Tensor> opt_tensor(const char* name) const { return at(name).toOptional<Tensor>(); }
+  int64_t integer(const char* name) const { return at(name).toInt(); }
+  double real(const char* name) const { return at(name).toDouble(); }
+  bool flag(const char* name) const { return at(name).toBool(); }
+  std::string str(const char* name) const { return at(name).toStringRef(); }
+  template <typename... Out>
+  void done(Out&&... outputs) {
+    torch::jit::drop(*stack_, schema_.arguments().size());
+    torch::jit::push(*stack_, std::forward<Out>(outputs)...);
+  }
+
+ private:
+  const c10::IValue& at(const char* name) const {
+    auto i = schema_.argumentIndexWithName(name);
+    TORCH_CHECK(i.has_value(), op(), ": the kernel reads an argument '", name, "' that the schema lacks: ", schema_);
+    return (*stack_)[base_ + *i];
+  }
+  const c10::FunctionSchema& schema_;
+  torch::jit::Stack* stack_;
+  size_t base_;
+};
 
 void check_device(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(kCuda ? t.is_cuda() : t.is_cpu(), op, ": ", name, " must be a ", VLK_DEVICE_NAME,
@@ -108,10 +142,6 @@ void strides4(int64_t* s, const Tensor& t) {
 // attention
 // ---------------------------------------------------------------------------------------------
 
-struct MaskTensors {
-  optional<Tensor> dense, key_lengths, prefix_lengths, text_to_media;
-};
-
 void check_lengths(const char* op, const char* name, const optional<Tensor>& t, const Tensor& q,
                    std::initializer_list<int64_t> size) {
   if (!t) return;
@@ -120,11 +150,25 @@ void check_lengths(const char* op, const char* name, const optional<Tensor>& t, 
   TORCH_CHECK(t->scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t->scalar_type());
   TORCH_CHECK(t->sizes().equals(size), op, ": ", name, " must have shape ", c10::IntArrayRef(size), ", got ",
               shape(*t));
+  TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// Checks every input of an attention op and fills the shared part of the launch struct.
-vlk::AttnArgs attn_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, MaskTensors& m,
-                        bool causal, int64_t nq, int64_t qf_mode, int64_t media_mode, int64_t lat, double scale) {
+// The inputs of an attention op (vlkernels/attention/args.py: AttentionArgs), checked, and the
+// launch struct they fill (it points into the tensors held here).
+struct Attention {
+  Tensor q, k, v;
+  optional<Tensor> dense;
+  vlk::AttnArgs a;
+};
+
+Attention attn_args(const Args& in) {
+  const char* op = in.op();
+  Attention r{in.tensor("q"), in.tensor("k"), in.tensor("v"), in.opt_tensor("dense_mask"), {}};
+  const Tensor &q = r.q, &k = r.k, &v = r.v;
+  const optional<Tensor> key_lengths = in.opt_tensor("key_lengths"), prefix_lengths = in.opt_tensor("prefix_lengths"),
+                         text_to_media = in.opt_tensor("text_to_media");
+  const int64_t qf_mode = in.integer("qformer_mode"), media_mode = in.integer("media_mode"),
+                lat = in.integer("latents_per_media");
   check_device(op, "q", q);
   dtype_of(op, "q", q);
   check_dim(op, "q", q, 4, "[B, H, Lq, D]");
@@ -142,13 +186,13 @@ vlk::AttnArgs attn_args(const char* op, const Tensor& q, const Tensor& k, const 
               shape(k));
   TORCH_CHECK(qf_mode >= 0 && qf_mode <= 2, op, ": qformer_mode must be 0, 1 or 2, got ", qf_mode);
   TORCH_CHECK(media_mode >= 0 && media_mode <= 2, op, ": media_mode must be 0, 1 or 2, got ", media_mode);
-  TORCH_CHECK(media_mode == 0 || m.text_to_media, op, ": media_mode ", media_mode, " needs text_to_media");
+  TORCH_CHECK(media_mode == 0 || text_to_media, op, ": media_mode ", media_mode, " needs text_to_media");
   TORCH_CHECK(lat >= 1, op, ": latents_per_media must be >= 1, got ", lat);
-  check_lengths(op, "key_lengths", m.key_lengths, q, {B});
-  check_lengths(op, "prefix_lengths", m.prefix_lengths, q, {B});
-  check_lengths(op, "text_to_media", m.text_to_media, q, {B, Lq});
+  check_lengths(op, "key_lengths", key_lengths, q, {B});
+  check_lengths(op, "prefix_lengths", prefix_lengths, q, {B});
+  check_lengths(op, "text_to_media", text_to_media, q, {B, Lq});
 
-  vlk::AttnArgs a;
+  vlk::AttnArgs& a = r.a;
   a.q = q.data_ptr();
   a.k = k.data_ptr();
   a.v = v.data_ptr();
@@ -157,58 +201,51 @@ vlk::AttnArgs attn_args(const char* op, const Tensor& q, const Tensor& k, const 
   strides4(a.sk, k);
   strides4(a.sv, v);
   a.B = B, a.H = H, a.Hk = Hk, a.Lq = Lq, a.Lk = Lk, a.D = D;
-  a.scale = float(scale);
+  a.scale = float(in.real("scale"));
   vlk::MaskArgs& mk = a.mask;
-  if (m.dense) {
-    const Tensor& d = *m.dense;
+  if (r.dense) {
+    const Tensor& d = *r.dense;
     check_device(op, "dense_mask", d);
     TORCH_CHECK(d.scalar_type() == at::kBool, op, ": dense_mask must be bool, got ", d.scalar_type());
     TORCH_CHECK(d.dim() <= 4, op, ": dense_mask must broadcast to [B, H, Lq, Lk], got shape ", shape(d));
-    m.dense = d.expand({B, H, Lq, Lk}).view(at::kByte);  // raises if it does not broadcast
-    mk.dense = m.dense->data_ptr<uint8_t>();
-    mk.smb = m.dense->stride(0), mk.smh = m.dense->stride(1), mk.smm = m.dense->stride(2);
-    mk.smn = m.dense->stride(3);
+    r.dense = d.expand({B, H, Lq, Lk}).view(at::kByte);  // raises if it does not broadcast
+    mk.dense = r.dense->data_ptr<uint8_t>();
+    mk.smb = r.dense->stride(0), mk.smh = r.dense->stride(1), mk.smm = r.dense->stride(2);
+    mk.smn = r.dense->stride(3);
   }
-  if (m.key_lengths) mk.key_lengths = m.key_lengths->data_ptr<int32_t>();
-  if (m.prefix_lengths) mk.prefix_lengths = m.prefix_lengths->data_ptr<int32_t>();
-  if (m.text_to_media) {
-    mk.text_to_media = m.text_to_media->data_ptr<int32_t>();
-    mk.stb = m.text_to_media->stride(0), mk.stm = m.text_to_media->stride(1);
+  if (key_lengths) mk.key_lengths = key_lengths->data_ptr<int32_t>();
+  if (prefix_lengths) mk.prefix_lengths = prefix_lengths->data_ptr<int32_t>();
+  if (text_to_media) {
+    mk.text_to_media = text_to_media->data_ptr<int32_t>();
+    mk.stb = text_to_media->stride(0), mk.stm = text_to_media->stride(1);
   }
-  mk.causal = causal;
-  mk.qformer_queries = int(nq), mk.qformer_mode = int(qf_mode);
+  mk.causal = in.flag("causal");
+  mk.qformer_queries = int(in.integer("qformer_queries")), mk.qformer_mode = int(qf_mode);
   mk.media_mode = int(media_mode), mk.latents_per_media = int(lat);
-  return a;
+  return r;
 }
 
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const optional<Tensor>& dense_mask, const optional<Tensor>& key_lengths,
-                                         const optional<Tensor>& prefix_lengths,
-                                         const optional<Tensor>& text_to_media, bool causal, int64_t nq,
-                                         int64_t qf_mode, int64_t media_mode, int64_t lat, double scale) {
-  const char* op = "vlkernels::attention_fwd";
-  MaskTensors m{dense_mask, key_lengths, prefix_lengths, text_to_media};
-  vlk::AttnArgs a = attn_args(op, q, k, v, m, causal, nq, qf_mode, media_mode, lat, scale);
-  Tensor out = poisoned(at::empty({a.B, a.Lq, a.H, a.D}, q.options())).transpose(1, 2);
-  Tensor lse = poisoned(at::empty({a.B, a.H, a.Lq}, q.options().dtype(at::kFloat)));
+void attention_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  Args in(handle, stack);
+  const char* op = in.op();
+  Attention r = attn_args(in);
+  vlk::AttnArgs& a = r.a;
+  Tensor out = poisoned(at::empty({a.B, a.Lq, a.H, a.D}, r.q.options())).transpose(1, 2);
+  Tensor lse = poisoned(at::empty({a.B, a.H, a.Lq}, r.q.options().dtype(at::kFloat)));
   a.o = out.data_ptr();
   strides4(a.so, out);
   a.lse = lse.data_ptr<float>();
-  Launch l(q);
-  l.check(op, vlk::attention_fwd(a, dtype_of(op, "q", q), l.stream));
-  return {out, lse};
+  Launch l(r.q);
+  l.check(op, vlk::attention_fwd(a, dtype_of(op, "q", r.q), l.stream));
+  in.done(out, lse);
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
-                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                 const optional<Tensor>& dense_mask,
-                                                 const optional<Tensor>& key_lengths,
-                                                 const optional<Tensor>& prefix_lengths,
-                                                 const optional<Tensor>& text_to_media, bool causal, int64_t nq,
-                                                 int64_t qf_mode, int64_t media_mode, int64_t lat, double scale) {
-  const char* op = "vlkernels::attention_bwd";
-  MaskTensors m{dense_mask, key_lengths, prefix_lengths, text_to_media};
-  vlk::AttnArgs a = attn_args(op, q, k, v, m, causal, nq, qf_mode, media_mode, lat, scale);
+void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  Args in(handle, stack);
+  const char* op = in.op();
+  Attention r = attn_args(in);
+  vlk::AttnArgs& a = r.a;
+  const Tensor &q = r.q, grad_out = in.tensor("grad_out"), out = in.tensor("out"), lse = in.tensor("lse");
   const std::vector<int64_t> out_shape{a.B, a.H, a.Lq, a.D};
   check_same(op, "grad_out", grad_out, q);
   check_same(op, "out", out, q);
@@ -227,7 +264,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
   a.lse = lse.data_ptr<float>();
   Tensor delta = poisoned(at::empty({a.B, a.H, a.Lq}, q.options().dtype(at::kFloat)));
   a.delta = delta.data_ptr<float>();
-  Tensor dq = poisoned(at::empty_like(q)), dk = poisoned(at::empty_like(k)), dv = poisoned(at::empty_like(v));
+  Tensor dq = poisoned(at::empty_like(q)), dk = poisoned(at::empty_like(r.k)), dv = poisoned(at::empty_like(r.v));
   a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
   strides4(a.sdq, dq);
   strides4(a.sdk, dk);
@@ -247,7 +284,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
   Launch l(q);
   l.check(op, vlk::attention_bwd(a, dtype_of(op, "q", q), l.stream));
   if (shared) dq.copy_(partial.sum(0, true));
-  return {dq, dk, dv};
+  in.done(dq, dk, dv);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,8 +302,10 @@ void check_gated(const char* op, const char* xname, const Tensor& x, const Tenso
               ": gate must be a one-element floating tensor, got ", gate.scalar_type(), " ", shape(gate));
 }
 
-Tensor gated_residual_fwd(const Tensor& x, const Tensor& y, const Tensor& gate) {
-  const char* op = "vlkernels::attention_gated_residual_fwd";
+void gated_residual_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  Args in(handle, stack);
+  const char* op = in.op();
+  const Tensor x = in.tensor("x"), y = in.tensor("y"), gate = in.tensor("gate");
   check_gated(op, "x", x, y, gate);
   Tensor xc = x.contiguous(), yc = y.contiguous(), g = gate.to(at::kFloat).contiguous();
   Tensor out = poisoned(at::empty_like(xc));
@@ -275,11 +314,13 @@ Tensor gated_residual_fwd(const Tensor& x, const Tensor& y, const Tensor& gate) 
   a.n = xc.numel();
   Launch l(x);
   if (a.n) l.check(op, vlk::gated_residual_fwd(a, dtype_of(op, "x", x), l.stream));
-  return out;
+  in.done(out);
 }
 
-std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& grad_out, const Tensor& y, const Tensor& gate) {
-  const char* op = "vlkernels::attention_gated_residual_bwd";
+void gated_residual_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  Args in(handle, stack);
+  const char* op = in.op();
+  const Tensor grad_out = in.tensor("grad_out"), y = in.tensor("y"), gate = in.tensor("gate");
   check_gated(op, "grad_out", grad_out, y, gate);
   Tensor dc = grad_out.contiguous(), yc = y.contiguous(), g = gate.to(at::kFloat).contiguous();
   Tensor dy = poisoned(at::empty_like(yc));
@@ -292,20 +333,26 @@ std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& grad_out, const Tens
   if (a.n) l.check(op, vlk::gated_residual_bwd(a, dtype_of(op, "grad_out", grad_out), l.stream));
   Tensor t = at::tanh(g);
   Tensor dgate = (partial.sum() * (1 - t * t)).to(gate.scalar_type()).view(gate.sizes());
-  return {dy, dgate};
+  in.done(dy, dgate);
 }
 
 // ---------------------------------------------------------------------------------------------
 // contrastive row passes
 // ---------------------------------------------------------------------------------------------
 
-struct ScaleBias {
-  Tensor scale, bias;
+// The inputs of a row pass (vlkernels/contrastive/args.py: RowPass), checked, and the launch
+// struct they fill (it points into the tensors held here).
+struct RowPass {
+  Tensor rows, cols, scale, bias;
+  vlk::ContrastiveArgs a;
 };
 
-vlk::ContrastiveArgs ctr_args(const char* op, const Tensor& rows, const optional<Tensor>& rows_m, const Tensor& cols,
-                              const optional<Tensor>& neg, const Tensor& scale, const optional<Tensor>& bias,
-                              const std::string& kind, int64_t row_off, int64_t col_off, ScaleBias& keep) {
+RowPass ctr_args(const Args& in) {
+  const char* op = in.op();
+  RowPass r{in.tensor("rows"), in.tensor("cols"), in.tensor("scale"), {}, {}};
+  const Tensor &rows = r.rows, &cols = r.cols, &scale = r.scale;
+  const optional<Tensor> rows_m = in.opt_tensor("rows_m"), neg = in.opt_tensor("neg"), bias = in.opt_tensor("bias");
+  const std::string kind = in.str("kind");
   check_device(op, "rows", rows);
   dtype_of(op, "rows", rows);
   check_dim(op, "rows", rows, 3, "[M, QR, D]");
@@ -331,14 +378,14 @@ vlk::ContrastiveArgs ctr_args(const char* op, const Tensor& rows, const optional
   check_device(op, "scale", scale);
   TORCH_CHECK(scale.numel() == 1 && scale.is_floating_point(), op, ": scale must be a one-element floating tensor, got ",
               shape(scale));
-  keep.scale = scale.to(at::kFloat).contiguous();
+  r.scale = scale.to(at::kFloat).contiguous();
   if (bias) {
     check_device(op, "bias", *bias);
     TORCH_CHECK(bias->numel() == 1 && bias->is_floating_point(), op,
                 ": bias must be a one-element floating tensor, got ", shape(*bias));
-    keep.bias = bias->to(at::kFloat).contiguous();
+    r.bias = bias->to(at::kFloat).contiguous();
   }
-  vlk::ContrastiveArgs a;
+  vlk::ContrastiveArgs& a = r.a;
   a.rows = rows.data_ptr(), a.cols = cols.data_ptr();
   for (int i = 0; i < 3; ++i) a.sr[i] = rows.stride(i), a.sc[i] = cols.stride(i);
   if (rows_m) {
@@ -350,12 +397,12 @@ vlk::ContrastiveArgs ctr_args(const char* op, const Tensor& rows, const optional
     a.sneg[0] = neg->stride(0), a.sneg[1] = neg->stride(1);
     a.K = neg->size(0);
   }
-  a.scale = keep.scale.data_ptr<float>();
-  a.bias = bias ? keep.bias.data_ptr<float>() : nullptr;
+  a.scale = r.scale.data_ptr<float>();
+  a.bias = bias ? r.bias.data_ptr<float>() : nullptr;
   a.M = M, a.N = N, a.D = D, a.QR = QR, a.QC = QC;
   a.kind = kind == "clip" ? 0 : 1;
-  a.row_off = row_off, a.col_off = col_off;
-  return a;
+  a.row_off = in.integer("row_off"), a.col_off = in.integer("col_off");
+  return r;
 }
 
 void check_stat(const char* op, const char* name, const optional<Tensor>& t, int64_t n, const Tensor& like) {
@@ -367,40 +414,38 @@ void check_stat(const char* op, const char* name, const optional<Tensor>& t, int
               t->scalar_type(), " ", shape(*t));
 }
 
-Tensor contrastive_fwd(const Tensor& rows, const optional<Tensor>& rows_m, const Tensor& cols,
-                       const optional<Tensor>& neg, const Tensor& scale, const optional<Tensor>& bias,
-                       const std::string& kind, int64_t row_off, int64_t col_off) {
-  const char* op = "vlkernels::contrastive_fwd";
-  ScaleBias keep;
-  vlk::ContrastiveArgs a = ctr_args(op, rows, rows_m, cols, neg, scale, bias, kind, row_off, col_off, keep);
-  Tensor stats = poisoned(at::empty({5, a.M}, rows.options().dtype(at::kFloat)));
-  a.stats = stats.data_ptr<float>();
-  Launch l(rows);
-  l.check(op, vlk::contrastive_fwd(a, dtype_of(op, "rows", rows), l.stream));
-  return stats;
+void contrastive_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  Args in(handle, stack);
+  const char* op = in.op();
+  RowPass r = ctr_args(in);
+  Tensor stats = poisoned(at::empty({5, r.a.M}, r.rows.options().dtype(at::kFloat)));
+  r.a.stats = stats.data_ptr<float>();
+  Launch l(r.rows);
+  l.check(op, vlk::contrastive_fwd(r.a, dtype_of(op, "rows", r.rows), l.stream));
+  in.done(stats);
 }
 
-std::tuple<Tensor, Tensor> contrastive_bwd(const Tensor& rows, const optional<Tensor>& rows_m, const Tensor& cols,
-                                           const optional<Tensor>& neg, const Tensor& scale,
-                                           const optional<Tensor>& bias, const Tensor& lse_row,
-                                           const optional<Tensor>& lsem_row, const optional<Tensor>& lse_col,
-                                           const std::string& kind, bool own, bool other, int64_t row_off,
-                                           int64_t col_off, double w_own, double w_other, double smooth,
-                                           int64_t n_cls_own, int64_t n_cls_other, double alpha) {
-  const char* op = "vlkernels::contrastive_bwd";
-  ScaleBias keep;
-  vlk::ContrastiveArgs a = ctr_args(op, rows, rows_m, cols, neg, scale, bias, kind, row_off, col_off, keep);
+void contrastive_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  Args in(handle, stack);
+  const char* op = in.op();
+  RowPass r = ctr_args(in);
+  vlk::ContrastiveArgs& a = r.a;
+  const Tensor& rows = r.rows;
+  const Tensor lse_row = in.tensor("lse_row");
+  const optional<Tensor> lsem_row = in.opt_tensor("lsem_row"), lse_col = in.opt_tensor("lse_col");
+  const bool other = in.flag("other");
   check_stat(op, "lse_row", lse_row, a.M, rows);
   check_stat(op, "lsem_row", lsem_row, a.M, rows);
   check_stat(op, "lse_col", lse_col, a.N, rows);
-  TORCH_CHECK(!rows_m || lsem_row, op, ": rows_m (distillation) needs lsem_row");
+  TORCH_CHECK(!a.rows_m || lsem_row, op, ": rows_m (distillation) needs lsem_row");
   TORCH_CHECK(!other || lse_col, op, ": other=True needs lse_col");
   a.lse_row = lse_row.data_ptr<float>();
   a.lsem_row = lsem_row ? lsem_row->data_ptr<float>() : nullptr;
   a.lse_col = lse_col ? lse_col->data_ptr<float>() : nullptr;
-  a.own = own, a.other = other;
-  a.w_own = float(w_own), a.w_other = float(w_other), a.smooth = float(smooth);
-  a.n_cls_own = float(n_cls_own), a.n_cls_other = float(n_cls_other), a.alpha = float(alpha);
+  a.own = in.flag("own"), a.other = other;
+  a.w_own = float(in.real("w_own")), a.w_other = float(in.real("w_other")), a.smooth = float(in.real("smooth"));
+  a.n_cls_own = float(in.integer("n_cls_own")), a.n_cls_other = float(in.integer("n_cls_other"));
+  a.alpha = float(in.real("alpha"));
   Tensor dr = a.QR > 1 ? at::zeros(rows.sizes(), rows.options().dtype(at::kFloat)) : poisoned(at::empty_like(rows));
   Tensor dsb = poisoned(at::empty({a.M, 4}, rows.options().dtype(at::kFloat)));
   a.dr = dr.data_ptr();
@@ -408,41 +453,24 @@ std::tuple<Tensor, Tensor> contrastive_bwd(const Tensor& rows, const optional<Te
   a.dsb = dsb.data_ptr<float>();
   Launch l(rows);
   l.check(op, vlk::contrastive_bwd(a, dtype_of(op, "rows", rows), l.stream));
-  return {dr.to(rows.scalar_type()), dsb.sum(0)};
+  in.done(dr.to(rows.scalar_type()), dsb.sum(0));
 }
 
 }  // namespace
 
-#define VLK_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-#define VLK_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
-#define VLK_MASK_ARGS                                                                                          \
-  "Tensor? dense_mask, Tensor? key_lengths, Tensor? prefix_lengths, Tensor? text_to_media, bool causal, " \
-  "int qformer_queries, int qformer_mode, int media_mode, int latents_per_media, float scale"
-#define VLK_CTR_ARGS "Tensor rows, Tensor? rows_m, Tensor cols, Tensor? neg, Tensor scale, Tensor? bias, "
-
-VLK_LIBRARY(VLK_NS, m) {
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, " VLK_MASK_ARGS ") -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, " VLK_MASK_ARGS
-        ") -> (Tensor, Tensor, Tensor)");
-  m.def("attention_gated_residual_fwd(Tensor x, Tensor y, Tensor gate) -> Tensor");
-  m.def("attention_gated_residual_bwd(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor, Tensor)");
-  m.def("contrastive_fwd(" VLK_CTR_ARGS "str kind, int row_off, int col_off) -> Tensor");
-  m.def("contrastive_bwd(" VLK_CTR_ARGS
-        "Tensor lse_row, Tensor? lsem_row, Tensor? lse_col, str kind, bool own, bool other, int row_off, "
-        "int col_off, float w_own, float w_other, float smooth, int n_cls_own, int n_cls_other, float alpha) "
-        "-> (Tensor, Tensor)");
+// Kernels only: the schemas are defined from Python (vlkernels/_extension.py), after this module
+// is imported.
+#define VLK_BOXED(fn) torch::CppFunction::makeFromBoxedFunction<&fn>()
+TORCH_LIBRARY_IMPL(VLK_NS, VLK_KEY, m) {
+  m.impl("cuda_attention_fwd", VLK_BOXED(attention_fwd));
+  m.impl("cuda_attention_bwd", VLK_BOXED(attention_bwd));
+  m.impl("cuda_gated_residual_fwd", VLK_BOXED(gated_residual_fwd));
+  m.impl("cuda_gated_residual_bwd", VLK_BOXED(gated_residual_bwd));
+  m.impl("cuda_contrastive_fwd", VLK_BOXED(contrastive_fwd));
+  m.impl("cuda_contrastive_bwd", VLK_BOXED(contrastive_bwd));
 }
 
-VLK_LIBRARY_IMPL(VLK_NS, VLK_KEY, m) {
-  m.impl("attention_fwd", &attention_fwd);
-  m.impl("attention_bwd", &attention_bwd);
-  m.impl("attention_gated_residual_fwd", &gated_residual_fwd);
-  m.impl("attention_gated_residual_bwd", &gated_residual_bwd);
-  m.impl("contrastive_fwd", &contrastive_fwd);
-  m.impl("contrastive_bwd", &contrastive_bwd);
-}
-
-// The Python module: importing it registers the ops; ARCHS says which GPUs the kernels target.
+// The Python module: importing it registers the kernels; ARCHS says which GPUs the kernels target.
 #define VLK_CAT_(a, b) a##b
 #define VLK_CAT(a, b) VLK_CAT_(a, b)
 #define VLK_STR_(a) #a

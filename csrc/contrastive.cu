@@ -1,5 +1,5 @@
 // Tiled contrastive losses (CLIP InfoNCE with smoothing, queues and momentum distillation,
-// SigLIP, BLIP-2's max over queries): the row passes of vlkernels/contrastive.py, forward (per-row
+// SigLIP, BLIP-2's max over queries): the row passes of vlkernels/contrastive/ (args.py), forward (per-row
 // statistics) and backward (dLoss/drows and the scale/bias sums), on tensor cores. Nothing N x N
 // is allocated: each logit tile lives in registers (C fragments of mma.sync, fp32).
 //

@@ -1,6 +1,6 @@
 // CPU emulation of the CUDA execution model, just enough for the kernels in csrc/ (tests only).
 //
-// Compiled in when VLK_EMULATE is defined (tests/test_cuda_emulated.py builds every .cu file
+// Compiled in when VLK_EMULATE is defined (tests/helpers.py builds every .cu file
 // with g++ that way): each CUDA thread of a block is an OS thread, blocks run one after the
 // other, __syncthreads / __syncwarp are barriers, shuffles and mma.sync exchange values through
 // a per-warp scratch area. It runs the kernels' own indexing, masking, fragment layouts and

@@ -8,7 +8,7 @@ namespace vlk {
 
 enum class DType { F32 = 0, F16 = 1, BF16 = 2 };
 
-// The attention mask, lowered as in vlkernels/attention.py: per query row an allowed key interval
+// The attention mask as lowered by vlkernels/masks.py (MaskArgs): per query row an allowed key interval
 // [lo, hi) from the analytic parts, and optionally a dense bool mask on top.
 struct MaskArgs {
   const uint8_t* dense = nullptr;  // [B, H, Lq, Lk] (broadcast strides), 1 = may attend
@@ -39,7 +39,7 @@ struct AttnArgs {
   MaskArgs mask;
 };
 
-// Rows [M, QR, D] against columns [cols [N, QC, D] ; neg [K, D]] (see vlkernels/contrastive.py).
+// Rows [M, QR, D] against columns [cols [N, QC, D] ; neg [K, D]] (see vlkernels/contrastive/args.py).
 struct ContrastiveArgs {
   const void *rows = nullptr, *rows_m = nullptr, *cols = nullptr, *neg = nullptr;
   const float *scale = nullptr, *bias = nullptr;  // one fp32 element each (bias may be null)

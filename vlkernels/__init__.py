@@ -3,7 +3,7 @@
 out = vlkernels.attention(q, k, v, mask=vlkernels.masks.qformer(32, "unimodal"))
 """
 
-from vlkernels import masks
+from vlkernels import losses, masks, modules, reference
 from vlkernels._dispatch import BackendUnavailableError, get_backend, set_backend, use_backend
 from vlkernels.attention import attention
 from vlkernels.contrastive import MomentumDistillation, contrastive_loss
@@ -19,8 +19,11 @@ __all__ = [
     "contrastive_loss",
     "gated_residual",
     "get_backend",
+    "losses",
     "masks",
+    "modules",
     "patch",
+    "reference",
     "set_backend",
     "use_backend",
 ]

@@ -1,25 +1,29 @@
-"""Backend selection: which implementation serves an op call, and why the others cannot.
+"""Backends and the one dispatcher that picks one for an op call, saying why the others cannot.
 
-Backends: ``"triton"`` (fused kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
-``"cuda"`` (hand-written CUDA C++ in ``vlkernels._C``), ``"torch"`` (the eager reference).
+A backend is one implementation of an op family (``attention``, ``contrastive``,
+``gated_residual``): ``"triton"`` (fused Triton kernels; CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1), ``"cuda"`` (the CUDA C++ kernels of ``vlkernels._C``) or ``"torch"`` (PyTorch
+operations, any device). Each family registers its backends here; each backend answers
+``not_supported_reasons(args)`` for the family's kernel argument tuple (xformers' idea), and
+``choose`` walks them in priority order.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import os
 import threading
 
 import torch
 
-BACKENDS = ("triton", "cuda", "torch")
+from vlkernels import _extension, _schema
+
+BACKENDS = ("triton", "cuda", "torch")  # automatic choice walks them in this order
 _state = threading.local()
 
 
 class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot serve these inputs; the message says why."""
+    """No backend (or not the requested one) can serve these inputs; the message says why."""
 
 
 def _check_name(backend) -> None:
@@ -53,74 +57,85 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def cuda_extension():
-    """The compiled ``vlkernels._C`` module, or None when it was not built (probed once: a failed
-    import would otherwise search the path again on every op call). Importing it registers the
-    ``vlkernels::attention_*`` / ``contrastive_*`` ops; their fake kernels and autograd are then
-    registered from Python."""
-    try:
-        from vlkernels import _C
-    except ImportError:
-        return None
-    register_cuda_ops("vlkernels")
-    return _C
-
-
-def register_cuda_ops(ns: str) -> None:
-    """Fake kernels and autograd of the CUDA C++ ops in namespace ``ns`` (``vlkernels``; the tests
-    register the CPU emulation's ``vlkernels_emu`` the same way)."""
-    for family in ("attention", "gated", "contrastive"):
-        importlib.import_module(f"vlkernels.{family}").register_cuda_ops(ns)
-
-
-def cuda_ops():
-    """The ``torch.ops`` namespace that serves backend "cuda"."""
-    cuda_extension()
-    return torch.ops.vlkernels
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def unavailable_reasons(backend: str, device: torch.device) -> list[str]:
-    """Why ``backend`` cannot run on ``device`` (empty list: it can)."""
+def device_reasons(backend: str, device: torch.device) -> list[str]:
+    """Why ``backend`` cannot run on ``device`` at all (empty: it can)."""
     reasons = []
     if backend == "triton":
-        if not _triton_installed():
-            reasons.append("triton is not installed")
-        elif device.type == "cpu" and not interpreter_on():
+        if device.type == "cpu" and not interpreter_on():
             reasons.append("CPU tensors need TRITON_INTERPRET=1 set before vlkernels is imported")
         elif device.type == "cuda" and interpreter_on():
             reasons.append("TRITON_INTERPRET=1 is set, so Triton cannot run on CUDA tensors")
         elif device.type not in ("cpu", "cuda"):
             reasons.append(f"device type {device.type!r} is not supported by Triton here")
     elif backend == "cuda":
-        if device.type != "cuda":
-            reasons.append(f"the CUDA C++ backend needs CUDA tensors, got {device.type}")
-        if cuda_extension() is None:
+        ext = _extension.get()
+        want = "cuda" if ext is None else ext.device_type
+        if device.type != want:
+            reasons.append(f"the CUDA C++ backend needs {want.upper()} tensors, got {device.type}")
+        if ext is None:
             reasons.append(
                 "vlkernels._C is not built (no CUDA toolkit at install time, or VLK_SKIP_CUDA_BUILD=1)"
             )
     return reasons
 
 
-def choose(backend: str | None, device: torch.device, op: str) -> str:
-    """Resolve ``backend`` (or the default) to one that can serve ``op`` on ``device``."""
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class Backend:
+    """One implementation of an op family: ``forward(args)`` and ``backward(grad_args)`` take the
+    family's argument tuples (``vlkernels/<family>/args.py``); ``dtypes`` are the input dtypes it
+    computes."""
+
+    def __init__(self, name: str, forward, backward, dtypes: tuple = FLOATS):
+        self.name, self.forward, self.backward, self.dtypes = name, forward, backward, dtypes
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+    def not_supported_reasons(self, args) -> list[str]:
+        """Why this backend cannot serve the kernel argument tuple ``args`` (empty: it can)."""
+        first = _schema.first_tensor(args)
+        reasons = device_reasons(self.name, first.device)
+        if first.dtype not in self.dtypes:
+            reasons.append(
+                f"the {self.name} backend computes in {', '.join(map(str, self.dtypes))}, got {first.dtype}"
+            )
+        return reasons
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+
+
+def register(family: str, backend: Backend) -> Backend:
+    """Add ``backend`` to ``family``'s backends (each family's package does it on import)."""
+    _REGISTRY.setdefault(family, {})[backend.name] = backend
+    return backend
+
+
+def backends(family: str) -> dict[str, Backend]:
+    return _REGISTRY[family]
+
+
+def choose(family: str, backend: str | None, args) -> Backend:
+    """The backend that serves ``family`` for the kernel arguments ``args``: ``backend`` (or the
+    default set by ``set_backend``) if it can, else the first of BACKENDS that can."""
     _check_name(backend)
     backend = backend if backend is not None else get_backend()
+    registered = _REGISTRY[family]
     if backend is not None:
-        reasons = unavailable_reasons(backend, device)
+        reasons = registered[backend].not_supported_reasons(args)
         if reasons:
             raise BackendUnavailableError(
-                f"{op}: backend {backend!r} cannot serve tensors on {device}: " + "; ".join(reasons)
+                f"{family}: backend {backend!r} cannot serve these inputs: " + "; ".join(reasons)
             )
-        return backend
-    # Triton before the CUDA C++ kernels until a GPU session has measured where those are faster.
-    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("triton", "torch")
-    for name in order:
-        if not unavailable_reasons(name, device):
-            return name
-    return "torch"
+        return registered[backend]
+    why = {}
+    for name in BACKENDS:
+        why[name] = registered[name].not_supported_reasons(args)
+        if not why[name]:
+            return registered[name]
+    raise BackendUnavailableError(
+        f"{family}: no backend can serve these inputs: "
+        + " | ".join(f"{n}: {'; '.join(r)}" for n, r in why.items())
+    )

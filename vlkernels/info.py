@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from vlkernels import _dispatch
+from vlkernels import _dispatch, _extension
 
 
 def _version(mod: str) -> str:
@@ -31,17 +31,17 @@ def main() -> None:
     else:
         print("GPU: none visible (torch.cuda.is_available() is False)")
     print(f"TRITON_INTERPRET={'1' if _dispatch.interpreter_on() else 'unset'}")
-    ext = _dispatch.cuda_extension()
-    archs = getattr(ext, "ARCHS", "?") if ext is not None else None
-    print(f"vlkernels._C: {'built for ' + str(archs) if ext is not None else 'not built'}")
+    ext = _extension.get()
+    print(f"vlkernels._C: {'built for ' + ext.archs if ext is not None else 'not built'}")
     print("\nbackend   device  usable  why not")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for backend in _dispatch.BACKENDS:
         for dev in devices:
-            reasons = _dispatch.unavailable_reasons(backend, dev)
+            reasons = _dispatch.device_reasons(backend, dev)
             print(f"{backend:<9} {dev.type:<7} {'no' if reasons else 'yes':<7} {'; '.join(reasons)}")
     for dev in devices:
-        print(f"automatic choice for {dev.type} tensors: {_dispatch.choose(None, dev, 'attention')}")
+        first = next(b for b in _dispatch.BACKENDS if not _dispatch.device_reasons(b, dev))
+        print(f"automatic choice for {dev.type} tensors: {first}")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,22 @@ components is again one interval per row.
 
 >>> m = qformer(32, "multimodal_causal") & key_padding(lengths)
 >>> m.to_dense(batch, q_len, k_len)   # bool [B, 1, Lq, Lk], True = may attend
+
+``Mask.to_dense`` is the definition (what the eager reference uses). What the backends take is
+``lower(mask, ...)``: a ``MaskArgs`` of a few tensors and integers, whose meaning is the key
+interval rule ``MaskArgs.intervals`` here, ``_row_bounds`` in the Triton kernels and
+``row_bounds`` in csrc/attention.cu; the tests hold all three to ``to_dense``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
 QFORMER_MODES = ("bidirectional", "multimodal_causal", "unimodal")
+MEDIA_MODES = {None: 0, True: 1, False: 2}  # only_immediate -> media_mode
 
 
 @dataclass(frozen=True)
@@ -193,3 +200,115 @@ def media(text_to_media: torch.Tensor, latents_per_media: int, only_immediate: b
     if not isinstance(latents_per_media, int) or latents_per_media < 1:
         raise ValueError(f"media: latents_per_media must be an int >= 1, got {latents_per_media!r}")
     return Mask(media=(t2m, latents_per_media, bool(only_immediate)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Lowering: what the backends take
+# ----------------------------------------------------------------------------------------------
+
+
+class MaskArgs(NamedTuple):
+    """A mask as kernel arguments (schema order). Every analytic part allows query row ``i`` of
+    batch ``b`` one key interval (``intervals``); ``dense_mask`` applies on top, element-wise.
+
+    dense_mask:        bool, broadcastable to [B, H, Lq, Lk] (True = may attend)
+    key_lengths:       int32 [B]
+    prefix_lengths:    int32 [B]
+    text_to_media:     int32 [B, Lq]
+    causal:            bottom-right aligned
+    qformer_queries:   the number of learned queries of the qformer mask
+    qformer_mode:      index in QFORMER_MODES
+    media_mode:        0 no media mask, 1 only the immediate image, 2 all previous images
+    latents_per_media: keys per image
+    """
+
+    dense_mask: torch.Tensor | None = None
+    key_lengths: torch.Tensor | None = None
+    prefix_lengths: torch.Tensor | None = None
+    text_to_media: torch.Tensor | None = None
+    causal: bool = False
+    qformer_queries: int = 0
+    qformer_mode: int = 0
+    media_mode: int = 0
+    latents_per_media: int = 1
+
+    def intervals(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The allowed key interval [lo, hi) of every query row: int64 [B or 1, q_len] each
+        (empty where lo >= hi). The Python statement of the rule the kernels implement."""
+        i = torch.arange(q_len, device=device)[None]
+        lo, hi = torch.zeros_like(i), torch.full_like(i, k_len)
+        nq = self.qformer_queries
+        if self.causal:
+            hi = torch.minimum(hi, i + (k_len - q_len) + 1)
+        if self.key_lengths is not None:
+            hi = torch.minimum(hi, self.key_lengths.long()[:, None])
+        if (
+            self.qformer_mode == 1
+        ):  # multimodal causal: queries -> queries; text -> queries + text up to itself
+            hi = torch.minimum(hi, torch.where(i < nq, nq, torch.clamp(i + 1, min=nq)))
+        if self.qformer_mode == 2:  # unimodal: queries -> queries; text -> text
+            hi = torch.minimum(hi, torch.where(i < nq, nq, k_len))
+            lo = torch.maximum(lo, torch.where(i < nq, 0, nq))
+        if self.prefix_lengths is not None:
+            hi = torch.minimum(hi, torch.maximum(self.prefix_lengths.long()[:, None], i + 1))
+        if self.media_mode:
+            t = self.text_to_media.long()
+            hi = torch.minimum(hi, t * self.latents_per_media)
+            if self.media_mode == 1:
+                lo = torch.maximum(lo, (t - 1) * self.latents_per_media)
+        return lo, hi
+
+    def allowed(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        """Bool broadcastable to [B, H, q_len, k_len], True = may attend: the intervals and the
+        dense mask."""
+        lo, hi = self.intervals(q_len, k_len, device)
+        j = torch.arange(k_len, device=device)
+        ok = ((j >= lo[..., None]) & (j < hi[..., None]))[:, None]
+        if self.dense_mask is not None:
+            ok = ok & self.dense_mask
+        return ok
+
+
+def _check_dense(mask, B, H, Lq, Lk, device) -> None:
+    if mask.dtype != torch.bool:
+        raise TypeError(f"attention: a tensor mask must be bool (True = may attend), got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"attention: mask is on {mask.device}, the inputs are on {device}")
+    full = (B, H, Lq, Lk)
+    ok = mask.dim() <= 4 and all(m in (1, f) for m, f in zip(mask.shape[::-1], full[::-1], strict=False))
+    if not ok:
+        raise ValueError(
+            f"attention: mask must broadcast to [B, H, Lq, Lk] = {list(full)}, got shape {list(mask.shape)}"
+        )
+
+
+def lower(mask, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> MaskArgs:
+    """The kernel arguments of ``mask`` (None, a bool tensor or a ``Mask``) for attention over
+    [batch, heads, q_len, k_len]; raises on a mask that cannot apply."""
+    if mask is None:
+        return MaskArgs()
+    if isinstance(mask, torch.Tensor):
+        _check_dense(mask, batch, heads, q_len, k_len, device)
+        return MaskArgs(dense_mask=mask)
+    if not isinstance(mask, Mask):
+        raise TypeError(
+            "attention: mask must be None, a bool tensor or a vlkernels.masks mask, "
+            f"got {type(mask).__name__}"
+        )
+    mask.check(batch, q_len, k_len, device)
+
+    def i32(t):
+        return None if t is None else t.to(torch.int32).contiguous()
+
+    nq, mode = mask.qformer if mask.qformer is not None else (0, "bidirectional")
+    t2m, lat, immediate = mask.media if mask.media is not None else (None, 1, None)
+    return MaskArgs(
+        key_lengths=i32(mask.key_lengths),
+        prefix_lengths=i32(mask.prefix_lengths),
+        text_to_media=i32(t2m),
+        causal=mask.causal,
+        qformer_queries=nq,
+        qformer_mode=QFORMER_MODES.index(mode),
+        media_mode=MEDIA_MODES[immediate],
+        latents_per_media=lat,
+    )

@@ -1,7 +1,8 @@
-"""Eager PyTorch references: the ``"torch"`` backend and the oracle the kernels are tested against.
+"""Eager PyTorch references: the oracle every backend (``"torch"`` included) is tested against.
 
-They materialise everything (dense masks, full score matrices) and are written from the
-definitions, independently of the kernels' mask lowering.
+They materialise everything (dense masks from ``Mask.to_dense``, full score matrices, N×N
+logits) and are written from the definitions, independently of the backends and of the mask
+lowering; ``upcast=True`` computes in float64.
 """
 
 from __future__ import annotations

@@ -1,0 +1,65 @@
+"""The public ``attention``: input checks, mask lowering, backend choice, autograd."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vlkernels import _dispatch, masks
+from vlkernels.attention.args import AttentionArgs
+from vlkernels.attention.autograd import AttentionFunction
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _shape(t) -> str:
+    return str(list(t.shape))
+
+
+def _check_inputs(q, k, v, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D [B, H, L, D], got shape {_shape(t)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {_shape(k)} and {_shape(v)}")
+    B, Hk, Lk, D = k.shape
+    Bq, H, Lq, Dq = q.shape
+    if Bq not in (B, 1):
+        raise ValueError(f"attention: q batch must be {B} (the batch of k) or 1, got {Bq}")
+    if Dq != D:
+        raise ValueError(f"attention: q head dim must equal k's ({D}), got {Dq}")
+    if H % Hk:
+        raise ValueError(f"attention: q heads ({H}) must be a multiple of k/v heads ({Hk})")
+    if not (16 <= D <= 256 and D % 8 == 0):
+        raise ValueError(f"attention: head dim must be a multiple of 8 in [16, 256], got {D}")
+    if Lq < 1 or Lk < 1 or B < 1:
+        raise ValueError(f"attention: batch and lengths must be >= 1, got q {_shape(q)}, k {_shape(k)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+
+
+def attention(q, k, v, mask=None, *, scale=None, backend=None):
+    """Masked multi-head attention, SDPA layout. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D].
+
+    Returns [B, H, Lq, D] (memory laid out as [B, Lq, H, D], so merging heads is free).
+    ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend), or a mask from
+    ``vlkernels.masks``. Rows with no allowed key give 0 and receive 0 gradient.
+    ``scale`` defaults to 1/sqrt(D). ``backend``: None (automatic), "triton", "cuda", "torch".
+    """
+    _check_inputs(q, k, v, scale)
+    B, _, Lk, D = k.shape
+    H, Lq = q.shape[1], q.shape[2]
+    lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    chosen = _dispatch.choose("attention", backend, AttentionArgs(q, k, v, lowered, scale))
+    out, _ = AttentionFunction.apply(chosen.name, q, k, v, lowered, scale)
+    return out

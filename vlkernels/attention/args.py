@@ -1,0 +1,56 @@
+"""The kernel arguments of attention, declared once (schema order): every backend takes these
+tuples, and the op schemas (Triton and C++), fake kernels and launchers derive from them.
+
+Shapes: q [Bq, H, Lq, D] (Bq = B, or 1 for queries shared by the batch), k and v [B, Hk, Lk, D],
+out and grad_out [B, H, Lq, D], lse [B, H, Lq] fp32 (log2 units, +inf for a row with no allowed
+key). The output's memory is laid out as [B, Lq, H, D], so merging heads is free.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from vlkernels.masks import MaskArgs
+
+
+class AttentionArgs(NamedTuple):
+    """Forward: softmax(scale · q kᵀ, masked) v -> (out, lse)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: MaskArgs
+    scale: float
+
+    @property
+    def shared_queries(self) -> bool:
+        return self.q.shape[0] == 1 and self.k.shape[0] > 1
+
+
+class AttentionGradArgs(NamedTuple):
+    """Backward: (dq, dk, dv) from the forward's arguments, output, lse and the output gradient."""
+
+    grad_out: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+    fwd: AttentionArgs
+
+
+FWD_RETURNS = "(Tensor, Tensor)"
+BWD_RETURNS = "(Tensor, Tensor, Tensor)"
+
+
+def fwd_fake(a: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the forward: out [B, H, Lq, D] stored as [B, Lq, H, D], lse [B, H, Lq] fp32."""
+    B, _, _, D = a.k.shape
+    H, Lq = a.q.shape[1], a.q.shape[2]
+    out = a.q.new_empty((B, Lq, H, D)).transpose(1, 2)
+    return out, a.q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+def bwd_fake(a: AttentionGradArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs of the backward: dq, dk, dv shaped like q, k, v."""
+    f = a.fwd
+    return torch.empty_like(f.q), torch.empty_like(f.k), torch.empty_like(f.v)

@@ -1,0 +1,62 @@
+"""The PyTorch backend of attention: the kernels' algorithm in PyTorch operations, for any device
+and mask (fp32 arithmetic, the mask from ``MaskArgs.allowed``; materialises the [B, H, Lq, Lk]
+scores). Same outputs as the kernels: out and the
+log2 log-sum-exp, 0 and +inf for rows with no allowed key."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vlkernels import _dispatch
+from vlkernels.attention import args as A
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+def _scores(a: A.AttentionArgs):
+    """fp32 (scores [B, H, Lq, Lk], masked to -inf; allowed; q, k, v upcast, k and v per query head)."""
+    q, k, v = (t.float() for t in (a.q, a.k, a.v))
+    H, Hk, Lq, Lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    if H != Hk:  # grouped keys: each key head serves H // Hk query heads
+        k, v = (t.repeat_interleave(H // Hk, dim=1) for t in (k, v))
+    allowed = a.mask.allowed(Lq, Lk, q.device)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(a.scale).masked_fill_(~allowed, float("-inf"))
+    return s, q, k, v
+
+
+def _group_sum(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Gradient of a tensor broadcast from ``like``'s shape: sum over the batch (shared queries)
+    and over the query heads of each key head."""
+    if t.shape[0] != like.shape[0]:
+        t = t.sum(0, keepdim=True)
+    if t.shape[1] != like.shape[1]:
+        t = t.unflatten(1, (like.shape[1], -1)).sum(2)
+    return t.to(like.dtype)
+
+
+def _forward(a: A.AttentionArgs):
+    s, _, _, v = _scores(a)
+    m = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
+    l = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v) / torch.where(l == 0, 1.0, l)
+    lse = torch.where(l == 0, float("inf"), m + torch.log(l)).squeeze(-1) * LOG2E
+    return out.to(a.q.dtype).transpose(1, 2).contiguous().transpose(1, 2), lse
+
+
+def _backward(g: A.AttentionGradArgs):
+    a = g.fwd
+    s, q, k, v = _scores(a)
+    p = torch.exp(s - (g.lse / LOG2E)[..., None])  # 0 where masked and in rows with no key
+    do = g.grad_out.float()
+    delta = (do * g.out.float()).sum(-1, keepdim=True)
+    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta) * a.scale
+    dq = torch.matmul(ds, k)
+    dk = torch.matmul(ds.transpose(-1, -2), q)
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    return _group_sum(dq, a.q), _group_sum(dk, a.k), _group_sum(dv, a.v)
+
+
+BACKEND = _dispatch.Backend("torch", _forward, _backward)

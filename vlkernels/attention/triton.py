@@ -1,0 +1,401 @@
+"""The Triton backend of attention: flash-attention kernels (forward, backward), their launchers
+and the ``vlkernels::triton_attention_fwd`` / ``_bwd`` ops. Every mask, shared queries, grouped
+keys; fp16, bf16, fp32; CUDA tensors, or CPU tensors under the interpreter.
+
+Masks arrive lowered (``masks.MaskArgs``): every analytic part allows a query row one key
+interval ``[lo, hi)`` (``_row_bounds``, the Triton statement of ``MaskArgs.intervals``); the
+kernels iterate only over the key tiles that a query tile's intervals touch (backward: only over
+the query tiles that touch a key tile) and apply a dense bool mask on top, element by element.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vlkernels import _dispatch, _schema
+from vlkernels._triton_utils import LAUNCHES, autotuned, next_pow2, poisoned
+from vlkernels.attention import args as A
+from vlkernels.masks import MaskArgs
+
+LOG2E = 1.4426950408889634
+
+
+class _View(NamedTuple):
+    """A tensor as a kernel sees it: its pointer and the strides of its four dims."""
+
+    ptr: torch.Tensor
+    stride: tuple
+
+
+def _kernel_mask(m: MaskArgs, B: int, H: int, Lq: int, Lk: int) -> MaskArgs:
+    """``m`` as the kernels take it: its tensors as [B, H, Lq, Lk]-indexed views (None when absent:
+    their code is compiled out) and the flags and modes as compile-time constants."""
+    dense = m.dense_mask
+    if dense is not None:
+        dense = dense.expand(B, H, Lq, Lk).view(torch.uint8)
+        dense = _View(dense, dense.stride())
+    t2m = m.text_to_media
+    if t2m is not None:
+        t2m = _View(t2m, t2m[:, None, :, None].stride())
+    return m._replace(
+        dense_mask=dense,
+        text_to_media=t2m,
+        causal=tl.constexpr(m.causal),
+        qformer_mode=tl.constexpr(m.qformer_mode),
+        media_mode=tl.constexpr(m.media_mode),
+    )
+
+
+def _mask_key(m: MaskArgs) -> str:
+    """Which parts and modes the mask has: the mask's share of the autotune key."""
+    return ",".join(
+        f"{n}={'t' if isinstance(v, torch.Tensor) else v}"
+        for n, v in zip(m._fields, m, strict=True)
+        if v is not None
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+# Kernel signatures stay packed (the formatter would put each argument on its own line).
+# fmt: off
+
+
+@triton.jit
+def _block(P, stride, b, h, rows, cols):
+    """Pointers to P[b, h, rows, cols], [len(rows), len(cols)]."""
+    return P + b * stride[0] + h * stride[1] + rows[:, None] * stride[2] + cols[None, :] * stride[3]
+
+
+@triton.jit
+def _row_bounds(offs_m, b, Lq, Lk, m):
+    """Allowed key interval [lo, hi) of each query row (masks.MaskArgs.intervals); empty rows
+    get [Lk, 0)."""
+    lo = tl.zeros_like(offs_m)
+    hi = tl.zeros_like(offs_m) + Lk
+    nq = m.qformer_queries
+    if m.causal:
+        hi = tl.minimum(hi, offs_m + (Lk - Lq) + 1)
+    if m.key_lengths is not None:
+        hi = tl.minimum(hi, tl.load(m.key_lengths + b))
+    if m.qformer_mode == 1:  # multimodal causal: queries -> queries; text -> queries + text up to itself
+        hi = tl.minimum(hi, tl.where(offs_m < nq, nq, tl.maximum(offs_m + 1, nq)))
+    if m.qformer_mode == 2:  # unimodal: queries -> queries; text -> text
+        hi = tl.minimum(hi, tl.where(offs_m < nq, nq, Lk))
+        lo = tl.maximum(lo, tl.where(offs_m < nq, 0, nq))
+    if m.prefix_lengths is not None:
+        hi = tl.minimum(hi, tl.maximum(tl.load(m.prefix_lengths + b), offs_m + 1))
+    if m.media_mode != 0:  # 1: only the immediately preceding image, 2: all previous images
+        t2m = m.text_to_media
+        t = tl.load(t2m.ptr + b * t2m.stride[0] + offs_m * t2m.stride[2], mask=offs_m < Lq, other=0)
+        hi = tl.minimum(hi, t * m.latents_per_media)
+        if m.media_mode == 1:
+            lo = tl.maximum(lo, (t - 1) * m.latents_per_media)
+    empty = (offs_m >= Lq) | (lo >= hi)
+    return tl.where(empty, Lk, lo), tl.where(empty, 0, hi)
+
+
+@triton.jit
+def _allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk):
+    ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+    if m.dense_mask is not None:
+        ptrs = _block(m.dense_mask.ptr, m.dense_mask.stride, b, h, offs_m, offs_n)
+        ok = ok & (tl.load(ptrs, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _query_tile(H, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The query tile of this program (axis 0: tile, axis 1: outer * H + head): (outer, head, key
+    head, query rows, feature columns)."""
+    outer_h = tl.program_id(1).to(tl.int64)
+    h = outer_h % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return outer_h // H, h, h // GROUP, offs_m, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N: tl.constexpr):
+    """The key tile that starts at ``start_n``: (its key indices, k, v), zero outside."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
+    k = tl.load(_block(K, sk, b, hk, offs_n, offs_d), mask=kv_ok, other=0.0)
+    v = tl.load(_block(V, sv, b, hk, offs_n, offs_d), mask=kv_ok, other=0.0)
+    return offs_n, k, v
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST: bf16 operands are multiplied as fp32 (exact products,
+    as on tensor cores) because the Triton interpreter's bf16 dot is wrong."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+def _configs(pairs):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
+    ]
+
+
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+_FWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (32, 32, 4, 1)])
+_BWD_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 64, 4, 1)])
+_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", "MASK_KEY"]
+
+
+@autotuned(_FWD_CONFIGS, _KEY, _INTERPRET_CONFIG)
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, LQ_KEY, LK_KEY,
+    MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
+    lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
+    n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
+    n_end = tl.max(hi, axis=0)
+
+    d_ok = offs_d < D
+    q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in tl.range(n_start, n_end, BLOCK_N):
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = tl.where(_allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    m_ok = offs_m < Lq
+    o_ok = m_ok[:, None] & d_ok[None, :]
+    tl.store(_block(O, so, b, h, offs_m, offs_d), out.to(O.dtype.element_ty), mask=o_ok)
+    tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, so, sdo, H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[b, h, i] = sum_d o * do (fp32)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=ok, other=0.0)
+    do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@autotuned(_BWD_CONFIGS, _KEY, _INTERPRET_CONFIG)
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, sq, sk, sv, sdo, sdk, sdv, mask, H, Hk, GROUP, Lq, Lk, D,
+    qk_scale, sm_scale, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk, dv of one key tile: loops over the GROUP query heads sharing it and over the query
+    tiles whose allowed intervals touch it."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // Hk
+    hk = bhk % Hk
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
+    k = tl.load(_block(K, sk, b, hk, offs_n, offs_d), mask=kv_ok, other=0.0)
+    v = tl.load(_block(V, sv, b, hk, offs_n, offs_d), mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        for start_m in tl.range(0, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
+            touches = tl.max(((lo < n0 + BLOCK_N) & (hi > n0)).to(tl.int32), axis=0)
+            if touches > 0:
+                q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+                q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+                do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+                row = (b * H + h) * Lq + offs_m
+                lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
+                delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
+                s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+                ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
+                p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+                dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+                dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
+                ds = p * (dp - delta[:, None])
+                dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+    dk *= sm_scale
+    tl.store(_block(DK, sdk, b, hk, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(_block(DV, sdv, b, hk, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@autotuned(_BWD_CONFIGS, [*_KEY, "B_PER_PROG"], _INTERPRET_CONFIG)
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, sq, sk, sv, sdo, sdq, mask, B, H, GROUP, Lq, Lk, D,
+    qk_scale, sm_scale, B_PER_PROG, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq of one query tile, summed over the B_PER_PROG batch entries of chunk c (shared queries:
+    chunk c's partial sum goes to DQ[c]; otherwise B_PER_PROG == 1 and c is the batch)."""
+    c, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
+    d_ok = offs_d < D
+    q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    b_end = tl.minimum(c * B_PER_PROG + B_PER_PROG, B)
+    for b in tl.range(c * B_PER_PROG, b_end):
+        lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
+        n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
+        n_end = tl.max(hi, axis=0)
+        q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+        do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+        row = (b * H + h) * Lq + offs_m
+        lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
+        delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
+        for start_n in tl.range(n_start, n_end, BLOCK_N):
+            offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
+            s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+    dq *= sm_scale
+    tl.store(_block(DQ, sdq, c, h, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=q_ok)
+
+
+# fmt: on
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers and ops
+# ----------------------------------------------------------------------------------------------
+
+
+class _Launch(NamedTuple):
+    """What every attention kernel launch shares, derived from the forward arguments."""
+
+    sq: tuple  # q strides, batch stride 0 for shared queries
+    sk: tuple
+    sv: tuple
+    mask: MaskArgs  # as the kernels take it
+    consts: dict  # autotune keys and compile-time constants
+
+
+def _launch_args(a: A.AttentionArgs) -> _Launch:
+    B, Hk, Lk, D = a.k.shape
+    H, Lq = a.q.shape[1], a.q.shape[2]
+    sq = a.q.stride()
+    consts = dict(
+        GROUP=H // Hk,
+        LQ_KEY=next_pow2(Lq),
+        LK_KEY=next_pow2(Lk),
+        MASK_KEY=_mask_key(a.mask),
+        PRECISION="ieee" if a.q.dtype == torch.float32 else "tf32",
+        UPCAST=a.q.dtype == torch.bfloat16 and a.q.device.type == "cpu",
+        BLOCK_D=next_pow2(D),
+    )
+    return _Launch(
+        (0 if a.shared_queries else sq[0], *sq[1:]),
+        a.k.stride(),
+        a.v.stride(),
+        _kernel_mask(a.mask, B, H, Lq, Lk),
+        consts,
+    )
+
+
+def _forward(a: A.AttentionArgs):
+    B, _, Lk, D = a.k.shape
+    H, Lq = a.q.shape[1], a.q.shape[2]
+    out = poisoned(a.q.new_empty((B, Lq, H, D))).transpose(1, 2)
+    lse = poisoned(a.q.new_empty((B, H, Lq), dtype=torch.float32))
+    L = _launch_args(a)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    # fmt: off
+    _attn_fwd[grid](
+        a.q, a.k, a.v, out, lse, L.sq, L.sk, L.sv, out.stride(), L.mask, H, Lq=Lq, Lk=Lk, D=D,
+        qk_scale=a.scale * LOG2E, **L.consts,
+    )
+    # fmt: on
+    LAUNCHES["attention_fwd"] += 1
+    return out, lse
+
+
+def _dq_chunks(B: int, H: int, Lq: int, shared: bool, device: torch.device) -> int:
+    """How many partial dq sums a shared-query backward splits the batch into: enough programs
+    to fill the GPU (at least two under the interpreter so that the reduction is exercised)."""
+    if not shared:
+        return B
+    if device.type != "cuda":
+        return min(B, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(B, triton.cdiv(2 * sms, H * triton.cdiv(Lq, 64))))
+
+
+def _backward(g: A.AttentionGradArgs):
+    a = g.fwd
+    B, Hk, Lk, D = a.k.shape
+    H, Lq = a.q.shape[1], a.q.shape[2]
+    L = _launch_args(a)
+    scales = dict(qk_scale=a.scale * LOG2E, sm_scale=a.scale)
+    sdo = g.grad_out.stride()
+    delta = poisoned(a.q.new_empty((B, H, Lq), dtype=torch.float32))
+    # fmt: off
+    _attn_bwd_delta[(triton.cdiv(Lq, 32), B * H)](
+        g.out, g.grad_out, delta, g.out.stride(), sdo, H, Lq, D, BLOCK_M=32, BLOCK_D=L.consts["BLOCK_D"]
+    )
+
+    dk = poisoned(torch.empty_like(a.k))
+    dv = poisoned(torch.empty_like(a.v))
+    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)
+    _attn_bwd_dkdv[grid_kv](
+        a.q, a.k, a.v, g.grad_out, g.lse, delta, dk, dv, L.sq, L.sk, L.sv, sdo, dk.stride(), dv.stride(),
+        L.mask, H, Hk, Lq=Lq, Lk=Lk, D=D, **scales, **L.consts,
+    )
+
+    chunks = _dq_chunks(B, H, Lq, a.shared_queries, a.q.device)
+    per_prog = triton.cdiv(B, chunks)
+    chunks = triton.cdiv(B, per_prog)
+    dq = poisoned(torch.empty_like(a.q))
+    dq_acc = poisoned(a.q.new_empty((chunks, H, Lq, D), dtype=torch.float32)) if a.shared_queries else dq
+    grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), chunks * H)
+    _attn_bwd_dq[grid_q](
+        a.q, a.k, a.v, g.grad_out, g.lse, delta, dq_acc, L.sq, L.sk, L.sv, sdo, dq_acc.stride(), L.mask,
+        B, H, Lq=Lq, Lk=Lk, D=D, B_PER_PROG=per_prog, **scales, **L.consts,
+    )
+    # fmt: on
+    if a.shared_queries:
+        dq.copy_(dq_acc.sum(dim=0, keepdim=True))
+    LAUNCHES["attention_bwd"] += 1
+    return dq, dk, dv
+
+
+_fwd_op = _schema.python_op(
+    "vlkernels::triton_attention_fwd", A.AttentionArgs, A.FWD_RETURNS, _forward, A.fwd_fake
+)
+_bwd_op = _schema.python_op(
+    "vlkernels::triton_attention_bwd", A.AttentionGradArgs, A.BWD_RETURNS, _backward, A.bwd_fake
+)
+
+BACKEND = _dispatch.Backend("triton", _fwd_op, _bwd_op)

@@ -1,0 +1,74 @@
+"""The Triton backend of the tanh-gated residual: one kernel each way; the gate is read on the
+device (no host synchronisation) and the backward writes dy and per-program partial sums of the
+gate's gradient, reduced on the device."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vlkernels import _dispatch, _schema
+from vlkernels._triton_utils import LAUNCHES, poisoned
+from vlkernels.gated import args as A
+
+BLOCK = 1024
+
+
+@triton.jit
+def _tanh(g):
+    return 2.0 * tl.sigmoid(2.0 * g) - 1.0
+
+
+@triton.jit
+def _gated_fwd(X, Y, G, OUT, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    t = _tanh(tl.load(G).to(tl.float32))
+    x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(Y + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, (x + t * y).to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gated_bwd(DOUT, Y, G, DY, PARTIAL, N, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    t = _tanh(tl.load(G).to(tl.float32))
+    do = tl.load(DOUT + offs, mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(Y + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DY + offs, (t * do).to(DY.dtype.element_ty), mask=ok)
+    tl.store(PARTIAL + pid, tl.sum(do * y, axis=0))
+
+
+def _forward(a: A.GatedResidualArgs) -> torch.Tensor:
+    xf, yf = a.x.contiguous().view(-1), a.y.contiguous().view(-1)
+    out = poisoned(torch.empty_like(xf))
+    n = xf.numel()
+    _gated_fwd[(triton.cdiv(n, BLOCK),)](xf, yf, a.gate, out, n, BLOCK=BLOCK)
+    LAUNCHES["gated_residual_fwd"] += 1
+    return out.view(a.x.shape)
+
+
+def _backward(g: A.GatedResidualGradArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    gf, yf = g.grad_out.contiguous().view(-1), g.y.contiguous().view(-1)
+    n = gf.numel()
+    programs = triton.cdiv(n, BLOCK)
+    dy = poisoned(torch.empty_like(yf))
+    partial = poisoned(g.y.new_empty(programs, dtype=torch.float32))
+    _gated_bwd[(programs,)](gf, yf, g.gate, dy, partial, n, BLOCK=BLOCK)
+    LAUNCHES["gated_residual_bwd"] += 1
+    t = torch.tanh(g.gate.float())
+    dgate = (partial.sum() * (1 - t * t)).to(g.gate.dtype).view(g.gate.shape)
+    return dy.view(g.y.shape), dgate
+
+
+_fwd_op = _schema.python_op(
+    "vlkernels::triton_gated_residual_fwd", A.GatedResidualArgs, A.FWD_RETURNS, _forward, A.fwd_fake
+)
+_bwd_op = _schema.python_op(
+    "vlkernels::triton_gated_residual_bwd", A.GatedResidualGradArgs, A.BWD_RETURNS, _backward, A.bwd_fake
+)
+
+BACKEND = _dispatch.Backend("triton", _fwd_op, _bwd_op)
