@@ -1,12 +1,25 @@
 """Test setup: without a GPU the Triton kernels run on CPU tensors under TRITON_INTERPRET=1, which
 must be set before vlkernels (and its @triton.jit kernels) is imported. Kernel outputs are
-poisoned with NaN (VLK_POISON=1) so that unwritten elements show."""
+poisoned with NaN (VLK_POISON=1) so that unwritten elements show.
+
+The ``backend`` fixture runs a test once per backend of every op: "triton" (the interpreter
+without a GPU), "cuda" (vlkernels._C on a GPU, the CPU emulation of csrc/ elsewhere), "torch"."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["VLK_POISON"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from helpers import BACKENDS, use_cuda_backend
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    if request.param == "cuda":
+        use_cuda_backend(monkeypatch)
+    return request.param

@@ -1,5 +1,5 @@
-"""vlkernels.contrastive_loss against open_clip's losses and literal transcriptions of LAVIS's
-BLIP-2 ITC and BLIP's ITC with queues and momentum distillation; both backends; bad inputs."""
+"""vlkernels.contrastive_loss, every backend, against open_clip's losses and literal transcriptions
+of LAVIS's BLIP-2 ITC and BLIP's ITC with queues and momentum distillation; bad inputs."""
 
 import os
 import subprocess
@@ -9,21 +9,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, LOWP, ON_GPU, assert_launched, check_against_reference, launched, use_cuda_backend
+from helpers import DEVICE, LOWP, ON_GPU, assert_launched, check_against_reference, launched, tolerance
 
 import vlkernels
-from vlkernels import MomentumDistillation, contrastive_loss
+from vlkernels import MomentumDistillation, _schema, contrastive_loss
+from vlkernels.contrastive.args import RowPass, RowPassGrad, RowStats
 from vlkernels.reference import blip2_itc_ref, blip_itc_ref, clip_loss_ref, siglip_loss_ref
-
-BACKENDS = ["triton", "cuda", "torch"]
-
-
-@pytest.fixture(autouse=True)
-def _cuda_backend(request, monkeypatch):
-    """backend="cuda": the built extension on a GPU, the CPU emulation of csrc/ elsewhere."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("backend") == "cuda":
-        use_cuda_backend(monkeypatch)
 
 
 def _feats(N, D, dtype=torch.float32, Q=None, seed=0):
@@ -38,8 +29,9 @@ def _scalar(v):
     return torch.tensor(v, device=DEVICE, requires_grad=True)
 
 
-def _check(ours, ref, inputs, tol=1e-4):
-    """Loss and every gradient (features, scale, bias) of ``ours`` match ``ref`` (float64 inputs)."""
+def _check(ours, ref, inputs, backend="triton"):
+    """Loss and every gradient (features, scale, bias) of ``ours`` match ``ref``."""
+    tol = tolerance("contrastive", backend)
     got = torch.autograd.grad(ours, inputs)
     want = torch.autograd.grad(ref, inputs)
     torch.testing.assert_close(ours.double(), ref.double(), rtol=tol, atol=tol)
@@ -47,57 +39,48 @@ def _check(ours, ref, inputs, tol=1e-4):
         torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
 
 
-def _launched(backend):
-    return launched(backend, "contrastive", "vlkernels" if ON_GPU else "vlkernels_emu")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N,D", [(1, 16), (37, 24), (70, 72)])
 def test_clip_matches_open_clip(backend, N, D):
     from open_clip.loss import ClipLoss
 
     x, y = _feats(N, D)
     s = _scalar(100.0)  # open_clip's clamp: the hardest stable case
-    with _launched(backend):
+    with launched(backend, "contrastive"):
         ours = contrastive_loss(x, y, s, backend=backend)
-        _check(ours, ClipLoss()(x, y, s), (x, y, s))
+        _check(ours, ClipLoss()(x, y, s), (x, y, s), backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_clip_bias_smoothing_and_queues(backend):
     x, y = _feats(45, 32)
     s, b = _scalar(14.0), _scalar(-2.0)
     g = torch.Generator().manual_seed(3)
     nx, ny = (F.normalize(torch.randn(k, 32, generator=g), dim=-1).to(DEVICE) for k in (19, 40))
-    with _launched(backend):
+    with launched(backend, "contrastive"):
         ours = contrastive_loss(
             x, y, s, b, label_smoothing=0.1, image_negatives=nx, text_negatives=ny, backend=backend
         )
-        _check(ours, clip_loss_ref(x, y, s, b, 0.1, nx, ny), (x, y, s, b))
+        _check(ours, clip_loss_ref(x, y, s, b, 0.1, nx, ny), (x, y, s, b), backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N", [1, 37])
 def test_siglip_matches_open_clip(backend, N):
     from open_clip.loss import SigLipLoss
 
     x, y = _feats(N, 40)
     s, b = _scalar(10.0), _scalar(-10.0)
-    with _launched(backend):
+    with launched(backend, "contrastive"):
         ours = contrastive_loss(x, y, s, b, kind="siglip", backend=backend)
-        _check(ours, SigLipLoss()(x, y, s, b), (x, y, s, b))
+        _check(ours, SigLipLoss()(x, y, s, b), (x, y, s, b), backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_blip2_max_over_queries_matches_lavis(backend):
     x, y = _feats(33, 24, Q=5)
     s = _scalar(1 / 0.07)
-    with _launched(backend):
+    with launched(backend, "contrastive"):
         ours = contrastive_loss(x, y, s, label_smoothing=0.1, backend=backend)
-        _check(ours, blip2_itc_ref(x, y, 1 / s, 0.1), (x, y, s))
+        _check(ours, blip2_itc_ref(x, y, 1 / s, 0.1), (x, y, s), backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_blip_queue_and_momentum_distillation_match_blip(backend):
     x, y = _feats(29, 32)
     xm, ym = (t.detach() + 0.05 * torch.randn_like(t) for t in (x, y))
@@ -106,7 +89,7 @@ def test_blip_queue_and_momentum_distillation_match_blip(backend):
         F.normalize(torch.randn(32, 50, generator=g), dim=0).to(DEVICE) for _ in range(2)
     )
     s = _scalar(1 / 0.07)
-    with _launched(backend):
+    with launched(backend, "contrastive"):
         ours = contrastive_loss(
             x,
             y,
@@ -117,25 +100,24 @@ def test_blip_queue_and_momentum_distillation_match_blip(backend):
             backend=backend,
         )
         ref = blip_itc_ref(x, y, xm, ym, image_queue, text_queue, 1 / s, 0.4)
-        _check(ours, ref, (x, y, s))
+        _check(ours, ref, (x, y, s), backend)
 
 
 def test_large_odd_batch_triton():
     x, y = _feats(1030, 16, seed=5)
     s = _scalar(30.0)
-    with _launched("triton"):
+    with launched("triton", "contrastive"):
         ours = contrastive_loss(x, y, s, backend="triton")
         _check(ours, clip_loss_ref(x, y, s), (x, y, s))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_low_precision_two_x_rule(dtype, kind, backend):
     x, y = _feats(64 if ON_GPU else 40, 64, dtype)
     s, b = _scalar(50.0), _scalar(-5.0)
     ref_fn = clip_loss_ref if kind == "clip" else siglip_loss_ref
-    with _launched(backend):
+    with launched(backend, "contrastive"):
         ours = contrastive_loss(x, y, s, b, kind=kind, backend=backend)
         grads = torch.autograd.grad(ours, (x, y, s, b))
     x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
@@ -147,7 +129,7 @@ def test_low_precision_two_x_rule(dtype, kind, backend):
     for name, got, r, lp in zip(
         ("loss", "dx", "dy", "ds", "db"), (ours, *grads), (ref, *ref_grads), (lowp, *lowp_grads), strict=True
     ):
-        check_against_reference(f"{kind} {name}", got, r, lp, dtype)
+        check_against_reference(f"{kind} {name}", got, r, lp, dtype, "contrastive", backend)
 
 
 def test_drop_in_classes_match_open_clip():
@@ -182,36 +164,14 @@ def test_drop_in_classes_match_open_clip():
 def test_opcheck_contrastive_ops():
     x, y = _feats(20, 16)
     s = _scalar(5.0)
-    x3, y3 = x.detach()[:, None], y.detach()[:, None]
     neg = torch.randn(7, 16, device=DEVICE)
-    args = (x3, None, y3, neg, s.detach(), None, "clip", 0, 0)
-    torch.library.opcheck(torch.ops.vlkernels.triton_contrastive_fwd, args)
-    st = torch.ops.vlkernels.triton_contrastive_fwd(*args)
-    torch.library.opcheck(
-        torch.ops.vlkernels.triton_contrastive_bwd,
-        (
-            x3,
-            None,
-            y3,
-            neg,
-            s.detach(),
-            None,
-            st[0],
-            None,
-            st[0],
-            "clip",
-            True,
-            True,
-            0,
-            0,
-            0.1,
-            0.1,
-            0.0,
-            27,
-            27,
-            0.0,
-        ),
+    fwd = RowPass(x.detach()[:, None], y.detach()[:, None], s.detach(), neg=neg)
+    torch.library.opcheck(torch.ops.vlkernels.triton_contrastive_fwd, _schema.flatten(fwd))
+    st = RowStats.of(torch.ops.vlkernels.triton_contrastive_fwd(*_schema.flatten(fwd)))
+    grad = RowPassGrad(
+        fwd, st.lse, lse_col=st.lse, other=True, w_own=0.1, w_other=0.1, n_cls_own=27, n_cls_other=27
     )
+    torch.library.opcheck(torch.ops.vlkernels.triton_contrastive_bwd, _schema.flatten(grad))
 
 
 def _peak_growth_bytes(N, D=64):

@@ -1,137 +1,204 @@
-"""Every Triton kernel compiles to a cubin for sm_80 and sm_90 (fp16, bf16, fp32; every mask
-flag on, and off): the CPU counterpart of the GPU test run, which the interpreter cannot replace
-(it does not type-check the way the compiler does). Runs in a subprocess without
-TRITON_INTERPRET, so that the kernels are real JIT functions."""
+"""Every Triton kernel compiles to a cubin for sm_80 and sm_90, with the arguments its launcher
+passes on a GPU: the CPU counterpart of the GPU test run, which the interpreter cannot replace (it
+does not type-check the way the compiler does).
+
+In a subprocess without TRITON_INTERPRET, the launchers run on fake CUDA tensors
+(FakeTensorMode) with Triton's launch replaced by a recorder; each recorded launch (namedtuple
+arguments, compile-time constants, the first autotune config) is then compiled for its target.
+"""
 
 import os
 import subprocess
 import sys
 import time
 
-DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+import torch
+
+_DTYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 
 
-def _compile(fn, target, ptrs, floats, constexprs):
-    import triton
-    from triton.compiler import ASTSource
+def _signature(value, path, constexprs):
+    """Triton's signature type of ``value``; constants go to ``constexprs`` under their path."""
+    import triton.language as tl
+
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if value is None or isinstance(value, (tl.constexpr, str)):
+        constexprs[path] = value.value if isinstance(value, tl.constexpr) else value
+        return "constexpr"
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    if isinstance(value, tuple):
+        types = [_signature(v, (*path, i), constexprs) for i, v in enumerate(value)]
+        return type(value)(*types) if hasattr(value, "_fields") else tuple(types)
+    raise TypeError(f"no Triton signature type for {type(value).__name__}")
+
+
+def _record(run_launchers):
+    """The launches ``run_launchers()`` makes: (kernel, bound arguments, options) each."""
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
 
-    if isinstance(fn, Autotuner):
-        fn = fn.fn
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name] = "*" + ptrs[name]
-        elif name in floats:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    missing = [n for i, n in enumerate(fn.arg_names) if i in fn.constexprs and n not in constexprs]
-    assert not missing, f"{fn.__name__}: no value for constexpr {missing}"
-    return fn.__name__, triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=target)
+    calls = []
 
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        calls.append((self, args, kwargs, {}))
 
-# (arch, dtype, mask flags, contrastive variant): every flag value is compiled at least once.
-ALL_ON = dict(CAUSAL=True, HAS_KLEN=True, QF_MODE=2, HAS_PREFIX=True, MEDIA=1, HAS_MASK=True)
-OFF = dict(CAUSAL=False, HAS_KLEN=False, QF_MODE=0, HAS_PREFIX=False, MEDIA=0, HAS_MASK=False)
-MIXED = dict(CAUSAL=True, HAS_KLEN=False, QF_MODE=1, HAS_PREFIX=False, MEDIA=2, HAS_MASK=False)
-VARIANTS = [
-    (90, "bf16", ALL_ON, dict(KIND=0, HAS_BIAS=True, DISTILL=True, OWN=True, OTHER=False)),
-    (90, "bf16", OFF, dict(KIND=1, HAS_BIAS=True, DISTILL=False, OWN=True, OTHER=False)),
-    (80, "fp16", MIXED, dict(KIND=0, HAS_BIAS=False, DISTILL=False, OWN=True, OTHER=True)),
-    (90, "fp32", OFF, dict(KIND=0, HAS_BIAS=False, DISTILL=False, OWN=False, OTHER=True)),
-]
+    def tuned_run(self, *args, grid, warmup, **kwargs):
+        config = self.configs[0]
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        calls.append((self.fn, args, {**kwargs, **config.kwargs}, options))
 
-
-def _jobs():
-    import importlib
-
-    from triton.backends.compiler import GPUTarget
-
-    # the modules (the package exports functions named like some of them)
-    A, C, G = (importlib.import_module(f"vlkernels.{m}") for m in ("attention", "contrastive", "gated"))
+    JITFunction.run, Autotuner.run = jit_run, tuned_run
+    run_launchers()
     jobs = []
-    for arch, dt, mask_flags, ctr in VARIANTS:
-        target = GPUTarget("cuda", arch, 32)
-        prec = "ieee" if dt == "fp32" else "tf32"
-        flags = dict(
-            mask_flags,
-            PRECISION=prec,
-            UPCAST=False,
-            BLOCK_D=128 if mask_flags is ALL_ON else 64,
-            BLOCK_M=64,
-            BLOCK_N=64,
-        )
-        mask_ptrs = dict(MASK="u8", KLEN="i32", PREFIX="i32", T2M="i32")
-        io = {n: dt for n in ("Q", "K", "V", "O", "DO", "DK", "DV")}
-        stats = {"LSE": "fp32", "DELTA": "fp32"}
-        jobs += [
-            (A._attn_fwd, target, {**io, **mask_ptrs, "LSE": "fp32"}, {"qk_scale"}, flags),
-            (A._attn_bwd_dkdv, target, {**io, **mask_ptrs, **stats}, {"qk_scale", "sm_scale"}, flags),
-            (
-                A._attn_bwd_dq,
-                target,
-                {**io, **mask_ptrs, **stats, "DQ": "fp32"},
-                {"qk_scale", "sm_scale"},
-                flags,
-            ),
-            (
-                A._attn_bwd_delta,
-                target,
-                {"O": dt, "DO": dt, "DELTA": "fp32"},
-                set(),
-                dict(BLOCK_M=32, BLOCK_D=64),
-            ),
-        ]
-        cblk = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, PRECISION=prec, UPCAST=False)
-        cptrs = dict(R=dt, RM=dt, C=dt, NEG=dt, SCALE="fp32", BIAS="fp32")
-        fwd_flags = {k: ctr[k] for k in ("KIND", "HAS_BIAS", "DISTILL")}
-        jobs += [
-            (C._ctr_fwd, target, {**cptrs, "OUT": "fp32"}, set(), {**cblk, **fwd_flags}),
-            (
-                C._ctr_bwd,
-                target,
-                {**cptrs, "LSE_ROW": "fp32", "LSEM_ROW": "fp32", "LSE_COL": "fp32", "DR": dt, "DSB": "fp32"},
-                {"w_own", "w_other", "smooth", "alpha"},
-                {**cblk, **ctr, "BLOCK_DO": 256},
-            ),
-            (G._gated_fwd, target, {"X": dt, "Y": dt, "G": "fp32", "OUT": dt}, set(), dict(BLOCK=1024)),
-            (
-                G._gated_bwd,
-                target,
-                {"DOUT": dt, "Y": dt, "G": "fp32", "DY": dt, "PARTIAL": "fp32"},
-                set(),
-                dict(BLOCK=1024),
-            ),
-        ]
+    for fn, args, kwargs, options in calls:
+        bound = dict(zip(fn.arg_names, args, strict=False)) | kwargs
+        if "UPCAST" in bound:  # the interpreter's bf16 work-around is off on a GPU
+            bound["UPCAST"] = False
+        sig, constexprs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if i in fn.constexprs:
+                sig[name] = "constexpr"
+                constexprs[(i,)] = bound[name]
+            else:
+                sig[name] = _signature(bound[name], (i,), constexprs)
+        jobs.append((fn.__module__, fn.__name__, sig, constexprs, options))
     return jobs
 
 
-def _run(i):
-    fn, target, ptrs, floats, constexprs = _jobs()[i]
+def _launchers(arch_dtypes):
+    """Run every launcher once per (dtype, variant) on fake CUDA tensors."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vlkernels.attention import triton as attn
+    from vlkernels.attention.args import AttentionArgs, AttentionGradArgs
+    from vlkernels.contrastive import triton as ctr
+    from vlkernels.contrastive.args import RowPass, RowPassGrad
+    from vlkernels.gated import triton as gated
+    from vlkernels.gated.args import GatedResidualArgs, GatedResidualGradArgs
+    from vlkernels.masks import MaskArgs
+
+    def run():
+        sms = mock.Mock(multi_processor_count=132)
+        with FakeTensorMode(), mock.patch("torch.cuda.get_device_properties", return_value=sms):
+            dev = "cuda"
+            for dtype, variant in arch_dtypes:
+                B, H, L, D = 2, 4, 64, 128 if variant == "all_on" else 64
+                q = torch.empty(1 if variant == "mixed" else B, H, L, D, dtype=dtype, device=dev)
+                k = torch.empty(B, 2, L, D, dtype=dtype, device=dev)
+                i32 = torch.empty(B, dtype=torch.int32, device=dev)
+                mask = {
+                    "all_on": MaskArgs(
+                        torch.empty(B, 1, L, L, dtype=torch.bool, device=dev),
+                        i32,
+                        i32,
+                        torch.empty(B, L, dtype=torch.int32, device=dev),
+                        True,
+                        8,
+                        2,
+                        1,
+                        16,
+                    ),
+                    "off": MaskArgs(),
+                    "mixed": MaskArgs(
+                        text_to_media=torch.empty(B, L, dtype=torch.int32, device=dev),
+                        causal=True,
+                        qformer_queries=8,
+                        qformer_mode=1,
+                        media_mode=2,
+                        latents_per_media=16,
+                    ),
+                }[variant]
+                a = AttentionArgs(q, k, k, mask, 0.125)
+                out, lse = attn._forward(a)
+                attn._backward(AttentionGradArgs(out, out, lse, a))
+
+                rows = torch.empty(96, 1, 256, dtype=dtype, device=dev)
+                scale = torch.empty(1, dtype=torch.float32, device=dev)
+                fwd = {
+                    "all_on": RowPass(rows, rows, scale, scale, rows[:40, 0], rows_m=rows),
+                    "off": RowPass(rows, rows, scale, scale, kind="siglip"),
+                    "mixed": RowPass(torch.empty(96, 5, 256, dtype=dtype, device=dev), rows, scale),
+                }[variant]
+                st = ctr._forward(fwd)
+                ctr._backward(RowPassGrad(fwd, st[0], st[3], st[0], own=True, other=variant == "mixed"))
+                if variant == "off":
+                    ctr._backward(
+                        RowPassGrad(fwd._replace(kind="clip"), st[0], None, st[0], own=False, other=True)
+                    )
+
+                x = torch.empty(3, 1000, dtype=dtype, device=dev)
+                gated._forward(GatedResidualArgs(x, x, scale))
+                gated._backward(GatedResidualGradArgs(x, x, scale))
+
+    return run
+
+
+# (arch, dtype, variant): every mask part, every contrastive variant, on each dtype and target
+VARIANTS = [
+    (90, torch.bfloat16, "all_on"),
+    (90, torch.bfloat16, "off"),
+    (80, torch.float16, "mixed"),
+    (90, torch.float32, "off"),
+    (90, torch.float16, "all_on"),
+]
+
+
+def _compile(job):
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+
+    module, name, sig, constexprs, options, arch = job
+    fn = getattr(importlib.import_module(module), name)
+    if isinstance(fn, Autotuner):
+        fn = fn.fn
     t0 = time.perf_counter()
-    name, k = _compile(fn, target, ptrs, floats, constexprs)
+    k = triton.compile(
+        ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32), options=options
+    )
     assert k.asm.get("cubin"), name
-    return f"{name} sm_{target.arch}: {time.perf_counter() - t0:.1f} s"
+    return f"{name} sm_{arch}: {time.perf_counter() - t0:.1f} s"
 
 
 def main():
     from concurrent.futures import ProcessPoolExecutor
 
-    n = len(_jobs())
+    jobs = []
+    for arch, dtype, variant in VARIANTS:
+        jobs += [(*j, arch) for j in _record(_launchers([(dtype, variant)]))]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for line in pool.map(_run, range(n)):
+        for line in pool.map(_compile, jobs):
             print(line, flush=True)
-    print(f"compiled {n} kernels")
+    print(f"compiled {len(jobs)} kernels")
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert "compiled 32 kernels" in out.stdout, out.stdout
+    # per variant: attention fwd, delta, dk/dv, dq; contrastive fwd, bwd (a second bwd for "off");
+    # gated fwd, bwd
+    n = 8 * len(VARIANTS) + sum(v == "off" for _, _, v in VARIANTS)
+    assert f"compiled {n} kernels" in out.stdout, out.stdout
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Mask definitions (to_dense) against hand-written matrices, intersections, and mask errors."""
+"""Mask definitions (to_dense) against hand-written matrices, intersections, mask errors, and the
+lowering (MaskArgs, the interval rule of each backend) against to_dense."""
 
 import pytest
 import torch
+from helpers import DEVICE
 
 from vlkernels import masks
 
@@ -112,3 +114,87 @@ def test_mask_errors():
         masks.media(torch.zeros(1, 3, dtype=torch.long), 2).to_dense(1, 3, 5)
     with pytest.raises(ValueError, match="exceeds the key length"):
         masks.qformer(8, "unimodal").to_dense(1, 4, 4)
+
+
+# -- the lowering: MaskArgs and its interval rule, in every language, against to_dense ----------
+
+
+def _lowering_cases():
+    """(name, Lq, Lk, mask) for every component and the intersections the models use."""
+    g = torch.Generator().manual_seed(0)
+    B = 3
+
+    def lengths(hi, low=0):
+        return torch.randint(low, hi + 1, (B,), generator=g)
+
+    t2m = torch.randint(0, 4, (B, 23), generator=g).sort(dim=1).values
+    cases = [
+        ("causal, Lq < Lk", 23, 48, masks.causal()),
+        ("causal, Lq > Lk", 48, 23, masks.causal()),
+        ("key_padding", 23, 48, masks.key_padding(lengths(48))),
+        ("causal & key_padding", 40, 40, masks.causal() & masks.key_padding(lengths(40))),
+        ("prefix_lm", 40, 40, masks.prefix_lm(lengths(40))),
+        ("prefix_lm & key_padding", 40, 40, masks.prefix_lm(lengths(40)) & masks.key_padding(lengths(40))),
+        ("media immediate", 23, 48, masks.media(t2m, 16, True)),
+        ("media all previous", 23, 48, masks.media(t2m, 16, False)),
+        ("media & key_padding", 23, 48, masks.media(t2m, 16, True) & masks.key_padding(lengths(48))),
+    ]
+    for mode in masks.QFORMER_MODES:
+        cases.append((f"qformer {mode}", 40, 40, masks.qformer(12, mode)))
+        cases.append(
+            (
+                f"qformer {mode} & key_padding",
+                40,
+                40,
+                masks.qformer(12, mode) & masks.key_padding(lengths(40, 12)),
+            )
+        )
+    return cases
+
+
+CASES = _lowering_cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_interval_rule_matches_to_dense(case):
+    """MaskArgs.intervals, the Python statement of what the kernels compute per row."""
+    _, Lq, Lk, m = case
+    B = 3
+    lowered = masks.lower(m, B, 1, Lq, Lk, torch.device("cpu"))
+    assert isinstance(lowered, masks.MaskArgs)
+    lo, hi = lowered.intervals(Lq, Lk, torch.device("cpu"))
+    j = torch.arange(Lk)
+    got = (j >= lo[..., None]) & (j < hi[..., None])
+    assert torch.equal(got.expand(B, Lq, Lk), m.to_dense(B, Lq, Lk)[:, 0])
+    dense = torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(1)) > 0.5
+    both = masks.MaskArgs(dense, *lowered[1:]).allowed(Lq, Lk, torch.device("cpu"))
+    assert torch.equal(both.expand(B, 1, Lq, Lk), m.to_dense(B, Lq, Lk) & dense)
+
+
+def test_each_backend_allows_what_to_dense_allows(backend):
+    """The kernels' own statements of the rule (_row_bounds in Triton, row_bounds in
+    csrc/attention.cu; the torch backend's MaskArgs.allowed): with q = k = 0 every allowed key has
+    the same weight, and v = one-hot keys shows which ones a row attended to."""
+    import vlkernels
+
+    B, D = 3, 64
+    for name, Lq, Lk, m in CASES:
+        m = _to(m, DEVICE)
+        q = torch.zeros(B, 2, Lq, D, device=DEVICE)
+        k = torch.zeros(B, 1, Lk, D, device=DEVICE)
+        v = torch.eye(Lk, D, device=DEVICE).expand(B, 1, Lk, D)
+        out = vlkernels.attention(q, k, v, m, backend=backend)
+        want = m.to_dense(B, Lq, Lk).expand(B, 2, Lq, Lk)
+        assert torch.equal(out[..., :Lk] > 0, want), name
+
+
+def _to(m, device):
+    """The mask with its tensors on ``device``."""
+    from dataclasses import replace
+
+    moved = {
+        f: getattr(m, f).to(device) for f in ("key_lengths", "prefix_lengths") if getattr(m, f) is not None
+    }
+    if m.media is not None:
+        moved["media"] = (m.media[0].to(device), *m.media[1:])
+    return replace(m, **moved)

@@ -1,13 +1,15 @@
-"""torch.library registration (opcheck, torch.compile), backend dispatch, the gated residual op,
-and bad-input errors."""
+"""torch.library registration (opcheck, torch.compile), the argument declarations, backend
+dispatch, and bad-input errors."""
 
 import pytest
 import torch
 from helpers import DEVICE, ON_GPU, assert_launched
 
 import vlkernels
-from vlkernels import masks
-from vlkernels.reference import attention_ref, gated_residual_ref
+from vlkernels import _dispatch, _extension, _schema, masks
+from vlkernels.attention.args import AttentionArgs, AttentionGradArgs
+from vlkernels.masks import MaskArgs
+from vlkernels.reference import attention_ref
 
 
 def _qkv(B=2, H=2, Lq=20, Lk=24, D=32, Bq=None, Hk=None, dtype=torch.float32, grad=True):
@@ -18,40 +20,65 @@ def _qkv(B=2, H=2, Lq=20, Lk=24, D=32, Bq=None, Hk=None, dtype=torch.float32, gr
     return tuple(t.requires_grad_(grad) for t in (q, k, v))
 
 
-def _op_args(mask_kind):
-    q, k, v = _qkv(Bq=1 if mask_kind == "shared" else None, Hk=1)
-    none4 = [None, None, None, None]
+def _op_args(mask_kind) -> AttentionArgs:
+    q, k, v = _qkv(Bq=1 if mask_kind == "shared" else None, Hk=1, grad=False)
     lengths = torch.tensor([10, 24], dtype=torch.int32, device=DEVICE)
     t2m = torch.tensor([[0] * 5 + [1] * 15, [1] * 10 + [3] * 10], dtype=torch.int32, device=DEVICE)
     cases = {
-        "none": (none4, [False, 0, 0, 0, 1]),
-        "shared": (none4, [True, 0, 0, 0, 1]),
-        "dense": ([torch.rand(2, 1, 20, 24, device=DEVICE) > 0.5, None, None, None], [False, 0, 0, 0, 1]),
-        "qformer": ([None, lengths, None, None], [False, 8, 1, 0, 1]),
-        "prefix": ([None, None, lengths, None], [True, 0, 0, 0, 1]),
-        "media": ([None, None, None, t2m], [False, 0, 0, 1, 8]),
+        "none": MaskArgs(),
+        "shared": MaskArgs(causal=True),
+        "dense": MaskArgs(dense_mask=torch.rand(2, 1, 20, 24, device=DEVICE) > 0.5),
+        "qformer": MaskArgs(key_lengths=lengths, qformer_queries=8, qformer_mode=1),
+        "prefix": MaskArgs(prefix_lengths=lengths, causal=True),
+        "media": MaskArgs(text_to_media=t2m, media_mode=1, latents_per_media=8),
     }
-    tensors, ints = cases[mask_kind]
-    return (q, k, v, *tensors, *ints, 0.2)
+    return AttentionArgs(q, k, v, cases[mask_kind], 0.2)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "shared", "dense", "qformer", "prefix", "media"])
 def test_opcheck_attention(mask_kind):
-    torch.library.opcheck(torch.ops.vlkernels.triton_attention_fwd, _op_args(mask_kind))
+    """The backend ops have no autograd of their own (vlkernels.attention's autograd function sits
+    above the backends): opcheck's schema, fake-tensor and AOT-dispatch checks."""
+    torch.library.opcheck(torch.ops.vlkernels.triton_attention_fwd, _schema.flatten(_op_args(mask_kind)))
 
 
 def test_opcheck_attention_backward_and_gated_residual():
-    q, k, v, *rest = _op_args("qformer")
-    q, k, v = q.detach(), k.detach(), v.detach()  # the backward op has no double backward
-    out, lse = torch.ops.vlkernels.triton_attention_fwd(q, k, v, *rest)
-    torch.library.opcheck(
-        torch.ops.vlkernels.triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, *rest)
+    args = _op_args("qformer")
+    out, lse = torch.ops.vlkernels.triton_attention_fwd(*_schema.flatten(args))
+    grad = AttentionGradArgs(torch.randn_like(out), out, lse, args)
+    torch.library.opcheck(torch.ops.vlkernels.triton_attention_bwd, _schema.flatten(grad))
+    x = torch.randn(3, 5, 7, device=DEVICE)
+    gate = torch.tensor([0.3], device=DEVICE)
+    torch.library.opcheck(torch.ops.vlkernels.triton_gated_residual_fwd, (x, torch.randn_like(x), gate))
+    torch.library.opcheck(torch.ops.vlkernels.triton_gated_residual_bwd, (x, torch.randn_like(x), gate))
+
+
+def test_schemas_are_derived_from_the_declarations():
+    """Each op's arguments are declared once, as a NamedTuple: its schema is that list, nested
+    tuples flattened in place, and flatten / unflatten go between the tuple and an op call."""
+    assert _schema.schema(MaskArgs, "()") == (
+        "(Tensor? dense_mask, Tensor? key_lengths, Tensor? prefix_lengths, Tensor? text_to_media, "
+        "bool causal, int qformer_queries, int qformer_mode, int media_mode, int latents_per_media) -> ()"
     )
-    x = torch.randn(3, 5, 7, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.vlkernels.triton_gated_residual_fwd,
-        (x, torch.randn_like(x, requires_grad=True), torch.tensor([0.3], device=DEVICE, requires_grad=True)),
-    )
+    fwd = str(torch.ops.vlkernels.triton_attention_fwd.default._schema)
+    assert fwd.startswith("vlkernels::triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? dense_mask,")
+    assert fwd.endswith("int latents_per_media, float scale) -> (Tensor, Tensor)")
+    for name in ("attention", "contrastive", "gated_residual"):  # the Triton and C++ ops share a declaration
+        for direction in ("fwd", "bwd"):
+            handle = getattr(torch.ops.vlkernels, f"triton_{name}_{direction}").default
+            cpp = next(o for o in _extension._DECLARED if o.name == f"cuda_{name}_{direction}")
+            schema = _schema.schema(cpp.args, cpp.returns)
+            assert str(handle._schema) == f"vlkernels::triton_{name}_{direction}{schema}"
+    args = _op_args("media")
+    assert _schema.unflatten(AttentionArgs, _schema.flatten(args)) == args
+    with pytest.raises(TypeError, match="unique once flattened"):
+        from typing import NamedTuple
+
+        class Twice(NamedTuple):
+            a: MaskArgs
+            b: MaskArgs
+
+        _schema.fields(Twice)
 
 
 def test_torch_compile_fullgraph_forward_backward():
@@ -72,23 +99,6 @@ def test_torch_compile_fullgraph_forward_backward():
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
-def test_gated_residual_matches_reference():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 1000, 7, generator=g).to(DEVICE).requires_grad_()
-    y = torch.randn(3, 1000, 7, generator=g).to(DEVICE).requires_grad_()
-    gate = torch.tensor([0.7], device=DEVICE, requires_grad=True)
-    with assert_launched("gated_residual_fwd", "gated_residual_bwd"):
-        out = vlkernels.gated_residual(x, y, gate, backend="triton")
-        do = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (x, y, gate), do)
-    x64, y64, g64 = (t.detach().double().requires_grad_() for t in (x, y, gate))
-    ref = gated_residual_ref(x64, y64, g64)
-    ref_grads = torch.autograd.grad(ref, (x64, y64, g64), do.double())
-    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
-
-
 def test_backend_selection_and_reasons(monkeypatch):
     q, k, v = _qkv(grad=False)
     with vlkernels.use_backend("torch"):
@@ -98,7 +108,7 @@ def test_backend_selection_and_reasons(monkeypatch):
     if not ON_GPU:
         with pytest.raises(vlkernels.BackendUnavailableError, match="needs CUDA tensors, got cpu"):
             vlkernels.attention(q, k, v, backend="cuda")
-    monkeypatch.setattr(vlkernels._dispatch, "cuda_extension", lambda: None)
+    monkeypatch.setattr(_extension, "get", lambda: None)
     with pytest.raises(vlkernels.BackendUnavailableError, match=r"vlkernels\._C is not built"):
         vlkernels.attention(q, k, v, backend="cuda")
     monkeypatch.undo()
@@ -114,6 +124,24 @@ def test_backend_selection_and_reasons(monkeypatch):
         with pytest.raises(vlkernels.BackendUnavailableError, match="need TRITON_INTERPRET=1"):
             vlkernels.attention(q, k, v, backend="triton")
         torch.testing.assert_close(vlkernels.attention(q, k, v), attention_ref(q, k, v))
+
+
+def test_no_backend_fits_lists_every_reason(monkeypatch):
+    q, k, v = _qkv(grad=False)
+    torch_backend = _dispatch.backends("attention")["torch"]
+    monkeypatch.setattr(torch_backend, "not_supported_reasons", lambda args: ["switched off for this test"])
+    monkeypatch.setattr(_extension, "get", lambda: None)
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(vlkernels.BackendUnavailableError) as info:
+        vlkernels.attention(q, k, v)
+    msg = str(info.value)
+    assert msg.startswith("attention: no backend can serve these inputs: triton: ")
+    assert (
+        r"cuda: " in msg and "vlkernels._C is not built" in msg and "torch: switched off for this test" in msg
+    )
 
 
 def test_info_runs(capsys):
