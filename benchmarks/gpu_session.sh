@@ -13,7 +13,7 @@ fi
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
 python3 -m vlkernels.info 2>&1 | tee "$OUT/info.txt"
 # tests: one block config per kernel (VLK_AUTOTUNE=0), or every new shape would be autotuned
-VLK_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-360}" python3 -m pytest -q -p no:cacheprovider tests 2>VLK_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-360}" python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 \1 \
+VLK_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-360}" python3 -m pytest -q -p no:cacheprovider tests 2>&1 \
   | tee "$OUT/tests.log" | tail -25
 python3 -m vlkernels.demo 2>&1 | tee "$OUT/demo.txt"
 python3 -m benchmarks.run --op attention ${BENCH_FLAGS:---quick} --out "$OUT/results.csv" 2>&1 | tee "$OUT/bench.txt" | tail -60
