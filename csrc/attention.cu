@@ -50,6 +50,7 @@ __device__ __forceinline__ void row_bounds(const MaskArgs& m, int64_t b, int row
     hi = min(hi, t * m.latents_per_media);
     if (m.media_mode == 1) lo = max(lo, (t - 1) * m.latents_per_media);
   }
+  if (m.window > 0) lo = max(lo, row + (Lk - Lq) - m.window + 1);
   if (row >= Lq || lo >= hi) {
     lo = Lk;
     hi = 0;

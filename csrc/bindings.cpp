@@ -222,6 +222,7 @@ Attention attn_args(const Args& in) {
   mk.causal = in.flag("causal");
   mk.qformer_queries = int(in.integer("qformer_queries")), mk.qformer_mode = int(qf_mode);
   mk.media_mode = int(media_mode), mk.latents_per_media = int(lat);
+  mk.window = int(in.integer("window"));
   return r;
 }
 

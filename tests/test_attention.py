@@ -41,6 +41,7 @@ MASKS = {
     "prefix_lm&pad": lambda B, Lq, Lk, g: (
         masks.prefix_lm(_lengths(B, Lk, g)) & masks.key_padding(_lengths(B, Lk, g))
     ),
+    "causal&sliding_window": lambda B, Lq, Lk, g: masks.causal() & masks.sliding_window(13),
     "media_immediate": lambda B, Lq, Lk, g: masks.media(_text_to_media(B, Lq, Lk // 16, g), 16, True),
     "media_all_previous": lambda B, Lq, Lk, g: masks.media(_text_to_media(B, Lq, Lk // 16, g), 16, False),
 }

@@ -79,6 +79,26 @@ def test_media_immediate_and_all_previous():
     ]
 
 
+def test_sliding_window():
+    # bottom-right aligned: 3 queries over 5 keys, each sees the last 2 keys up to its position
+    assert dense(masks.sliding_window(2), 1, 3, 5) == [
+        [
+            [F, T, T, T, T],
+            [F, F, T, T, T],
+            [F, F, F, T, T],
+        ]
+    ]
+    assert dense(masks.causal() & masks.sliding_window(2), 1, 3, 5) == [
+        [
+            [F, T, T, F, F],
+            [F, F, T, T, F],
+            [F, F, F, T, T],
+        ]
+    ]
+    narrow = masks.sliding_window(3) & masks.sliding_window(2)
+    assert torch.equal(narrow.to_dense(1, 4, 4), masks.sliding_window(2).to_dense(1, 4, 4))
+
+
 def test_intersection():
     m = masks.qformer(2, "multimodal_causal") & masks.key_padding(torch.tensor([4]))
     assert dense(m, 1, 5, 5)[0][4] == [T, T, T, T, F]
@@ -112,6 +132,8 @@ def test_mask_errors():
         masks.key_padding(torch.tensor([1, 2])).to_dense(3, 4, 4)
     with pytest.raises(ValueError, match="multiple of latents_per_media=2, got 5"):
         masks.media(torch.zeros(1, 3, dtype=torch.long), 2).to_dense(1, 3, 5)
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        masks.sliding_window(0)
     with pytest.raises(ValueError, match="exceeds the key length"):
         masks.qformer(8, "unimodal").to_dense(1, 4, 4)
 
@@ -138,6 +160,9 @@ def _lowering_cases():
         ("media immediate", 23, 48, masks.media(t2m, 16, True)),
         ("media all previous", 23, 48, masks.media(t2m, 16, False)),
         ("media & key_padding", 23, 48, masks.media(t2m, 16, True) & masks.key_padding(lengths(48))),
+        ("sliding_window", 23, 48, masks.sliding_window(7)),
+        ("causal & sliding_window", 40, 40, masks.causal() & masks.sliding_window(5)),
+        ("sliding_window & key_padding", 48, 23, masks.sliding_window(9) & masks.key_padding(lengths(23))),
     ]
     for mode in masks.QFORMER_MODES:
         cases.append((f"qformer {mode}", 40, 40, masks.qformer(12, mode)))

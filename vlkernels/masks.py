@@ -35,6 +35,7 @@ class Mask:
       qformer:         (num_queries, mode) over the sequence [queries ; text].
       prefix_lengths:  int [B]; key j allowed iff j < prefix_lengths[b] or j <= i.
       media:           (text_to_media int [B, Lq], latents_per_media, only_immediate).
+      window:          key j allowed iff j > i + (Lk - Lq) - window (the last ``window`` keys).
     """
 
     causal: bool = False
@@ -42,6 +43,7 @@ class Mask:
     qformer: tuple[int, str] | None = None
     prefix_lengths: torch.Tensor | None = None
     media: tuple[torch.Tensor, int, bool] | None = None
+    window: int | None = None
 
     def __and__(self, other: Mask) -> Mask:
         if not isinstance(other, Mask):
@@ -65,6 +67,8 @@ class Mask:
                     "pass the intersection as a dense bool mask (Mask.to_dense)"
                 )
             out = replace(out, qformer=other.qformer)
+        if other.window is not None:
+            out = replace(out, window=other.window if self.window is None else min(self.window, other.window))
         if other.media is not None:
             if self.media is not None:
                 raise ValueError("mask: cannot intersect two media masks; pass a dense bool mask instead")
@@ -84,6 +88,8 @@ class Mask:
         if self.media is not None:
             t2m, lat, imm = self.media
             parts.append(f"media(<{tuple(t2m.shape)}>, {lat}, only_immediate={imm})")
+        if self.window is not None:
+            parts.append(f"sliding_window({self.window})")
         return " & ".join(parts) or "Mask()"
 
     def check(self, batch: int, q_len: int, k_len: int, device: torch.device) -> None:
@@ -130,6 +136,8 @@ class Mask:
             text_time = t2m.view(batch, q_len, 1)
             key_time = j // lat + 1
             allowed &= (text_time >= 1) & ((key_time == text_time) if immediate else (key_time <= text_time))
+        if self.window is not None:
+            allowed &= j > i + (k_len - q_len) - self.window
         return allowed.unsqueeze(1)
 
 
@@ -183,6 +191,15 @@ def qformer(num_queries: int, mode: str) -> Mask:
     return Mask(qformer=(num_queries, mode))
 
 
+def sliding_window(window: int) -> Mask:
+    """Local attention (Mistral, Gemma 2): key j allowed iff j > i + (Lk - Lq) - window, the last
+    ``window`` keys up to the query's bottom-right aligned position; with ``causal()`` each query
+    sees itself and the window - 1 keys before it."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"sliding_window: window must be an int >= 1, got {window!r}")
+    return Mask(window=window)
+
+
 def prefix_lm(prefix_lengths: torch.Tensor) -> Mask:
     """PaLI prefix-LM: key j allowed iff j < prefix_lengths[b] or j <= i; int [B]."""
     return Mask(prefix_lengths=_int_tensor("prefix_lm: prefix_lengths", prefix_lengths, 1))
@@ -220,6 +237,7 @@ class MaskArgs(NamedTuple):
     qformer_mode:      index in QFORMER_MODES
     media_mode:        0 no media mask, 1 only the immediate image, 2 all previous images
     latents_per_media: keys per image
+    window:            sliding window (0: none)
     """
 
     dense_mask: torch.Tensor | None = None
@@ -231,6 +249,7 @@ class MaskArgs(NamedTuple):
     qformer_mode: int = 0
     media_mode: int = 0
     latents_per_media: int = 1
+    window: int = 0
 
     def intervals(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The allowed key interval [lo, hi) of every query row: int64 [B or 1, q_len] each
@@ -256,6 +275,8 @@ class MaskArgs(NamedTuple):
             hi = torch.minimum(hi, t * self.latents_per_media)
             if self.media_mode == 1:
                 lo = torch.maximum(lo, (t - 1) * self.latents_per_media)
+        if self.window:
+            lo = torch.maximum(lo, i + (k_len - q_len) - self.window + 1)
         return lo, hi
 
     def allowed(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -311,4 +332,5 @@ def lower(mask, batch: int, heads: int, q_len: int, k_len: int, device: torch.de
         qformer_mode=QFORMER_MODES.index(mode),
         media_mode=MEDIA_MODES[immediate],
         latents_per_media=lat,
+        window=mask.window or 0,
     )

@@ -96,6 +96,8 @@ def _row_bounds(offs_m, b, Lq, Lk, m):
         hi = tl.minimum(hi, t * m.latents_per_media)
         if m.media_mode == 1:
             lo = tl.maximum(lo, (t - 1) * m.latents_per_media)
+    if m.window > 0:
+        lo = tl.maximum(lo, offs_m + (Lk - Lq) - m.window + 1)
     empty = (offs_m >= Lq) | (lo >= hi)
     return tl.where(empty, Lk, lo), tl.where(empty, 0, hi)
 
