@@ -2,13 +2,12 @@
 
 The C++ side registers kernels only (``TORCH_LIBRARY_IMPL``; each kernel reads its arguments by
 name from the op's schema, csrc/bindings.cpp). The schemas come from the op families' argument
-declarations: each family's ``cuda.py`` declares its ops here with ``declare``, and they are
-defined, with their fake kernels, in the namespace of the extension once it is loaded.
+declarations: each family's ``cuda.py`` declares its ops here with ``declare``, which defines
+them, with their fake kernels, in the extension's namespace when the extension is built.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -36,29 +35,36 @@ class CppOp(NamedTuple):
         return _schema.Op(f"{get().ns}::{self.name}", self.args)(args)
 
 
-_DECLARED: list[CppOp] = []
-
-
-def declare(name: str, args: type, returns: str, fake: Callable) -> CppOp:
-    """Declare the C++ op ``name`` (its kernels are in csrc/) with argument tuple ``args``."""
-    op = CppOp(name, args, returns, fake)
-    _DECLARED.append(op)
-    return op
-
-
-def define(ns: str) -> None:
-    """Define every declared op's schema and fake kernel in namespace ``ns`` (``vlkernels`` for
-    ``vlkernels._C``; the tests' CPU emulation of csrc/ registers ``vlkernels_emu``)."""
-    for op in _DECLARED:
-        _schema.cpp_op(f"{ns}::{op.name}", op.args, op.returns, op.fake)
-
-
-@functools.cache
-def get() -> Extension | None:
-    """The loaded extension, or None when it was not built (probed once)."""
+def _load() -> Extension | None:
     try:
         from vlkernels import _C
     except ImportError:
         return None
-    define("vlkernels")
     return Extension("vlkernels", "cuda", _C.ARCHS)
+
+
+# Probed once, at import: calls from traced code (torch.compile) then only read it.
+_BUILT = _load()
+_DECLARED: list[CppOp] = []
+
+
+def declare(name: str, args: type, returns: str, fake: Callable) -> CppOp:
+    """Declare the C++ op ``name`` (its kernels are in csrc/) with argument tuple ``args``; with
+    the extension built, its schema and fake kernel are defined in ``vlkernels`` right away."""
+    op = CppOp(name, args, returns, fake)
+    _DECLARED.append(op)
+    if _BUILT is not None:
+        _schema.cpp_op(f"{_BUILT.ns}::{name}", args, returns, fake)
+    return op
+
+
+def define(ns: str) -> None:
+    """Define every declared op's schema and fake kernel in namespace ``ns`` (the tests' CPU
+    emulation of csrc/ registers its kernels as ``vlkernels_emu``)."""
+    for op in _DECLARED:
+        _schema.cpp_op(f"{ns}::{op.name}", op.args, op.returns, op.fake)
+
+
+def get() -> Extension | None:
+    """The loaded extension, or None when it was not built."""
+    return _BUILT

@@ -66,13 +66,19 @@ def flatten(args) -> tuple:
     return tuple(out)
 
 
+@functools.cache
+def _children(cls) -> tuple:
+    """Per field of ``cls``: its argument tuple type when it nests one, else None."""
+    hints = typing.get_type_hints(cls)
+    return tuple(hints[n] if _is_args(hints[n]) else None for n in cls._fields)
+
+
 def unflatten(cls, values):
     """The ``cls`` tuple of the flat ``values`` (inverse of ``flatten``)."""
     it = iter(values)
 
     def build(c):
-        hints = typing.get_type_hints(c)
-        return c(*(build(hints[n]) if _is_args(hints[n]) else next(it) for n in c._fields))
+        return c(*(next(it) if sub is None else build(sub) for sub in _children(c)))
 
     return build(cls)
 
