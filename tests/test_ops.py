@@ -234,3 +234,11 @@ def test_bad_device_mix_and_gated_residual_errors():
         vlkernels.gated_residual(q, k, torch.ones(1))
     with pytest.raises(TypeError, match=r"y must be a torch\.Tensor"):
         vlkernels.gated_residual(q, 1.0, torch.ones(1))
+
+
+def test_public_submodules_are_attributes():
+    """What the README shows: ``import vlkernels`` is enough for the modules and losses."""
+    import vlkernels as vk
+
+    assert vk.modules.AttentionalPooler and vk.losses.ClipLoss and vk.reference.attention_ref
+    assert vk.masks.sliding_window and callable(vk.attention) and callable(vk.contrastive_loss)
