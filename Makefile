@@ -6,6 +6,9 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 # vlkernels._C (csrc/) is built when nvcc is found; torch guesses CUDA_HOME=/usr/local otherwise
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
+# the GPU machine's Triton (see ../shared/NOTES.md): tests/test_kernels_compile.py compiles every kernel with it too
+GPU_TRITON ?= triton==3.6.0
+export VLK_GPU_TRITON_PATH ?= $(abspath $(VENV))/gpu-triton
 
 $(VENV)/.installed: setup.py Makefile $(wildcard csrc/*)
 	python3 -m venv $(VENV)
@@ -14,6 +17,7 @@ $(VENV)/.installed: setup.py Makefile $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	# open_flamingo pins torch==2.0.1: install it without its dependencies (tests load helpers.py)
 	$(PY) -m pip install -q --no-deps open-flamingo==2.0.1
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VLK_GPU_TRITON_PATH) $(GPU_TRITON)
 	touch $@
 
 .PHONY: install demo test lint

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 _DTYPES = {
@@ -188,11 +189,33 @@ def main():
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for line in pool.map(_compile, jobs):
             print(line, flush=True)
-    print(f"compiled {len(jobs)} kernels")
+    import triton
+
+    print(f"compiled {len(jobs)} kernels with triton {triton.__version__}")
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90():
+def _tritons():
+    """This environment's Triton, and the GPU machine's (VLK_GPU_TRITON_PATH: a directory with
+    another triton package; the Makefile installs 3.6.0 there)."""
+    extra = os.environ.get("VLK_GPU_TRITON_PATH", "")
+    return [
+        None,
+        pytest.param(
+            extra,
+            id="gpu-triton",
+            marks=pytest.mark.skipif(
+                not os.path.isdir(os.path.join(extra, "triton")),
+                reason="VLK_GPU_TRITON_PATH has no triton package",
+            ),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("triton_path", _tritons())
+def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, env.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     # per variant: attention fwd, delta, dk/dv, dq; contrastive fwd, bwd (a second bwd for "off");
