@@ -1,4 +1,4 @@
-"""``python -m benchmarks.run --op {attention,contrastive} [--quick] [--out FILE]``: run one
+"""``python -m benchmarks.run --op {attention,contrastive,models,budget} [--quick] [--out FILE]``: run one
 benchmark module, append what it measured to the CSV and print the medians with their ratio to
 vlkernels in the same run."""
 
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-OPS = ("attention", "contrastive", "models")
+OPS = ("attention", "contrastive", "models", "budget")
 
 
 def main(argv=None) -> None:
@@ -22,6 +22,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=pathlib.Path, default=None, help="CSV to append to")
     args = ap.parse_args(argv)
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if args.op == "budget" and (interp or os.environ.get("VLK_POISON", "0") != "0"):
+        print(
+            "budget: re-running without TRITON_INTERPRET and VLK_POISON (compiled kernels, no NaN fills)",
+            flush=True,
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLK_POISON")}
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]], env)
     if args.op in ("attention", "models") and not torch.cuda.is_available() and not interp:
         print("No GPU: re-running under the Triton interpreter (--quick shapes, no timings)", flush=True)
         env = dict(os.environ, TRITON_INTERPRET="1")
@@ -39,9 +46,12 @@ def main(argv=None) -> None:
         )
     if not measured:
         return
-    out = args.out or RESULTS
+    out = args.out or getattr(module, "RESULTS", RESULTS)
     append_rows(measured, out)
     print(f"\n{len(measured)} rows appended to {out}\n")
+    if hasattr(module, "summary"):
+        module.summary(measured)
+        return
     ours = {
         (r["op"], r["shape"], r["mode"], r["metric"]): r["p50"]
         for r in measured

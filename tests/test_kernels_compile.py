@@ -2,9 +2,9 @@
 passes on a GPU: the CPU counterpart of the GPU test run, which the interpreter cannot replace (it
 does not type-check the way the compiler does).
 
-In a subprocess without TRITON_INTERPRET, the launchers run on fake CUDA tensors
-(FakeTensorMode) with Triton's launch replaced by a recorder; each recorded launch (namedtuple
-arguments, compile-time constants, the first autotune config) is then compiled for its target.
+In a subprocess without TRITON_INTERPRET, the launchers run on fake CUDA tensors with Triton's
+launch replaced by a recorder (benchmarks/static.py); each recorded launch (namedtuple arguments,
+compile-time constants, the first autotune config) is then compiled for its target.
 """
 
 import os
@@ -15,77 +15,20 @@ import time
 import pytest
 import torch
 
-_DTYPES = {
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float32: "fp32",
-    torch.int32: "i32",
-    torch.int64: "i64",
-    torch.uint8: "u8",
-    torch.bool: "i1",
-}
-
-
-def _signature(value, path, constexprs):
-    """Triton's signature type of ``value``; constants go to ``constexprs`` under their path."""
-    import triton.language as tl
-
-    if isinstance(value, torch.Tensor):
-        return "*" + _DTYPES[value.dtype]
-    if value is None or isinstance(value, (tl.constexpr, str)):
-        constexprs[path] = value.value if isinstance(value, tl.constexpr) else value
-        return "constexpr"
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    if isinstance(value, tuple):
-        types = [_signature(v, (*path, i), constexprs) for i, v in enumerate(value)]
-        return type(value)(*types) if hasattr(value, "_fields") else tuple(types)
-    raise TypeError(f"no Triton signature type for {type(value).__name__}")
-
 
 def _record(run_launchers):
-    """The launches ``run_launchers()`` makes: (kernel, bound arguments, options) each."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
+    """The launches ``run_launchers()`` makes, as picklable compile jobs (module, kernel name,
+    signature, constants, options)."""
+    from benchmarks import static
 
-    calls = []
-
-    def jit_run(self, *args, grid, warmup, **kwargs):
-        calls.append((self, args, kwargs, {}))
-
-    def tuned_run(self, *args, grid, warmup, **kwargs):
-        config = self.configs[0]
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        calls.append((self.fn, args, {**kwargs, **config.kwargs}, options))
-
-    JITFunction.run, Autotuner.run = jit_run, tuned_run
-    run_launchers()
-    jobs = []
-    for fn, args, kwargs, options in calls:
-        bound = dict(zip(fn.arg_names, args, strict=False)) | kwargs
-        if "UPCAST" in bound:  # the interpreter's bf16 work-around is off on a GPU
-            bound["UPCAST"] = False
-        sig, constexprs = {}, {}
-        for i, name in enumerate(fn.arg_names):
-            if i in fn.constexprs:
-                sig[name] = "constexpr"
-                constexprs[(i,)] = bound[name]
-            else:
-                sig[name] = _signature(bound[name], (i,), constexprs)
-        jobs.append((fn.__module__, fn.__name__, sig, constexprs, options))
-    return jobs
+    with static.recording() as rec:
+        run_launchers()
+    return [(ln.kernel.__module__, ln.name, *static.signature(ln), ln.options) for ln in rec.launches]
 
 
 def _launchers(arch_dtypes):
     """Run every launcher once per (dtype, variant) on fake CUDA tensors."""
-    from unittest import mock
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    from benchmarks.static import fake_cuda
     from vlkernels.attention import triton as attn
     from vlkernels.attention.args import AttentionArgs, AttentionGradArgs
     from vlkernels.contrastive import triton as ctr
@@ -95,8 +38,7 @@ def _launchers(arch_dtypes):
     from vlkernels.masks import MaskArgs
 
     def run():
-        sms = mock.Mock(multi_processor_count=132)
-        with FakeTensorMode(), mock.patch("torch.cuda.get_device_properties", return_value=sms):
+        with fake_cuda():
             dev = "cuda"
             for dtype, variant in arch_dtypes:
                 B, H, L, D = 2, 4, 64, 128 if variant == "all_on" else 64
@@ -163,19 +105,16 @@ VARIANTS = [
 def _compile(job):
     import importlib
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
+
+    from benchmarks import static
 
     module, name, sig, constexprs, options, arch = job
     fn = getattr(importlib.import_module(module), name)
     if isinstance(fn, Autotuner):
         fn = fn.fn
     t0 = time.perf_counter()
-    k = triton.compile(
-        ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32), options=options
-    )
+    k = static.compile_signature(fn, sig, constexprs, options, arch)
     assert k.asm.get("cubin"), name
     return f"{name} sm_{arch}: {time.perf_counter() - t0:.1f} s"
 
@@ -214,8 +153,8 @@ def _tritons():
 @pytest.mark.parametrize("triton_path", _tritons())
 def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if triton_path:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, env.get("PYTHONPATH")) if p)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ imports from there
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, root, env.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     # per variant: attention fwd, delta, dk/dv, dq; contrastive fwd, bwd (a second bwd for "off");

@@ -1,0 +1,109 @@
+"""The performance budgets of benchmarks/bench_budget.py, without a GPU.
+
+- The FLOP models (a launch's GEMM FLOPs from its grid and the kernel's tile loops) equal the
+  FLOPs of the tl.dot calls the kernels execute under the interpreter, on problems that exercise
+  every loop (masks, empty rows, shared queries, grouped keys, negatives, distillation, queries).
+- Every paper workload stays within its budget (BUDGETS): launches, executed FLOPs over useful,
+  spill bytes, host synchronisations, host time. Budgets are ceilings: a change that makes a
+  workload worse fails here; one that improves it lowers the ceiling.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import DEVICE, ON_GPU
+
+import vlkernels
+from benchmarks import bench_budget, static
+from vlkernels import masks
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="counts the interpreter's tl.dot calls")
+
+
+def _attention_cases():
+    g = torch.Generator().manual_seed(0)
+    t2m = torch.randint(0, 4, (3, 50), generator=g).sort(dim=1).values
+    return [
+        ("none, Lq 50 Lk 70", (2, 2, 2, 2, 50, 70, 40), None),
+        (
+            "causal & key_padding",
+            (3, 3, 2, 1, 70, 70, 32),
+            masks.causal() & masks.key_padding(torch.tensor([70, 33, 0])),
+        ),
+        (
+            "qformer itg & pad, shared queries",
+            (3, 1, 2, 2, 64, 64, 16),
+            masks.qformer(32, "multimodal_causal") & masks.key_padding(torch.tensor([64, 40, 50])),
+        ),
+        ("qformer itc", (2, 2, 2, 2, 64, 64, 16), masks.qformer(24, "unimodal")),
+        ("media immediate", (3, 3, 2, 2, 50, 48, 16), masks.media(t2m, 16, True)),
+        (
+            "prefix_lm & window",
+            (2, 2, 4, 2, 80, 80, 16),
+            masks.prefix_lm(torch.tensor([20, 70])) & masks.sliding_window(24),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _attention_cases(), ids=lambda c: c[0])
+def test_attention_flop_model_counts_the_executed_dots(case):
+    _, (B, Bq, H, Hk, Lq, Lk, D), mask = case
+    q = torch.randn(Bq, H, Lq, D, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, Hk, Lk, D, device=DEVICE, requires_grad=True) for _ in range(2))
+    lowered = masks.lower(mask, B, H, Lq, Lk, DEVICE)
+    with static.counting_dots() as (launches, flops):
+        out = vlkernels.attention(q, k, v, mask, backend="triton")
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert {ln.name for ln in launches} == {"_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    assert sum(bench_budget.launch_flops(ln, lowered) for ln in launches) == flops[0]
+
+
+@pytest.mark.parametrize("kind", ["clip queues", "clip distill", "siglip", "max over queries"])
+def test_contrastive_flop_model_counts_the_executed_dots(kind):
+    g = torch.Generator().manual_seed(1)
+    N, D = 45, 40
+    x = torch.randn(N, 3, D, generator=g) if kind == "max over queries" else torch.randn(N, D, generator=g)
+    y = torch.randn(N, D, generator=g)
+    x, y = (torch.nn.functional.normalize(t, dim=-1).to(DEVICE).requires_grad_() for t in (x, y))
+    s = torch.tensor(10.0, device=DEVICE)
+    kw = {}
+    if kind == "clip queues":
+        kw = dict(
+            image_negatives=torch.randn(20, D, device=DEVICE),
+            text_negatives=torch.randn(37, D, device=DEVICE),
+        )
+    elif kind == "clip distill":
+        kw = dict(
+            text_negatives=torch.randn(37, D, device=DEVICE),
+            distill=vlkernels.MomentumDistillation(x.detach() + 0.1, y.detach(), 0.4),
+        )
+    elif kind == "siglip":
+        kw = dict(kind="siglip", logit_bias=torch.tensor(-5.0, device=DEVICE))
+    with static.counting_dots() as (launches, flops):
+        loss = vlkernels.contrastive_loss(x, y, s, backend="triton", **kw)
+        torch.autograd.grad(loss, (x, y))
+    assert {ln.name for ln in launches} == {"_ctr_fwd", "_ctr_bwd"}
+    assert sum(bench_budget.launch_flops(ln) for ln in launches) == flops[0]
+
+
+def _budgets_in_subprocess():
+    """Every workload's budget, computed in a process without the interpreter (compiled kernels)."""
+    code = "import json, sys; from benchmarks import bench_budget as b; print(json.dumps(b.all_budgets()))"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLK_POISON")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-5000:]
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_every_workload_within_its_budget():
+    measured = _budgets_in_subprocess()
+    over = bench_budget.over_budget(measured)
+    assert not over, "over budget:\n" + "\n".join(over)
