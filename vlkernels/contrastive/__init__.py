@@ -3,16 +3,18 @@ feature queues, BLIP's momentum distillation), SigLIP, BLIP-2's max over queries
 or across the ranks of a process group.
 
 How a call flows: ``api.contrastive_loss`` (checks) -> ``_dispatch.choose`` ->
-``autograd.ContrastiveLoss`` (or ``RingContrastiveLoss`` across ranks), which turns per-row
-statistics into the loss -> the backend's row passes ``forward`` / ``backward``
-(``triton.py``, ``cuda.py``, ``torch.py``). ``args.py`` declares the kernel arguments once.
+``autograd.ContrastiveLoss`` -> the backend's loss (``triton.py``: fused kernels; ``cuda.py``,
+``torch.py`` and distillation: composed from row passes in ``rows.py``). Across ranks:
+``autograd.RingContrastiveLoss`` -> the backend's row passes (the ``contrastive_rows`` family).
+``args.py`` declares the kernel arguments once.
 """
 
 from vlkernels import _dispatch
 from vlkernels.contrastive import cuda, torch, triton
 from vlkernels.contrastive.api import MomentumDistillation, contrastive_loss
 
-for _backend in (triton.BACKEND, cuda.BACKEND, torch.BACKEND):
-    _dispatch.register("contrastive", _backend)
+for _module in (triton, cuda, torch):
+    _dispatch.register("contrastive", _module.BACKEND)
+    _dispatch.register("contrastive_rows", _module.ROWS)
 
 __all__ = ["MomentumDistillation", "contrastive_loss"]

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from vlkernels import _dispatch
-from vlkernels.contrastive.args import KINDS, RowPass
+from vlkernels.contrastive.args import KINDS, LossArgs, RowPass
 from vlkernels.contrastive.autograd import ContrastiveLoss, RingContrastiveLoss
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -142,9 +142,6 @@ def contrastive_loss(
         distill,
         device,
     )
-    rows = image_features if image_features.dim() == 3 else image_features[:, None]
-    problem = RowPass(rows, text_features[:, None], logit_scale, logit_bias, kind=kind)
-    chosen = _dispatch.choose("contrastive", backend, problem).name
     smooth = float(label_smoothing)
     # copies of the queues: BLIP updates them in place right after the loss, before the backward
     neg_x = None if image_negatives is None else image_negatives.detach().clone()
@@ -155,8 +152,14 @@ def contrastive_loss(
         if dist.get_world_size(group) > 1:
             if distill is not None:
                 raise ValueError("contrastive_loss: distill is not supported with a process group yet")
+            rows = image_features if image_features.dim() == 3 else image_features[:, None]
+            problem = RowPass(rows, text_features[:, None], logit_scale, logit_bias, kind=kind)
+            chosen = _dispatch.choose("contrastive_rows", backend, problem).name
             args = (image_features, text_features, logit_scale, logit_bias, neg_x, neg_y)
             return RingContrastiveLoss.apply(chosen, *args, kind, smooth, group)
+    chosen = _dispatch.choose(
+        "contrastive", backend, LossArgs(image_features, text_features, logit_scale)
+    ).name
     xm = ym = None
     alpha = 0.0
     if distill is not None:

@@ -1,11 +1,16 @@
-"""The kernel arguments of the contrastive row passes, declared once (schema order), and their
-outputs by name. Every backend takes these tuples; the op schemas (Triton and C++), fake kernels
-and launchers derive from them.
+"""The kernel arguments of the contrastive losses, declared once (schema order), and their outputs
+by name. Every backend takes these tuples; the op schemas (Triton and C++), fake kernels and
+launchers derive from them.
 
-A row pass works on "rows" (one side's features) against "columns": the other side's features,
-then the negatives. The forward keeps a few statistics per row; the backward recomputes each
-logit tile and turns it into dLoss/dlogit: the rows' own direction (softmax over the row) plus,
-when the columns are the other direction's rows, that direction's term (softmax over the column).
+Two levels:
+- ``LossArgs`` / ``LossGradArgs``: the whole loss on one device, forward (the loss and each row's
+  statistics) and backward (every gradient). The Triton backend runs them as fused kernels; every
+  backend can compose them from row passes (``contrastive/rows.py``).
+- ``RowPass`` / ``RowPassGrad``: "rows" (one side's features) against "columns" (the other
+  side's features, then the negatives). The forward keeps a few statistics per row; the backward
+  recomputes each logit tile and turns it into dLoss/dlogit: the rows' own direction (softmax over
+  the row) plus, when the columns are the other direction's rows, that direction's term (softmax
+  over the column). The ring across ranks and momentum distillation are built from them.
 """
 
 from __future__ import annotations
@@ -52,6 +57,36 @@ FWD_RETURNS = "Tensor"
 BWD_RETURNS = "(Tensor, Tensor)"
 
 
+class LossArgs(NamedTuple):
+    """Forward of the loss on one device: (loss [] fp32, stats [2, 5, N] fp32: RowStats of the
+    image rows and of the text rows)."""
+
+    x: torch.Tensor  # image features [N, D], or [N, Q, D] (similarity: max over the Q queries)
+    y: torch.Tensor  # text features [N, D]
+    scale: torch.Tensor  # one element, already exponentiated
+    bias: torch.Tensor | None = None  # one element
+    neg_x: torch.Tensor | None = None  # [Kx, D] extra columns of the text rows (image queue)
+    neg_y: torch.Tensor | None = None  # [Ky, D] extra columns of the image rows (text queue)
+    xm: torch.Tensor | None = None  # distillation: momentum image features like x
+    ym: torch.Tensor | None = None  # distillation: momentum text features like y
+    kind: str = "clip"  # one of KINDS
+    smooth: float = 0.0  # label smoothing
+    alpha: float = 0.0  # distillation weight
+
+
+class LossGradArgs(NamedTuple):
+    """Backward of the loss: (dx, dy, d_scale, d_bias) shaped like x, y, scale and bias (or scale
+    when there is no bias)."""
+
+    grad_loss: torch.Tensor  # [] the loss's gradient
+    stats: torch.Tensor  # [2, 5, N] from the forward
+    fwd: LossArgs
+
+
+LOSS_FWD_RETURNS = "(Tensor, Tensor)"
+LOSS_BWD_RETURNS = "(Tensor, Tensor, Tensor, Tensor)"
+
+
 class RowStats(NamedTuple):
     """The forward's output [5, M] fp32, by name."""
 
@@ -78,6 +113,17 @@ class ScaleBiasSums(NamedTuple):
     @classmethod
     def of(cls, t: torch.Tensor) -> ScaleBiasSums:
         return cls(*t.unbind(0))
+
+
+def loss_fwd_fake(a: LossArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    stats = a.y.new_empty((2, len(RowStats._fields), a.y.shape[0]), dtype=torch.float32)
+    return a.y.new_empty((), dtype=torch.float32), stats
+
+
+def loss_bwd_fake(g: LossGradArgs) -> tuple[torch.Tensor, ...]:
+    a = g.fwd
+    bias = a.bias if a.bias is not None else a.scale
+    return torch.empty_like(a.x), torch.empty_like(a.y), torch.empty_like(a.scale), torch.empty_like(bias)
 
 
 def fwd_fake(a: RowPass) -> torch.Tensor:

@@ -1,17 +1,18 @@
-"""The contrastive loss from row passes, above the backends: ``ContrastiveLoss`` on one device and
-``RingContrastiveLoss`` across the ranks of a process group. Both ask the chosen backend for the
-row passes of ``contrastive.args`` and turn the per-row statistics into the loss."""
+"""The contrastive loss above the backends: ``ContrastiveLoss`` on one device (the backend's
+``contrastive`` loss-level forward and backward) and ``RingContrastiveLoss`` across the ranks of a
+process group (the backend's ``contrastive_rows`` row passes, feature blocks travelling in a ring)."""
 
 from __future__ import annotations
 
 import torch
 
-from vlkernels import _dispatch
-from vlkernels.contrastive.args import RowPass, RowPassGrad, RowStats, ScaleBiasSums
+from vlkernels import _dispatch, _schema
+from vlkernels.contrastive.args import LossArgs, LossGradArgs, RowPass, RowPassGrad, RowStats, ScaleBiasSums
+from vlkernels.contrastive.rows import as3, clip_loss, scale_grads
 
 
-def _backend(name: str):
-    return _dispatch.backends("contrastive")[name]
+def _backend(family: str, name: str):
+    return _dispatch.backends(family)[name]
 
 
 def _grad(impl, fwd: RowPass, **kw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,113 +20,23 @@ def _grad(impl, fwd: RowPass, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     return impl.backward(RowPassGrad(fwd, **kw))
 
 
-def _row_losses(st: RowStats, smooth, n_cls, alpha, distill):
-    """Per-row cross-entropy from the statistics (label smoothing over n_cls, or distillation)."""
-    if distill:
-        return st.lse - alpha * st.weighted - (1 - alpha) * st.pos
-    return st.lse - (1 - smooth) * st.pos - smooth * st.tot / n_cls
-
-
-def _clip_loss(st_i, st_t, smooth, n_cls_i, n_cls_t, alpha=0.0, distill=False):
-    """½ (mean image-to-text + mean text-to-image cross-entropy) from both directions' [5, M] statistics."""
-    return 0.5 * (
-        _row_losses(RowStats.of(st_i), smooth, n_cls_i, alpha, distill).mean()
-        + _row_losses(RowStats.of(st_t), smooth, n_cls_t, alpha, distill).mean()
-    )
-
-
-def _as3(t):
-    return None if t is None else (t if t.dim() == 3 else t[:, None])
-
-
-def _scale_grads(ds, db, scale, bias):
-    d_scale = ds.to(scale.dtype).reshape(scale.shape)
-    d_bias = None if bias is None else db.to(bias.dtype).reshape(bias.shape)
-    return d_scale, d_bias
-
-
 class ContrastiveLoss(torch.autograd.Function):
-    """Loss on one device: both directions' row passes forward, two fused row passes backward."""
+    """The loss on one device: the backend's forward gives the loss and each row's statistics,
+    its backward every gradient."""
 
     @staticmethod
     def forward(ctx, backend, x, y, scale, bias, neg_x, neg_y, xm, ym, kind, smooth, alpha):
-        impl = _backend(backend)
-        x3, y3, xm3, ym3 = _as3(x), _as3(y), _as3(xm), _as3(ym)
-        N = x.shape[0]
-        distill = xm is not None
-        if kind == "siglip":
-            st = impl.forward(RowPass(x3, y3, scale, bias, kind="siglip"))
-            loss = RowStats.of(st).tot.sum() / N
-            ctx.save_for_backward(x3, y3, scale, bias, st)
-        else:
-            kx, ky = (0 if t is None else t.shape[0] for t in (neg_x, neg_y))
-            st_i = impl.forward(RowPass(x3, ym3 if distill else y3, scale, bias, neg=neg_y, rows_m=xm3))
-            st_t = impl.forward(RowPass(y3, xm3 if distill else x3, scale, bias, neg=neg_x, rows_m=ym3))
-            loss = _clip_loss(st_i, st_t, smooth, N + ky, N + kx, alpha, distill)
-            ctx.save_for_backward(x3, y3, scale, bias, neg_x, neg_y, xm3, ym3, st_i, st_t)
-        ctx.conf = (kind, smooth, alpha, backend, x.shape, y.shape)
+        args = LossArgs(x, y, scale, bias, neg_x, neg_y, xm, ym, kind, smooth, alpha)
+        loss, stats = _backend("contrastive", backend).forward(args)
+        ctx.backend = backend
+        _schema.stash(ctx, LossGradArgs(None, stats, args))
         return loss
 
     @staticmethod
     def backward(ctx, gout):
-        kind, smooth, alpha, backend, x_shape, y_shape = ctx.conf
-        impl = _backend(backend)
-        if kind == "siglip":
-            x3, y3, scale, bias, st = ctx.saved_tensors
-            lse, w = RowStats.of(st).lse, 1.0 / x3.shape[0]
-            dx, sums = _grad(impl, RowPass(x3, y3, scale, bias, kind="siglip"), lse_row=lse, w_own=w)
-            dy, _ = _grad(impl, RowPass(y3, x3, scale, bias, kind="siglip"), lse_row=lse, w_own=w)
-            sums = ScaleBiasSums.of(sums)
-            ds, db = sums.ds_cols, sums.db_cols
-        else:
-            x3, y3, scale, bias, neg_x, neg_y, xm3, ym3, st_i, st_t = ctx.saved_tensors
-            st_i, st_t = RowStats.of(st_i), RowStats.of(st_t)
-            N = x3.shape[0]
-            kx, ky = (0 if t is None else t.shape[0] for t in (neg_x, neg_y))
-            w = 0.5 / N
-            if xm3 is not None:  # distillation: columns are momentum features, no "other" term
-                img = RowPass(x3, ym3, scale, bias, neg=neg_y, rows_m=xm3)
-                txt = RowPass(y3, xm3, scale, bias, neg=neg_x, rows_m=ym3)
-                dx, s1 = _grad(
-                    impl, img, lse_row=st_i.lse, lsem_row=st_i.lse_m, w_own=w, n_cls_own=N + ky, alpha=alpha
-                )
-                dy, s2 = _grad(
-                    impl, txt, lse_row=st_t.lse, lsem_row=st_t.lse_m, w_own=w, n_cls_own=N + kx, alpha=alpha
-                )
-                s1, s2 = ScaleBiasSums.of(s1), ScaleBiasSums.of(s2)
-                ds = s1.ds_cols + s1.ds_neg + s2.ds_cols + s2.ds_neg
-                db = s1.db_cols + s1.db_neg + s2.db_cols + s2.db_neg
-            else:  # the N x N block carries both directions' terms: count it once for the scale
-                both = dict(other=True, w_own=w, w_other=w, smooth=smooth)
-                dx, s1 = _grad(
-                    impl,
-                    RowPass(x3, y3, scale, bias, neg=neg_y),
-                    lse_row=st_i.lse,
-                    lse_col=st_t.lse,
-                    n_cls_own=N + ky,
-                    n_cls_other=N + kx,
-                    **both,
-                )
-                dy, s2 = _grad(
-                    impl,
-                    RowPass(y3, x3, scale, bias, neg=neg_x),
-                    lse_row=st_t.lse,
-                    lse_col=st_i.lse,
-                    n_cls_own=N + kx,
-                    n_cls_other=N + ky,
-                    **both,
-                )
-                s1, s2 = ScaleBiasSums.of(s1), ScaleBiasSums.of(s2)
-                ds, db = s1.ds_cols + s1.ds_neg + s2.ds_neg, s1.db_cols + s1.db_neg + s2.db_neg
-        d_scale, d_bias = _scale_grads(ds * gout, db * gout, scale, bias)
-        return (
-            None,
-            (dx * gout.to(dx.dtype)).reshape(x_shape),
-            (dy * gout.to(dy.dtype)).reshape(y_shape),
-            d_scale,
-            d_bias,
-            *(None,) * 7,
-        )
+        g = _schema.unstash(ctx)._replace(grad_loss=gout)
+        dx, dy, d_scale, d_bias = _backend("contrastive", ctx.backend).backward(g)
+        return None, dx, dy, d_scale, d_bias if g.fwd.bias is not None else None, *(None,) * 7
 
 
 def _ring_pass(tensors, group):
@@ -159,7 +70,7 @@ class RingContrastiveLoss(torch.autograd.Function):
     def forward(ctx, backend, x, y, scale, bias, neg_x, neg_y, kind, smooth, group):
         import torch.distributed as dist
 
-        impl = _backend(backend)
+        impl = _backend("contrastive_rows", backend)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n = x.shape[0]
         sizes = torch.tensor([n, -n], device=x.device)
@@ -169,7 +80,7 @@ class RingContrastiveLoss(torch.autograd.Function):
                 f"contrastive_loss: every rank must pass the same number of rows; this rank "
                 f"has {n}, others between {-sizes[1].item()} and {sizes[0].item()}"
             )
-        x3, y3 = _as3(x).contiguous(), _as3(y).contiguous()
+        x3, y3 = as3(x).contiguous(), as3(y).contiguous()
         kx, ky = (0 if t is None else t.shape[0] for t in (neg_x, neg_y))
         xb, yb = x3, y3
         st_i = st_t = None
@@ -192,7 +103,7 @@ class RingContrastiveLoss(torch.autograd.Function):
             loss = RowStats.of(st_i).tot.sum() / n
             ctx.save_for_backward(x3, y3, scale, bias, st_i)
         else:
-            loss = _clip_loss(st_i, st_t, smooth, N + ky, N + kx)
+            loss = clip_loss(st_i, st_t, smooth, N + ky, N + kx)
             ctx.save_for_backward(x3, y3, scale, bias, neg_x, neg_y, st_i, st_t)
         ctx.conf = (kind, smooth, backend, group, x.shape, y.shape)
         return loss
@@ -202,7 +113,7 @@ class RingContrastiveLoss(torch.autograd.Function):
         import torch.distributed as dist
 
         kind, smooth, backend, group, x_shape, y_shape = ctx.conf
-        impl = _backend(backend)
+        impl = _backend("contrastive_rows", backend)
         if kind == "siglip":
             x3, y3, scale, bias, st_i = ctx.saved_tensors
             neg_x = neg_y = st_t = None
@@ -274,7 +185,7 @@ class RingContrastiveLoss(torch.autograd.Function):
         gx = (dx + dxb) * gout
         gy = (dy + dyb) * gout
         sums = ScaleBiasSums.of(dsb)
-        d_scale, d_bias = _scale_grads(
+        d_scale, d_bias = scale_grads(
             (sums.ds_cols + sums.ds_neg) * gout, (sums.db_cols + sums.db_neg) * gout, scale, bias
         )
         return (
@@ -282,6 +193,6 @@ class RingContrastiveLoss(torch.autograd.Function):
             gx.to(x3.dtype).reshape(x_shape),
             gy.to(y3.dtype).reshape(y_shape),
             d_scale,
-            d_bias,
+            d_bias if bias is not None else None,
             *(None,) * 5,
         )

@@ -1,5 +1,6 @@
-"""The PyTorch backend of the contrastive row passes: the kernels' arithmetic a chunk of rows at a
-time (at most 2**20 logits at once), so memory stays O(N·D) on any device."""
+"""The PyTorch backend of the contrastive losses: the row passes in the kernels' arithmetic, a chunk
+of rows at a time (at most 2**20 logits at once), so memory stays O(N·D) on any device, and the
+loss composed from them (``contrastive/rows.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from vlkernels import _dispatch
 from vlkernels.contrastive import args as A
+from vlkernels.contrastive import rows
 
 
 def _chunk_rows(M, n_cols, q):
@@ -122,4 +124,7 @@ def _backward(g: A.RowPassGrad) -> tuple[torch.Tensor, torch.Tensor]:
     return dr.to(rows.dtype), dsb
 
 
-BACKEND = _dispatch.Backend("torch", _forward, _backward)
+ROWS = _dispatch.Backend("torch", _forward, _backward)
+BACKEND = _dispatch.Backend(
+    "torch", lambda a: rows.loss_forward(ROWS, a), lambda g: rows.loss_backward(ROWS, g)
+)
