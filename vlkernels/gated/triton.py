@@ -1,6 +1,6 @@
-"""The Triton backend of the tanh-gated residual: one kernel each way; the gate is read on the
-device (no host synchronisation) and the backward writes dy and per-program partial sums of the
-gate's gradient, reduced on the device."""
+"""The Triton backend of the tanh-gated residual: one kernel forward, two backward; the gate is
+read on the device (no host synchronisation). The backward writes dy and per-program partial sums
+of ``Σ dout·y``; a one-program kernel reduces them into the gate's gradient, ``Σ·(1 − tanh²)``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def _gated_bwd(DOUT, Y, G, DY, PARTIAL, N, BLOCK: tl.constexpr):
     tl.store(PARTIAL + pid, tl.sum(do * y, axis=0))
 
 
+@triton.jit
+def _gated_dgate(PARTIAL, G, DG, P, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in tl.range(0, P, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(PARTIAL + offs, mask=offs < P, other=0.0)
+    t = _tanh(tl.load(G).to(tl.float32))
+    tl.store(DG, (tl.sum(acc, axis=0) * (1.0 - t * t)).to(DG.dtype.element_ty))
+
+
 def _forward(a: A.GatedResidualArgs) -> torch.Tensor:
     xf, yf = a.x.contiguous().view(-1), a.y.contiguous().view(-1)
     out = poisoned(torch.empty_like(xf))
@@ -57,10 +67,10 @@ def _backward(g: A.GatedResidualGradArgs) -> tuple[torch.Tensor, torch.Tensor]:
     programs = triton.cdiv(n, BLOCK)
     dy = poisoned(torch.empty_like(yf))
     partial = poisoned(g.y.new_empty(programs, dtype=torch.float32))
+    dgate = poisoned(torch.empty_like(g.gate))
     _gated_bwd[(programs,)](gf, yf, g.gate, dy, partial, n, BLOCK=BLOCK)
+    _gated_dgate[(1,)](partial, g.gate, dgate, programs, BLOCK=BLOCK)
     LAUNCHES["gated_residual_bwd"] += 1
-    t = torch.tanh(g.gate.float())
-    dgate = (partial.sum() * (1 - t * t)).to(g.gate.dtype).view(g.gate.shape)
     return dy.view(g.y.shape), dgate
 
 
