@@ -229,9 +229,9 @@ class MaskArgs(NamedTuple):
     batch ``b`` one key interval (``intervals``); ``dense_mask`` applies on top, element-wise.
 
     dense_mask:        bool, broadcastable to [B, H, Lq, Lk] (True = may attend)
-    key_lengths:       int32 [B]
-    prefix_lengths:    int32 [B]
-    text_to_media:     int32 [B, Lq]
+    key_lengths:       int32 or int64 [B]
+    prefix_lengths:    int32 or int64 [B]
+    text_to_media:     int32 or int64 [B, Lq]
     causal:            bottom-right aligned
     qformer_queries:   the number of learned queries of the qformer mask
     qformer_mode:      index in QFORMER_MODES
@@ -318,15 +318,15 @@ def lower(mask, batch: int, heads: int, q_len: int, k_len: int, device: torch.de
         )
     mask.check(batch, q_len, k_len, device)
 
-    def i32(t):
-        return None if t is None else t.to(torch.int32).contiguous()
+    def flat(t):  # the kernels index the lengths as contiguous; no copy when they are
+        return None if t is None else t.contiguous()
 
     nq, mode = mask.qformer if mask.qformer is not None else (0, "bidirectional")
     t2m, lat, immediate = mask.media if mask.media is not None else (None, 1, None)
     return MaskArgs(
-        key_lengths=i32(mask.key_lengths),
-        prefix_lengths=i32(mask.prefix_lengths),
-        text_to_media=i32(t2m),
+        key_lengths=flat(mask.key_lengths),
+        prefix_lengths=flat(mask.prefix_lengths),
+        text_to_media=t2m,
         causal=mask.causal,
         qformer_queries=nq,
         qformer_mode=QFORMER_MODES.index(mode),

@@ -4,10 +4,33 @@ shared queries, grouped keys on mma.sync tensor cores; fp16, bf16, fp32; CUDA te
 
 from __future__ import annotations
 
+import torch
+
 from vlkernels import _dispatch, _extension
 from vlkernels.attention import args as A
+from vlkernels.masks import MaskArgs
 
 _fwd_op = _extension.declare("cuda_attention_fwd", A.AttentionArgs, A.FWD_RETURNS, A.fwd_fake)
 _bwd_op = _extension.declare("cuda_attention_bwd", A.AttentionGradArgs, A.BWD_RETURNS, A.bwd_fake)
 
-BACKEND = _dispatch.Backend("cuda", _fwd_op, _bwd_op)
+
+def _int32(m: MaskArgs) -> MaskArgs:
+    """The mask with its int64 metadata as int32 (what csrc/attention.cu reads)."""
+    return m._replace(
+        **{
+            f: v.int()
+            for f, v in zip(m._fields, m, strict=True)
+            if isinstance(v, torch.Tensor) and v.dtype == torch.int64
+        }
+    )
+
+
+def _forward(a: A.AttentionArgs):
+    return _fwd_op(a._replace(mask=_int32(a.mask)))
+
+
+def _backward(g: A.AttentionGradArgs):
+    return _bwd_op(g._replace(fwd=g.fwd._replace(mask=_int32(g.fwd.mask))))
+
+
+BACKEND = _dispatch.Backend("cuda", _forward, _backward)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from vlkernels import _dispatch, _schema
+from vlkernels._dispatch import interpreter_on
 from vlkernels._triton_utils import LAUNCHES, autotuned, next_pow2, poisoned
 from vlkernels.attention import args as A
 from vlkernels.masks import MaskArgs
@@ -73,6 +74,13 @@ def _block(P, stride, b, h, rows, cols):
 
 
 @triton.jit
+def _clamped(x, low, high):
+    """A mask value (int32 or int64) as int32 in [low, high], where it gives the same intervals:
+    the interval arithmetic stays in int32 (loop bounds the pipeliner takes), any length is safe."""
+    return tl.minimum(tl.maximum(x, low), high).to(tl.int32)
+
+
+@triton.jit
 def _row_bounds(offs_m, b, Lq, Lk, m):
     """Allowed key interval [lo, hi) of each query row (masks.MaskArgs.intervals); empty rows
     get [Lk, 0)."""
@@ -82,17 +90,18 @@ def _row_bounds(offs_m, b, Lq, Lk, m):
     if m.causal:
         hi = tl.minimum(hi, offs_m + (Lk - Lq) + 1)
     if m.key_lengths is not None:
-        hi = tl.minimum(hi, tl.load(m.key_lengths + b))
+        hi = tl.minimum(hi, _clamped(tl.load(m.key_lengths + b), -1, Lk))
     if m.qformer_mode == 1:  # multimodal causal: queries -> queries; text -> queries + text up to itself
         hi = tl.minimum(hi, tl.where(offs_m < nq, nq, tl.maximum(offs_m + 1, nq)))
     if m.qformer_mode == 2:  # unimodal: queries -> queries; text -> text
         hi = tl.minimum(hi, tl.where(offs_m < nq, nq, Lk))
         lo = tl.maximum(lo, tl.where(offs_m < nq, 0, nq))
     if m.prefix_lengths is not None:
-        hi = tl.minimum(hi, tl.maximum(tl.load(m.prefix_lengths + b), offs_m + 1))
+        hi = tl.minimum(hi, tl.maximum(_clamped(tl.load(m.prefix_lengths + b), -1, Lk), offs_m + 1))
     if m.media_mode != 0:  # 1: only the immediately preceding image, 2: all previous images
         t2m = m.text_to_media
         t = tl.load(t2m.ptr + b * t2m.stride[0] + offs_m * t2m.stride[2], mask=offs_m < Lq, other=0)
+        t = _clamped(t, -1, Lk // m.latents_per_media + 1)
         hi = tl.minimum(hi, t * m.latents_per_media)
         if m.media_mode == 1:
             lo = tl.maximum(lo, (t - 1) * m.latents_per_media)
@@ -147,12 +156,44 @@ def _configs(pairs):
 
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
-_FWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (32, 32, 4, 1)])
-_BWD_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 64, 4, 1)])
+_FWD_CONFIGS = _configs(
+    [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+)
+_BWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 1), (16, 64, 4, 1)])
 _KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", "MASK_KEY"]
 
 
-@autotuned(_FWD_CONFIGS, _KEY, _INTERPRET_CONFIG)
+def _fit(configs, args):
+    """The configs whose tiles are no larger than the problem (rounded up to a power of two): a
+    larger tile does the same work on more padding. All of them if none is."""
+    fit = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= args["LQ_KEY"] and c.kwargs["BLOCK_N"] <= args["LK_KEY"]
+    ]
+    return fit or configs
+
+
+def _bwd_prune(block: str, length: str):
+    """The backward's configs for a kernel's arguments: with FUSED a program holds every key (dk/dv:
+    BLOCK_N >= Lk) or every query (dq: BLOCK_M >= Lq); from head dim 128 on, no 64 x 64 tile (its
+    dk, dv and dq accumulators spill); then ``_fit``."""
+
+    def prune(configs, args):
+        return _fit(
+            [
+                c
+                for c in configs
+                if (not args.get("FUSED") or c.kwargs[block] >= args[length])
+                and (args["BLOCK_D"] < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 64)
+            ],
+            args,
+        )
+
+    return prune
+
+
+@autotuned(_FWD_CONFIGS, _KEY, _INTERPRET_CONFIG, prune=_fit)
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, LQ_KEY, LK_KEY,
@@ -169,8 +210,8 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in tl.range(n_start, n_end, BLOCK_N):
-        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
+    for it in tl.range(0, tl.cdiv(n_end - n_start, BLOCK_N)):  # from 0: Triton pipelines such loops
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         s = tl.where(_allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -205,15 +246,19 @@ def _attn_bwd_delta(O, DO, DELTA, so, sdo, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
     tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
-@autotuned(_BWD_CONFIGS, _KEY, _INTERPRET_CONFIG)
+@autotuned(_BWD_CONFIGS, [*_KEY, "FUSED"], _INTERPRET_CONFIG, prune=_bwd_prune("BLOCK_N", "Lk"))
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, sq, sk, sv, sdo, sdk, sdv, mask, H, Hk, GROUP, Lq, Lk, D,
-    qk_scale, sm_scale, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, so, sdo, sdq, sdk, sdv, mask, H, Hk, GROUP, Lq, Lk, D,
+    qk_scale, sm_scale, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, FUSED: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one key tile: loops over the GROUP query heads sharing it and over the query
-    tiles whose allowed intervals touch it."""
+    tiles from the first to the last whose allowed intervals touch it (found first, so that the
+    main loop has no branch and Triton pipelines it; a tile between them that does not touch the
+    key tile contributes zeros). FUSED (the tile holds every key, queries not shared): the whole
+    backward in one pass, FlashAttention's five GEMMs: delta from O and DO, and DQ of every query
+    tile, complete since no other program has keys; DELTA is not read."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // Hk
@@ -227,40 +272,58 @@ def _attn_bwd_dkdv(
     v = tl.load(_block(V, sv, b, hk, offs_n, offs_d), mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    m_first = 0 if FUSED else Lq  # FUSED: every query tile, for its dq (zeros where nothing is allowed)
+    m_last = (Lq - 1) // BLOCK_M * BLOCK_M if FUSED else -BLOCK_M
+    if not FUSED:
+        for start_m in tl.range(0, Lq, BLOCK_M):  # the masks are per batch entry: the same for every head
+            lo, hi = _row_bounds(start_m + tl.arange(0, BLOCK_M), b, Lq, Lk, mask)
+            touches = tl.max(((lo < n0 + BLOCK_N) & (hi > n0)).to(tl.int32), axis=0) > 0
+            m_first = tl.where(touches, tl.minimum(m_first, start_m), m_first)
+            m_last = tl.where(touches, start_m, m_last)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        for start_m in tl.range(0, Lq, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+        for it in tl.range(0, (m_last - m_first) // BLOCK_M + 1):
+            offs_m = m_first + it * BLOCK_M + tl.arange(0, BLOCK_M)
             lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
-            touches = tl.max(((lo < n0 + BLOCK_N) & (hi > n0)).to(tl.int32), axis=0)
-            if touches > 0:
-                q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
-                q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-                do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-                row = (b * H + h) * Lq + offs_m
-                lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
+            q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+            q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+            do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+            row = (b * H + h) * Lq + offs_m
+            lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
+            if FUSED:
+                o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+            else:
                 delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
-                s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-                ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
-                p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-                dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-                dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
-                ds = p * (dp - delta[:, None])
-                dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+            s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+            dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+            if FUSED:
+                dq = _mm(ds.to(k.dtype), k, PRECISION, UPCAST) * sm_scale
+                tl.store(_block(DQ, sdq, b, h, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=q_ok)
     dk *= sm_scale
     tl.store(_block(DK, sdk, b, hk, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(_block(DV, sdv, b, hk, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@autotuned(_BWD_CONFIGS, [*_KEY, "B_PER_PROG"], _INTERPRET_CONFIG)
+@autotuned(_BWD_CONFIGS, [*_KEY, "B_PER_PROG", "FUSED"], _INTERPRET_CONFIG, prune=_bwd_prune("BLOCK_M", "Lq"))
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, sq, sk, sv, sdo, sdq, mask, B, H, GROUP, Lq, Lk, D,
-    qk_scale, sm_scale, B_PER_PROG, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, so, sdo, sdq, sdk, sdv, mask, B, H, GROUP, Lq, Lk, D,
+    qk_scale, sm_scale, B_PER_PROG, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, FUSED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dq of one query tile, summed over the B_PER_PROG batch entries of chunk c (shared queries:
-    chunk c's partial sum goes to DQ[c]; otherwise B_PER_PROG == 1 and c is the batch)."""
+    chunk c's partial sum goes to DQ[c]; otherwise B_PER_PROG == 1 and c is the batch). FUSED (the
+    tile holds every query; one query head per key head, queries not shared): the whole backward
+    in one pass, FlashAttention's five GEMMs: delta from O and DO, and DK, DV of every key tile,
+    complete since no other program has queries (zeros for the tiles no query may attend);
+    DELTA is not read."""
     c, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
     d_ok = offs_d < D
     q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
@@ -269,22 +332,59 @@ def _attn_bwd_dq(
     for b in tl.range(c * B_PER_PROG, b_end):
         lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
         n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
-        n_end = tl.max(hi, axis=0)
+        n_tiles = tl.maximum(tl.cdiv(tl.max(hi, axis=0) - n_start, BLOCK_N), 0)
         q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
         do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
         row = (b * H + h) * Lq + offs_m
         lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
-        delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
-        for start_n in tl.range(n_start, n_end, BLOCK_N):
-            offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
+        if FUSED:
+            o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        else:
+            delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
+        for it in tl.range(0, n_tiles):
+            offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
             s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
             ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+            if FUSED:
+                kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
+                dv = _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+                dk = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST) * sm_scale
+                tl.store(_block(DK, sdk, b, hk, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=kv_ok)
+                tl.store(_block(DV, sdv, b, hk, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
+        if FUSED:  # the key tiles before and after the attended ones
+            zero = tl.zeros([BLOCK_N, BLOCK_D], DK.dtype.element_ty)
+            for start_n in tl.range(0, n_start, BLOCK_N):
+                _store_zero_tile(DK, DV, sdk, sdv, b, hk, start_n, offs_d, d_ok, Lk, zero, BLOCK_N)
+            for start_n in tl.range(n_start + n_tiles * BLOCK_N, Lk, BLOCK_N):
+                _store_zero_tile(DK, DV, sdk, sdv, b, hk, start_n, offs_d, d_ok, Lk, zero, BLOCK_N)
     dq *= sm_scale
     tl.store(_block(DQ, sdq, c, h, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def _store_zero_tile(DK, DV, sdk, sdv, b, hk, start_n, offs_d, d_ok, Lk, zero, BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
+    tl.store(_block(DK, sdk, b, hk, offs_n, offs_d), zero, mask=kv_ok)
+    tl.store(_block(DV, sdv, b, hk, offs_n, offs_d), zero, mask=kv_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_sum(PART, DQ, spart, sdq, CHUNKS, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Shared queries: DQ[0, h] = the sum of the fp32 partials PART[c, h] over the chunks."""
+    h = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for c in tl.range(0, CHUNKS):
+        dq += tl.load(_block(PART, spart, c, h, offs_m, offs_d), mask=ok, other=0.0)
+    tl.store(_block(DQ, sdq, 0, h, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=ok)
 
 
 # fmt: on
@@ -315,7 +415,7 @@ def _launch_args(a: A.AttentionArgs) -> _Launch:
         LK_KEY=next_pow2(Lk),
         MASK_KEY=_mask_key(a.mask),
         PRECISION="ieee" if a.q.dtype == torch.float32 else "tf32",
-        UPCAST=a.q.dtype == torch.bfloat16 and a.q.device.type == "cpu",
+        UPCAST=a.q.dtype == torch.bfloat16 and interpreter_on(),
         BLOCK_D=next_pow2(D),
     )
     return _Launch(
@@ -362,33 +462,46 @@ def _backward(g: A.AttentionGradArgs):
     L = _launch_args(a)
     scales = dict(qk_scale=a.scale * LOG2E, sm_scale=a.scale)
     sdo = g.grad_out.stride()
-    delta = poisoned(a.q.new_empty((B, H, Lq), dtype=torch.float32))
-    # fmt: off
-    _attn_bwd_delta[(triton.cdiv(Lq, 32), B * H)](
-        g.out, g.grad_out, delta, g.out.stride(), sdo, H, Lq, D, BLOCK_M=32, BLOCK_D=L.consts["BLOCK_D"]
-    )
-
+    dq = poisoned(torch.empty_like(a.q))
     dk = poisoned(torch.empty_like(a.k))
     dv = poisoned(torch.empty_like(a.v))
-    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)
-    _attn_bwd_dkdv[grid_kv](
-        a.q, a.k, a.v, g.grad_out, g.lse, delta, dk, dv, L.sq, L.sk, L.sv, sdo, dk.stride(), dv.stride(),
-        L.mask, H, Hk, Lq=Lq, Lk=Lk, D=D, **scales, **L.consts,
-    )
-
-    chunks = _dq_chunks(B, H, Lq, a.shared_queries, a.q.device)
-    per_prog = triton.cdiv(B, chunks)
-    chunks = triton.cdiv(B, per_prog)
-    dq = poisoned(torch.empty_like(a.q))
-    dq_acc = poisoned(a.q.new_empty((chunks, H, Lq, D), dtype=torch.float32)) if a.shared_queries else dq
-    grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), chunks * H)
-    _attn_bwd_dq[grid_q](
-        a.q, a.k, a.v, g.grad_out, g.lse, delta, dq_acc, L.sq, L.sk, L.sv, sdo, dq_acc.stride(), L.mask,
-        B, H, Lq=Lq, Lk=Lk, D=D, B_PER_PROG=per_prog, **scales, **L.consts,
-    )
+    # one key tile holds every key (the Q-Former's [queries ; text]) or one query tile every query
+    # (its cross-attention: 32 queries): the whole backward in one kernel
+    configs = [_INTERPRET_CONFIG] if interpreter_on() else _BWD_CONFIGS
+    own_b = not a.shared_queries
+    keys_fused = own_b and Lk <= max(c.kwargs["BLOCK_N"] for c in configs)
+    queries_fused = own_b and not keys_fused and H == Hk and Lq <= max(c.kwargs["BLOCK_M"] for c in configs)
+    fused = keys_fused or queries_fused
+    delta = None if fused else poisoned(a.q.new_empty((B, H, Lq), dtype=torch.float32))
+    strides = (L.sq, L.sk, L.sv, g.out.stride(), sdo)
+    # fmt: off
+    if not fused:
+        _attn_bwd_delta[(triton.cdiv(Lq, 32), B * H)](
+            g.out, g.grad_out, delta, g.out.stride(), sdo, H, Lq, D, BLOCK_M=32, BLOCK_D=L.consts["BLOCK_D"]
+        )
+    if not queries_fused:
+        grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)
+        _attn_bwd_dkdv[grid_kv](
+            a.q, a.k, a.v, g.out, g.grad_out, g.lse, delta, dq, dk, dv, *strides, dq.stride(), dk.stride(),
+            dv.stride(), L.mask, H, Hk, Lq=Lq, Lk=Lk, D=D, FUSED=keys_fused, **scales, **L.consts,
+        )
+    if not keys_fused:
+        chunks = _dq_chunks(B, H, Lq, a.shared_queries, a.q.device)
+        per_prog = triton.cdiv(B, chunks)
+        chunks = triton.cdiv(B, per_prog)
+        dq_acc = poisoned(a.q.new_empty((chunks, H, Lq, D), dtype=torch.float32)) if a.shared_queries else dq
+        grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), chunks * H)
+        _attn_bwd_dq[grid_q](
+            a.q, a.k, a.v, g.out, g.grad_out, g.lse, delta, dq_acc, dk, dv, *strides, dq_acc.stride(),
+            dk.stride(), dv.stride(), L.mask, B, H, Lq=Lq, Lk=Lk, D=D, B_PER_PROG=per_prog,
+            FUSED=queries_fused, **scales, **L.consts,
+        )
+        if a.shared_queries:
+            _attn_bwd_dq_sum[(triton.cdiv(Lq, 32), H)](
+                dq_acc, dq, dq_acc.stride(), dq.stride(), chunks, Lq, D, BLOCK_M=32,
+                BLOCK_D=L.consts["BLOCK_D"],
+            )
     # fmt: on
-    if a.shared_queries:
-        dq.copy_(dq_acc.sum(dim=0, keepdim=True))
     LAUNCHES["attention_bwd"] += 1
     return dq, dk, dv
 
