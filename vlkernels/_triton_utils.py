@@ -14,19 +14,59 @@ from vlkernels._dispatch import interpreter_on
 LAUNCHES: collections.Counter = collections.Counter()
 
 
-def autotuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config):
+def autotuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, prune=None):
     """``triton.autotune`` over ``configs`` on a GPU; the single ``interpret_config`` under the
-    interpreter, which has no device to benchmark on. VLK_AUTOTUNE=0 keeps only ``configs[0]``
-    (test runs on a GPU: many shapes, each would be tuned)."""
+    interpreter, which has no device to benchmark on. VLK_AUTOTUNE=0 keeps only the first config
+    ``prune(configs, args)`` leaves (test runs on a GPU: many shapes, each would be tuned)."""
     if interpreter_on():
         configs = [interpret_config]
-    elif os.environ.get("VLK_AUTOTUNE", "1") == "0":
-        configs = configs[:1]
-    return triton.autotune(configs=configs, key=key)
+    pruned = None
+    if prune is not None or os.environ.get("VLK_AUTOTUNE", "1") == "0":
+        first_only = os.environ.get("VLK_AUTOTUNE", "1") == "0"
+
+        def pruned(configs, named_args, **kwargs):
+            kept = prune(configs, named_args | kwargs) if prune else configs
+            return kept[:1] if first_only else kept
+
+    decorate = triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": pruned} if pruned else None
+    )
+
+    def tuned(fn):
+        tuner = decorate(fn)
+        tuner.__class__ = _Autotuner  # (no new state at construction: any Triton's Autotuner.__init__)
+        tuner.chosen = {}
+        tuner.key_index = [(k, fn.arg_names.index(k)) for k in key]
+        return tuner
+
+    return tuned
+
+
+def _dtype(arg):
+    """The dtype of a kernel's first argument (a tensor, or a tuple that starts with one)."""
+    return arg.dtype if isinstance(arg, torch.Tensor) else _dtype(arg[0])
+
+
+class _Autotuner(triton.runtime.Autotuner):
+    """Triton's autotuner with a cheaper call once a key is tuned: the chosen config is launched
+    directly (Autotuner.run walks every argument on each call, ~15 us for attention's). The key is
+    the key arguments and the first argument's dtype (what changes shared memory per config)."""
+
+    def run(self, *args, **kwargs):
+        first = args[0] if args else kwargs[self.arg_names[0]]
+        key = (*(kwargs[k] if k in kwargs else args[i] for k, i in self.key_index), _dtype(first))
+        chosen = self.chosen.get(key)
+        if chosen is not None:
+            return self.fn.run(*args, **kwargs, **chosen)
+        self.best_config = None
+        out = triton.runtime.Autotuner.run(self, *args, **kwargs)  # benchmarks a new key
+        if self.best_config is not None:  # (None where the run was replaced: benchmarks/static.py)
+            self.chosen[key] = self.best_config.all_kwargs()
+        return out
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
+    return max(minimum, 1 << (n - 1).bit_length())
 
 
 def poisoned(out: torch.Tensor) -> torch.Tensor:
