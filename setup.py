@@ -2,8 +2,8 @@
 
 ``pip install -e .`` needs no CUDA compiler: the CUDA C++ extension ``vlkernels._C`` is built
 only when csrc/ has sources, a CUDA toolkit and a CUDA build of torch are present, and
-VLK_SKIP_CUDA_BUILD is not set. Targets: VLK_CUDA_ARCHS (default "80;90"); MAX_JOBS and
-NVCC_THREADS are respected.
+VLK_SKIP_CUDA_BUILD is not set. Targets: VLK_CUDA_ARCHS (default "80;90a": Ampere, and Hopper with
+its arch-specific features); MAX_JOBS and NVCC_THREADS are respected.
 """
 
 import glob
@@ -26,7 +26,7 @@ def cuda_extensions():
     if torch.version.cuda is None:
         print("vlkernels: torch has no CUDA build, skipping vlkernels._C")
         return [], {}
-    archs = [a for a in os.environ.get("VLK_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
+    archs = [a for a in os.environ.get("VLK_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     # kernels: plain .cu files (no torch headers, seconds each); bindings.cpp: the torch side
     nvcc = ["-O3", "-std=c++17", *gencode, f"--threads={os.environ.get('NVCC_THREADS', '2')}"]

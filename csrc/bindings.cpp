@@ -476,14 +476,16 @@ TORCH_LIBRARY_IMPL(VLK_NS, VLK_KEY, m) {
 #define VLK_CAT(a, b) VLK_CAT_(a, b)
 #define VLK_STR_(a) #a
 #define VLK_STR(a) VLK_STR_(a)
+#define VLK_STR_ALL_(...) #__VA_ARGS__
+#define VLK_STR_ALL(...) VLK_STR_ALL_(__VA_ARGS__)
 
 PyMODINIT_FUNC VLK_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, VLK_STR(TORCH_EXTENSION_NAME), "vlkernels CUDA C++ kernels", -1,
                             nullptr};
   PyObject* mod = PyModule_Create(&def);
-#ifdef VLK_ARCH_LIST
-  std::string archs;
-  for (int a : {VLK_ARCH_LIST}) archs += (archs.empty() ? "sm_" : ", sm_") + std::to_string(a);
+#ifdef VLK_ARCH_LIST  // e.g. 80,90a from setup.py -> "sm_80, sm_90a"
+  std::string archs = "sm_";
+  for (char c : std::string(VLK_STR_ALL(VLK_ARCH_LIST))) archs += c == ',' ? std::string(", sm_") : std::string(1, c);
 #else
   std::string archs = "CPU emulation";
 #endif
