@@ -120,6 +120,21 @@ def test_low_precision_two_x_rule(backend, mask_name, dtype):
         run_case(shape, mask_name, dtype, backend, seed=100 + i)
 
 
+# The Triton backward's paths (the interpreter's tiles are 32 x 32; tests/test_budget.py checks
+# which kernels each launches): one key tile holds every key, one query tile every query, neither.
+BACKWARD_PATHS = {
+    "keys_fused": (2, 2, 2, 2, 40, 30, 40),
+    "queries_fused": (3, 3, 2, 2, 20, 77, 40),
+    "split": (2, 2, 4, 2, 45, 70, 24),
+}
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+def test_triton_backward_paths_low_precision(path, dtype):
+    run_case(BACKWARD_PATHS[path], "causal&key_padding", dtype, "triton", seed=7)
+
+
 def test_blhd_views_are_not_copied_and_match(backend):
     """[B, L, H, D] tensors viewed as [B, H, L, D] go to the kernel as they are."""
     run_case((2, 2, 4, 2, 33, 50, 64), "causal&key_padding", torch.float32, backend, layout_blhd=True)

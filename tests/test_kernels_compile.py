@@ -16,12 +16,12 @@ import pytest
 import torch
 
 
-def _record(run_launchers):
-    """The launches ``run_launchers()`` makes, as picklable compile jobs (module, kernel name,
-    signature, constants, options)."""
+def _record(run_launchers, all_configs=False):
+    """The launches ``run_launchers()`` makes (with every autotune config: one job per config), as
+    picklable compile jobs (module, kernel name, signature, constants, attributes, options)."""
     from benchmarks import static
 
-    with static.recording() as rec:
+    with static.recording(all_configs) as rec:
         run_launchers()
     return [(ln.kernel.__module__, ln.name, *static.signature(ln), ln.options) for ln in rec.launches]
 
@@ -32,7 +32,7 @@ def _launchers(arch_dtypes):
     from vlkernels.attention import triton as attn
     from vlkernels.attention.args import AttentionArgs, AttentionGradArgs
     from vlkernels.contrastive import triton as ctr
-    from vlkernels.contrastive.args import RowPass, RowPassGrad
+    from vlkernels.contrastive.args import LossArgs, LossGradArgs, RowPass, RowPassGrad
     from vlkernels.gated import triton as gated
     from vlkernels.gated.args import GatedResidualArgs, GatedResidualGradArgs
     from vlkernels.masks import MaskArgs
@@ -40,17 +40,25 @@ def _launchers(arch_dtypes):
     def run():
         with fake_cuda():
             dev = "cuda"
-            for dtype, variant in arch_dtypes:
-                B, H, L, D = 2, 4, 64, 128 if variant == "all_on" else 64
-                q = torch.empty(1 if variant == "mixed" else B, H, L, D, dtype=dtype, device=dev)
-                k = torch.empty(B, 2, L, D, dtype=dtype, device=dev)
+            for dtype, variant, backward in arch_dtypes:
+                # the backward's three paths: one key tile holds every key, one query tile every
+                # query (one query head per key head), or neither (shared queries: always)
+                Lq, Lk, Hk = {
+                    "keys_fused": (64, 64, 2),
+                    "queries_fused": (48, 100, 4),
+                    "split": (100, 100, 2),
+                }[backward]
+                B, H, D = 2, 4, 128 if variant == "all_on" else 64
+                q = torch.empty(1 if variant == "mixed" else B, H, Lq, D, dtype=dtype, device=dev)
+                k = torch.empty(B, Hk, Lk, D, dtype=dtype, device=dev)
                 i32 = torch.empty(B, dtype=torch.int32, device=dev)
+                i64 = torch.empty(B, dtype=torch.int64, device=dev)
                 mask = {
                     "all_on": MaskArgs(
-                        torch.empty(B, 1, L, L, dtype=torch.bool, device=dev),
+                        torch.empty(B, 1, Lq, Lk, dtype=torch.bool, device=dev),
+                        i64,
                         i32,
-                        i32,
-                        torch.empty(B, L, dtype=torch.int32, device=dev),
+                        torch.empty(B, Lq, dtype=torch.int32, device=dev),
                         True,
                         8,
                         2,
@@ -59,7 +67,7 @@ def _launchers(arch_dtypes):
                     ),
                     "off": MaskArgs(),
                     "mixed": MaskArgs(
-                        text_to_media=torch.empty(B, L, dtype=torch.int32, device=dev),
+                        text_to_media=torch.empty(B, Lq, dtype=torch.int32, device=dev),
                         causal=True,
                         qformer_queries=8,
                         qformer_mode=1,
@@ -84,6 +92,15 @@ def _launchers(arch_dtypes):
                     ctr._backward(
                         RowPassGrad(fwd._replace(kind="clip"), st[0], None, st[0], own=False, other=True)
                     )
+                # the fused loss: queues, smoothing and a bias / SigLIP / max over queries, D > 64
+                feats = torch.empty(96, 256, dtype=dtype, device=dev)
+                loss_args = {
+                    "all_on": LossArgs(feats, feats, scale, scale, feats[:40], feats[:50], smooth=0.1),
+                    "off": LossArgs(feats, feats, scale, scale, kind="siglip"),
+                    "mixed": LossArgs(torch.empty(96, 5, 256, dtype=dtype, device=dev), feats, scale),
+                }[variant]
+                loss, stats = ctr._loss_forward(loss_args)
+                ctr._loss_backward(LossGradArgs(loss, stats, loss_args))
 
                 x = torch.empty(3, 1000, dtype=dtype, device=dev)
                 gated._forward(GatedResidualArgs(x, x, scale))
@@ -92,13 +109,14 @@ def _launchers(arch_dtypes):
     return run
 
 
-# (arch, dtype, variant): every mask part, every contrastive variant, on each dtype and target
+# (arch, dtype, variant, attention backward): every mask part, every contrastive variant, each
+# path of the attention backward, on each dtype and target
 VARIANTS = [
-    (90, torch.bfloat16, "all_on"),
-    (90, torch.bfloat16, "off"),
-    (80, torch.float16, "mixed"),
-    (90, torch.float32, "off"),
-    (90, torch.float16, "all_on"),
+    (90, torch.bfloat16, "all_on", "keys_fused"),
+    (90, torch.bfloat16, "off", "queries_fused"),
+    (80, torch.float16, "mixed", "split"),
+    (90, torch.float32, "off", "split"),
+    (90, torch.float16, "all_on", "queries_fused"),
 ]
 
 
@@ -109,33 +127,35 @@ def _compile(job):
 
     from benchmarks import static
 
-    module, name, sig, constexprs, options, arch = job
+    module, name, sig, constexprs, attrs, options, arch = job
     fn = getattr(importlib.import_module(module), name)
     if isinstance(fn, Autotuner):
         fn = fn.fn
     t0 = time.perf_counter()
-    k = static.compile_signature(fn, sig, constexprs, options, arch)
+    k = static.compile_signature(fn, sig, constexprs, attrs, options, arch)
     assert k.asm.get("cubin"), name
     return f"{name} sm_{arch}: {time.perf_counter() - t0:.1f} s"
 
 
-def main():
+def main(all_configs: bool):
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = []
-    for arch, dtype, variant in VARIANTS:
-        jobs += [(*j, arch) for j in _record(_launchers([(dtype, variant)]))]
+    jobs, launches = [], 0
+    for arch, *variant in VARIANTS:
+        jobs += [(*j, arch) for j in _record(_launchers([variant]), all_configs)]
+        launches += len(_record(_launchers([variant])))
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for line in pool.map(_compile, jobs):
             print(line, flush=True)
     import triton
 
-    print(f"compiled {len(jobs)} kernels with triton {triton.__version__}")
+    print(f"compiled {len(jobs)} kernels ({launches} launches) with triton {triton.__version__}")
 
 
 def _tritons():
     """This environment's Triton, and the GPU machine's (VLK_GPU_TRITON_PATH: a directory with
-    another triton package; the Makefile installs 3.6.0 there)."""
+    another triton package; the Makefile installs 3.6.0 there), with every autotune config: the
+    benchmarks on the GPU autotune over them."""
     extra = os.environ.get("VLK_GPU_TRITON_PATH", "")
     return [
         None,
@@ -155,13 +175,19 @@ def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ imports from there
     env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, root, env.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env)
+    argv = [sys.executable, __file__] + (["--all-configs"] if triton_path else [])
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    # per variant: attention fwd, delta, dk/dv, dq; contrastive fwd, bwd (a second bwd for "off");
-    # gated fwd, bwd
-    n = 8 * len(VARIANTS) + sum(v == "off" for _, _, v in VARIANTS)
-    assert f"compiled {n} kernels" in out.stdout, out.stdout
+
+    # per variant: attention fwd and its backward (fused: 1; split: delta, dk/dv, dq, and with
+    # shared queries the sum of the dq partials); contrastive row fwd, bwd (a second bwd for "off");
+    # the fused loss: bands, finish, two bwd, finish; gated fwd, bwd, dgate
+    def attention(variant, backward):
+        return 1 + (1 if backward != "split" else 3 + (variant == "mixed"))
+
+    n = sum(attention(v, bw) + 2 + (v == "off") + 5 + 3 for _, _, v, bw in VARIANTS)
+    assert f"({n} launches)" in out.stdout, out.stdout
 
 
 if __name__ == "__main__":
-    main()
+    main("--all-configs" in sys.argv)
