@@ -12,7 +12,9 @@ N = 32k/64k, Flamingo's gated residual — in bf16, forward and backward:
 - the fewest HBM bytes (every input read once, every output written once);
 - per kernel, compiled for sm_90a: registers, stack (spill) bytes, shared memory, warps per SM,
   wgmma / mma / cp.async / TMA and local-memory instruction counts;
-- host microseconds of the Python path (CPU tensors, Triton launches stubbed out);
+- host microseconds of a call: the Python path and Triton's launch path up to the driver (CPU
+  tensors, a driver that launches nothing: static.host_launch_path()), next to one bare Triton
+  launch on the same path;
 - an H100 time estimate, max(FLOPs / 790 TFLOP/s, bytes / 3.0 TB/s) (the bf16 GEMM and copy rates
   measured on the lent H100s, ../shared/NOTES.md), for vlkernels and for the dense peer (SDPA's
   flash kernel ignoring the mask; open_clip's N×N logits) — estimates, labelled so.
@@ -49,6 +51,7 @@ class Workload:
     peer: str  # the dense peer of the estimate
     peer_flops: Callable  # (inputs) -> (fwd FLOPs, bwd FLOPs)
     peer_bytes: Callable = None  # (inputs) -> (fwd bytes, bwd bytes); default: min_bytes
+    head_dim: int = 0  # attention only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +116,7 @@ def _attention_workloads() -> list[Workload]:
                 _attention_bytes,
                 "sdpa-flash, dense (est)",
                 _attention_dense,
+                head_dim=shape[-1],
             )
         )
 
@@ -270,23 +274,12 @@ def _functions():
     return (AttentionFunction, ContrastiveLoss, GatedResidualFunction)
 
 
-def _raw_triton_backends():
-    """The Triton backends with their ops replaced by the launchers (a fake tensor would run the
-    ops' fake kernels instead)."""
-    from vlkernels.attention import triton as a
-    from vlkernels.contrastive import triton as c
-    from vlkernels.gated import triton as g
-
-    return [(m.BACKEND, m._forward, m._backward) for m in (a, c, g)]
-
-
 def record(w: Workload):
     """(forward recording, backward recording) of one call on fake CUDA tensors."""
     from benchmarks import static
 
     applied = []
     saved_apply = {f: f.apply for f in _functions()}
-    saved_backends = [(b, b.forward, b.backward) for b, _, _ in _raw_triton_backends()]
 
     def manual_apply(fn):
         def apply(*args):
@@ -300,23 +293,19 @@ def record(w: Workload):
     try:
         for f in _functions():
             f.apply = manual_apply(f)
-        for b, fwd, bwd in _raw_triton_backends():
-            b.forward, b.backward = fwd, bwd
         with static.fake_cuda():
             inp = w.make(torch.device("cuda"))
-            with static.recording() as fwd_rec:
+            with static.recording(loadable=True) as fwd_rec:
                 call(w, inp)
             fn, ctx, out = applied[-1]
             grads = [torch.empty_like(t) for t in (out if isinstance(out, tuple) else (out,))]
             if fn.__name__ == "AttentionFunction":
                 grads[1] = None  # no gradient flows into lse
-            with static.recording() as bwd_rec:
+            with static.recording(loadable=True) as bwd_rec:
                 fn.backward(ctx, *grads)
     finally:
         for f, a in saved_apply.items():
             f.apply = a
-        for b, fwd, bwd in saved_backends:
-            b.forward, b.backward = fwd, bwd
     return fwd_rec, bwd_rec
 
 
@@ -352,7 +341,7 @@ def _key_tiles_visited(lo, hi, BM, BN, Lk):
 def _attention_flops(launch, mask) -> int:
     a = launch.args
     name = launch.name
-    if name == "_attn_bwd_delta":
+    if name in ("_attn_bwd_delta", "_attn_bwd_dq_sum"):  # no GEMM
         return 0
     B, H, Lq, Lk = a["K"].shape[0], a["H"], a["Lq"], a["Lk"]
     BM, BN, BD = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_D"]
@@ -360,38 +349,57 @@ def _attention_flops(launch, mask) -> int:
     lo, hi = _intervals(mask, B, Lq, Lk)
     if name == "_attn_fwd":  # S = QKᵀ, O += PV
         return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * 2 * tile
-    if name == "_attn_bwd_dq":  # S, dP = dO Vᵀ, dQ += dS K
-        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * 3 * tile
-    if name == "_attn_bwd_dkdv":  # per key tile, every query tile that touches it: S, dV, dP, dK
+    if name == "_attn_bwd_dq":  # S, dP = dO Vᵀ, dQ += dS K; FUSED: dV and dK too
+        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * (5 if a["FUSED"] else 3) * tile
+    if name == "_attn_bwd_dkdv" and a["FUSED"]:  # every query tile: S, dV, dP, dK, dQ
+        return H * B * _cdiv(Lq, BM) * 5 * tile
+    if name == "_attn_bwd_dkdv":  # per key tile, the query tiles from the first to the last that touch it
         lo, hi = _query_tiles(lo, hi, BM, Lk)
         n0 = torch.arange(0, Lk, BN)
         touch = ((lo[..., None] < n0 + BN) & (hi[..., None] > n0)).any(dim=2)  # [B, n_m, n_n]
-        return H * int(touch.sum()) * 4 * tile
+        tiles = torch.arange(touch.shape[1])[None, :, None]
+        first = torch.where(touch, tiles, touch.shape[1]).amin(1)
+        last = torch.where(touch, tiles, -1).amax(1)
+        return H * int(torch.clamp(last - first + 1, min=0).sum()) * 4 * tile  # S, dV, dP, dK
     raise KeyError(name)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _contrastive_flops(launch) -> int:
+    if launch.name in ("_loss_fwd_finish", "_loss_bwd_finish"):  # one program adding up statistics
+        return 0
     a = launch.args
-    R, C, NEG = a["R"], a["C"], a["NEG"]
-    BM, BN, BD = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_D"]
-    d_chunks = -(-a["D"] // BD)
-    n_pad = -(-C.n // BN) * BN
+    BM, BN, BD, D = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_D"], a["D"]
+    tile = 2 * BM * BN * BD  # one feature chunk of a similarity tile
+    d_chunks = _cdiv(D, BD)
     clip = a["KIND"] == 0
-    programs = -(-a["M"] // BM)
-    main_tiles = n_pad // BN
+    if launch.name == "_loss_fwd_bands":  # per program: the row tiles of its band x the column tiles
+        X, NX, NY, N, band = a["X"], a["NX"], a["NY"], a["N"], a["BAND"]
+        tiles = band // BN
+        row_tiles = [_cdiv(min(band, N - r), BM) for r in range(0, N, band)]
+        flops = 0
+        for cols, q in ((N, X.q), *(((NY.n, X.q), (NX.n, 1)) if clip else ())):
+            col_tiles = sum(min(tiles, _cdiv(cols - c, BN)) for c in range(0, cols, band))
+            flops += sum(row_tiles) * col_tiles * q * d_chunks * tile
+        return flops
+    R, C, NEG = a["R"], a["C"], a["NEG"]
+    programs = _cdiv(a["M"], BM)
+    main_tiles = _cdiv(C.n, BN)
     if launch.name == "_ctr_fwd":
-        neg_tiles = -(-NEG.n // BN) if clip else 0
+        neg_tiles = _cdiv(NEG.n, BN) if clip else 0
         sims = 1 + (a["RM"] is not None and clip)  # the momentum tile too (distillation)
-        dots = main_tiles * R.q * C.q * d_chunks + neg_tiles * R.q * d_chunks
-        return programs * sims * dots * 2 * BM * BN * BD
-    if launch.name == "_ctr_bwd":
+        return programs * sims * (main_tiles * R.q * C.q + neg_tiles * R.q) * d_chunks * tile
+    if launch.name == "_ctr_bwd":  # each tile once; dR over every feature chunk
         own = a["OWN"]
-        neg_tiles = -(-NEG.n // BN) if (clip and own) else 0
-        slices = -(-a["D"] // a["BLOCK_DO"])
+        neg_tiles = _cdiv(NEG.n, BN) if (clip and own) else 0
         sims = 1 + (a["RM"] is not None and clip and own)
-        sim = (main_tiles * R.q * C.q + neg_tiles * R.q) * d_chunks * 2 * BM * BN * BD * sims
+        sim = (main_tiles * R.q * C.q + neg_tiles * R.q) * d_chunks * tile * sims
+        out_chunks = 1 if a["IN_REGS"] else _cdiv(D, a["BLOCK_DO"])
         grad_dots = (main_tiles * C.q + neg_tiles) if R.q == 1 else (main_tiles + neg_tiles) * R.q
-        return programs * slices * (sim + grad_dots * 2 * BM * BN * a["BLOCK_DO"])
+        return programs * (sim + out_chunks * grad_dots * 2 * BM * BN * a["BLOCK_DO"])
     raise KeyError(launch.name)
 
 
@@ -399,13 +407,13 @@ def launch_flops(launch, mask=None) -> int:
     """Executed GEMM FLOPs of one recorded launch (tile waste included)."""
     if launch.name.startswith("_attn"):
         return _attention_flops(launch, mask)
-    if launch.name.startswith("_ctr"):
+    if launch.name.startswith(("_ctr", "_loss")):
         return _contrastive_flops(launch)
     return 0
 
 
 # ----------------------------------------------------------------------------------------------
-# Host time: the Python path on CPU tensors with the Triton launches stubbed out
+# Host time: the Python path on CPU tensors, Triton's launch path included up to the driver
 # ----------------------------------------------------------------------------------------------
 
 
@@ -434,33 +442,52 @@ def _host_inputs(w: Workload):
     return dict(inp, x=inp["x"][:1, :16], y=inp["y"][:1, :16])
 
 
-def host_us(w: Workload, repeats: int = 200) -> tuple[float, float]:
-    """Median microseconds of the forward call and of the backward, launches stubbed out."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
+def _median_us(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2] * 1e6
 
+
+def host_us(w: Workload, repeats: int = 200) -> tuple[float, float]:
+    """Median microseconds of the forward call and of the backward: the Python path and Triton's
+    launch path (static.host_launch_path(): everything but the driver's launch itself)."""
+    from benchmarks import static
     from vlkernels import _dispatch
 
     inp = _host_inputs(w)
-    saved = JITFunction.run, Autotuner.run, _dispatch.device_reasons
-    JITFunction.run = Autotuner.run = lambda *a, **k: None
-    _dispatch.device_reasons = lambda backend, device: []
+    saved = _dispatch.device_reasons
+    _dispatch.device_reasons = lambda backend, device: []  # CPU tensors, as if they were CUDA ones
     try:
-        names = call(w, inp)[1]
-        for n in names:
-            inp[n].requires_grad_(True)
-        fwd, bwd = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out, _ = call(w, inp)
-            t1 = time.perf_counter()
-            torch.autograd.grad(out, [inp[n] for n in names], torch.ones_like(out))
-            t2 = time.perf_counter()
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
+        with static.host_launch_path():
+            names = call(w, inp)[1]
+            for n in names:
+                inp[n].requires_grad_(True)
+            fwd, bwd = [], []
+            for _ in range(repeats + 1):  # the first call compiles
+                t0 = time.perf_counter()
+                out, _ = call(w, inp)
+                t1 = time.perf_counter()
+                torch.autograd.grad(out, [inp[n] for n in names], torch.ones_like(out))
+                t2 = time.perf_counter()
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
     finally:
-        JITFunction.run, Autotuner.run, _dispatch.device_reasons = saved
-    return sorted(fwd)[len(fwd) // 2] * 1e6, sorted(bwd)[len(bwd) // 2] * 1e6
+        _dispatch.device_reasons = saved
+    return _median_us(fwd[1:]), _median_us(bwd[1:])
+
+
+def bare_launch_us(repeats: int = 2000) -> float:
+    """Median microseconds of one bare Triton launch on the same path as ``host_us`` (the gated
+    residual's forward kernel, five arguments): the unit the host times compare with."""
+    from benchmarks import static
+    from vlkernels.gated.triton import _gated_fwd
+
+    x = torch.zeros(1024)
+    times = []
+    with static.host_launch_path():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            _gated_fwd[(1,)](x, x, x, x, 1024, BLOCK=1024)
+            times.append(time.perf_counter() - t0)
+    return _median_us(times[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,6 +541,7 @@ def budget(w: Workload, compile_kernels: bool = True, host: bool = True) -> dict
     )
     if exec_f:
         out["flops_ratio_fwd"] = exec_f / useful_f
+    if w.op == "attention":  # FlashAttention's backward: 5 GEMMs to the forward's 2
         out["bwd_over_fwd"] = exec_b / exec_f
     if exec_b:
         out["flops_ratio_bwd"] = exec_b / useful_b
@@ -565,161 +593,159 @@ def all_budgets() -> dict:
 # What the kernels do now (lower a ceiling when a change improves it); host times before HOST_SLACK.
 BUDGETS = {
     "qformer_self_itm": dict(
-        launches_fwd=2,
-        launches_bwd=3,
+        launches_fwd=1,
+        launches_bwd=1,
         host_syncs=0,
         flops_ratio_fwd=1.23,
-        flops_ratio_bwd=1.72,
-        bwd_over_fwd=3.5,
-        host_us_fwd=97,
-        host_us_bwd=130,
-        spill_bytes=96,
+        flops_ratio_bwd=1.23,
+        bwd_over_fwd=2.5,
+        host_us_fwd=81,
+        host_us_bwd=114,
+        spill_bytes=0,
     ),
     "qformer_self_itg": dict(
-        launches_fwd=2,
-        launches_bwd=3,
+        launches_fwd=1,
+        launches_bwd=1,
         host_syncs=0,
         flops_ratio_fwd=1.66,
-        flops_ratio_bwd=2.32,
-        bwd_over_fwd=3.5,
-        host_us_fwd=98,
-        host_us_bwd=130,
-        spill_bytes=104,
+        flops_ratio_bwd=1.66,
+        bwd_over_fwd=2.5,
+        host_us_fwd=72,
+        host_us_bwd=103,
+        spill_bytes=0,
     ),
     "qformer_self_itc": dict(
-        launches_fwd=2,
-        launches_bwd=3,
+        launches_fwd=1,
+        launches_bwd=1,
         host_syncs=0,
         flops_ratio_fwd=2.46,
-        flops_ratio_bwd=3.44,
-        bwd_over_fwd=3.5,
-        host_us_fwd=152,
-        host_us_bwd=202,
-        spill_bytes=104,
+        flops_ratio_bwd=2.46,
+        bwd_over_fwd=2.5,
+        host_us_fwd=79,
+        host_us_bwd=114,
+        spill_bytes=0,
     ),
     "qformer_cross": dict(
         launches_fwd=1,
-        launches_bwd=3,
+        launches_bwd=1,
         host_syncs=0,
-        flops_ratio_fwd=2.5,
-        flops_ratio_bwd=3.49,
-        bwd_over_fwd=3.5,
-        host_us_fwd=89,
-        host_us_bwd=131,
-        spill_bytes=192,
+        flops_ratio_fwd=1.25,
+        flops_ratio_bwd=1.25,
+        bwd_over_fwd=2.5,
+        host_us_fwd=77,
+        host_us_bwd=121,
+        spill_bytes=0,
     ),
     "flamingo_immediate": dict(
-        launches_fwd=2,
+        launches_fwd=1,
         launches_bwd=3,
         host_syncs=0,
         flops_ratio_fwd=1.13,
         flops_ratio_bwd=1.58,
         bwd_over_fwd=3.5,
-        host_us_fwd=110,
-        host_us_bwd=187,
-        spill_bytes=72,
+        host_us_fwd=85,
+        host_us_bwd=188,
+        spill_bytes=0,
     ),
     "flamingo_all_previous": dict(
-        launches_fwd=2,
+        launches_fwd=1,
         launches_bwd=3,
         host_syncs=0,
         flops_ratio_fwd=1.03,
         flops_ratio_bwd=1.43,
         bwd_over_fwd=3.5,
-        host_us_fwd=111,
-        host_us_bwd=188,
-        spill_bytes=64,
+        host_us_fwd=87,
+        host_us_bwd=198,
+        spill_bytes=0,
     ),
     "coca_pooler_hd64": dict(
         launches_fwd=1,
-        launches_bwd=5,
+        launches_bwd=4,
         host_syncs=0,
         flops_ratio_fwd=1.31,
         flops_ratio_bwd=1.83,
         bwd_over_fwd=3.5,
-        host_us_fwd=94,
-        host_us_bwd=173,
-        spill_bytes=184,
+        host_us_fwd=79,
+        host_us_bwd=191,
+        spill_bytes=0,
     ),
     "coca_pooler_hd96": dict(
         launches_fwd=1,
-        launches_bwd=5,
+        launches_bwd=4,
         host_syncs=0,
         flops_ratio_fwd=1.34,
         flops_ratio_bwd=1.87,
         bwd_over_fwd=3.5,
-        host_us_fwd=97,
-        host_us_bwd=195,
-        spill_bytes=464,
+        host_us_fwd=72,
+        host_us_bwd=187,
+        spill_bytes=0,
     ),
     "pali_prefix_lm": dict(
-        launches_fwd=2,
+        launches_fwd=1,
         launches_bwd=3,
         host_syncs=0,
         flops_ratio_fwd=1.16,
-        flops_ratio_bwd=1.62,
-        bwd_over_fwd=3.5,
-        host_us_fwd=106,
-        host_us_bwd=188,
-        spill_bytes=3224,
+        flops_ratio_bwd=1.49,
+        bwd_over_fwd=3.22,
+        host_us_fwd=77,
+        host_us_bwd=187,
+        spill_bytes=336,
     ),
     "contrastive_clip_N32k": dict(
-        launches_fwd=16,
-        launches_bwd=14,
-        host_syncs=0,
-        flops_ratio_fwd=2.0,
-        flops_ratio_bwd=4.0,
-        bwd_over_fwd=4.0,
-        flops_per_n2d=20.0,
-        host_us_fwd=176,
-        host_us_bwd=255,
-        spill_bytes=8712,
-    ),
-    "contrastive_clip_N64k": dict(
-        launches_fwd=16,
-        launches_bwd=14,
-        host_syncs=0,
-        flops_ratio_fwd=2.0,
-        flops_ratio_bwd=4.0,
-        bwd_over_fwd=4.0,
-        flops_per_n2d=20.0,
-        host_us_fwd=175,
-        host_us_bwd=260,
-        spill_bytes=8712,
-    ),
-    "contrastive_siglip_N32k": dict(
-        launches_fwd=3,
-        launches_bwd=10,
+        launches_fwd=2,
+        launches_bwd=3,
         host_syncs=0,
         flops_ratio_fwd=1.0,
-        flops_ratio_bwd=4.0,
-        bwd_over_fwd=8.0,
-        flops_per_n2d=18.0,
-        host_us_fwd=92,
-        host_us_bwd=221,
-        spill_bytes=7424,
+        flops_ratio_bwd=2.0,
+        flops_per_n2d=10.0,
+        host_us_fwd=93,
+        host_us_bwd=184,
+        spill_bytes=0,
+    ),
+    "contrastive_clip_N64k": dict(
+        launches_fwd=2,
+        launches_bwd=3,
+        host_syncs=0,
+        flops_ratio_fwd=1.0,
+        flops_ratio_bwd=2.0,
+        flops_per_n2d=10.0,
+        host_us_fwd=95,
+        host_us_bwd=186,
+        spill_bytes=0,
+    ),
+    "contrastive_siglip_N32k": dict(
+        launches_fwd=2,
+        launches_bwd=3,
+        host_syncs=0,
+        flops_ratio_fwd=1.0,
+        flops_ratio_bwd=2.0,
+        flops_per_n2d=10.0,
+        host_us_fwd=94,
+        host_us_bwd=186,
+        spill_bytes=0,
     ),
     "contrastive_blip2_N8k_Q32": dict(
-        launches_fwd=16,
-        launches_bwd=16,
+        launches_fwd=2,
+        launches_bwd=3,
         host_syncs=0,
-        flops_ratio_fwd=2.0,
+        flops_ratio_fwd=1.0,
         flops_ratio_bwd=2.0,
-        bwd_over_fwd=2.0,
-        flops_per_n2d=12.0,
-        host_us_fwd=238,
-        host_us_bwd=531,
-        spill_bytes=8880,
+        flops_per_n2d=10.0,
+        host_us_fwd=87,
+        host_us_bwd=174,
+        spill_bytes=0,
     ),
     "gated_residual": dict(
-        launches_fwd=1, launches_bwd=6, host_syncs=0, host_us_fwd=41, host_us_bwd=96, spill_bytes=0
+        launches_fwd=1, launches_bwd=2, host_syncs=0, host_us_fwd=32, host_us_bwd=73, spill_bytes=0
     ),
 }
 
 # Issue "Fast by design": where the kernels should get to.
 TARGETS = dict(
     attention=dict(bwd_over_fwd=2.5, spill_bytes=0, host_us_fwd=60, launches_fwd=1),
-    contrastive=dict(flops_per_n2d=10, spill_bytes=0, launches_fwd=3, launches_bwd=3, host_syncs=0),
+    contrastive=dict(
+        flops_per_n2d=10, spill_bytes=0, launches_fwd=3, launches_bwd=3, host_syncs=0, host_us_fwd=60
+    ),
     gated_residual=dict(launches_fwd=1, launches_bwd=2, host_us_fwd=60),
 )
 
@@ -736,16 +762,94 @@ def over_budget(measured: dict) -> list[str]:
     return out
 
 
-def missed_targets(name: str, values: dict) -> list[str]:
-    op = next(w.op for w in workloads() if w.name == name)
-    return [f"{m} {values[m]:.3g} > {t}" for m, t in TARGETS.get(op, {}).items() if values.get(m, 0) > t]
+def missed_targets(w: Workload, values: dict) -> list[str]:
+    targets = dict(TARGETS.get(w.op, {}))
+    if w.head_dim > 128:  # the issue asks for no spills at head dims up to 128
+        targets.pop("spill_bytes")
+    return [f"{m} {values[m]:.3g} > {t}" for m, t in targets.items() if values.get(m, 0) > t]
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA C++ backend: its kernels as built for sm_90a
+# ----------------------------------------------------------------------------------------------
+
+# Spill (stack) bytes of the CUDA kernels that spill; every other kernel: 0. Head dim 256 keeps
+# two 64x256 fp32 accumulators per block in dk/dv; the contrastive backward keeps 32 B of indices.
+CUDA_SPILL_BUDGETS = {
+    "attn_dkdv_kernel<float, 256>": 816,
+    "attn_dkdv_kernel<bf16, 256>": 440,
+    "attn_dkdv_kernel<fp16, 256>": 440,
+    "ctr_bwd_kernel<float>": 32,
+    "ctr_bwd_kernel<bf16>": 32,
+    "ctr_bwd_kernel<fp16>": 32,
+    "ctr_fwd_kernel<float>": 8,
+}
+
+
+def cuda_binaries() -> list[str]:
+    """The built ``vlkernels._C`` when it holds sm_90a code (``pip install -e .`` builds it), else
+    csrc/*.cu compiled here to sm_90a cubins (nvcc, ~1.5 min), else nothing."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import tempfile
+
+    from benchmarks import static
+
+    spec = importlib.util.find_spec("vlkernels._C")
+    if spec is not None and spec.origin:
+        listing = subprocess.run([static._cuobjdump(), "-lelf", spec.origin], capture_output=True, text=True)
+        if "sm_90a" in listing.stdout:
+            return [spec.origin]
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not pathlib.Path(nvcc).exists():
+        return []
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    out = []
+    for source in sorted((pathlib.Path(__file__).parent.parent / "csrc").glob("*.cu")):
+        out.append(str(tmp / f"{source.stem}.cubin"))
+        subprocess.run(
+            [nvcc, "-O3", "-std=c++17", "-arch=sm_90a", "-cubin", "-o", out[-1], str(source)], check=True
+        )
+    return out
+
+
+def cuda_budget() -> dict[str, dict]:
+    """Per CUDA C++ kernel, its sm_90a resources (static.cuda_resources); {} without a build."""
+    from benchmarks import static
+
+    return {k: r for binary in cuda_binaries() for k, r in static.cuda_resources(binary, "sm_90a").items()}
+
+
+def cuda_over_budget(kernels: dict[str, dict]) -> list[str]:
+    return [
+        f"{name} spill_bytes: {r['stack_bytes']} > {CUDA_SPILL_BUDGETS.get(name, 0)}"
+        for name, r in kernels.items()
+        if r["stack_bytes"] > CUDA_SPILL_BUDGETS.get(name, 0)
+    ]
 
 
 def run(quick: bool, progress=print) -> list[dict]:
     from benchmarks.common import environment
 
     env = environment()
-    rows = []
+    bare = bare_launch_us()
+    progress(f"one bare Triton launch (5 arguments), host path: {bare:.1f} us")
+    rows = [
+        dict(
+            env,
+            op="budget_bare_triton_launch",
+            provider="triton",
+            mode="fwd",
+            dtype="float32",
+            shape="",
+            metric="host_us",
+            p20=bare,
+            p50=bare,
+            p80=bare,
+            device="cpu",
+        )
+    ]
     for w in workloads():
         progress(f"{w.name}: launches, FLOPs, bytes, compiled kernels, host time")
         b = budget(w, host=True)
@@ -792,7 +896,7 @@ def run(quick: bool, progress=print) -> list[dict]:
         for kernel, res in b["kernels"].items():
             for metric, value in res.items():
                 row(f"vlkernels-triton:{kernel}", "sm_90a", metric, value)
-        missed = missed_targets(w.name, summarise(b))
+        missed = missed_targets(w, summarise(b))
         progress(
             f"    launches {b['launches_fwd']}+{b['launches_bwd']}, "
             + (
@@ -804,6 +908,24 @@ def run(quick: bool, progress=print) -> list[dict]:
             + f"host {b['host_us_fwd']:.0f}+{b['host_us_bwd']:.0f} us; "
             + (f"targets missed: {', '.join(missed)}" if missed else "targets met")
         )
+    progress("CUDA C++ kernels, sm_90a")
+    for kernel, res in cuda_budget().items():
+        for metric, value in res.items():
+            rows.append(
+                dict(
+                    env,
+                    op="budget_cuda_kernels",
+                    provider=f"vlkernels-cuda:{kernel}",
+                    mode="sm_90a",
+                    dtype="",
+                    shape="",
+                    metric=metric,
+                    p20=value,
+                    p50=value,
+                    p80=value,
+                    device="static",
+                )
+            )
     return rows
 
 
@@ -812,6 +934,9 @@ def summary(rows: list[dict]) -> None:
     by = {}
     for r in rows:
         by.setdefault(r["op"], {})[(r["provider"], r["mode"], r["metric"])] = r["p50"]
+    bare = by.pop("budget_bare_triton_launch")["triton", "fwd", "host_us"]
+    cuda = by.pop("budget_cuda_kernels", {})
+    print(f"host times in us; one bare Triton launch takes {bare:.1f} us on the same path")
     cols = ("workload", "launches", "FLOPs/useful", "spill B", "host us", "est us", "peer est us")
     print("{:<28} {:>9} {:>13} {:>8} {:>9} {:>9} {:>12}".format(*cols))
     for op, m in by.items():
@@ -828,3 +953,9 @@ def summary(rows: list[dict]) -> None:
         est = ours["full", "est_h100_us"]
         name = op.removeprefix("budget_")
         print(f"{name:<28} {launches:>9} {ratio:>13} {spills:>8.0f} {host:>9} {est:>9.0f} {peer:>12.0f}")
+    if cuda:
+        spilling = {
+            p.split(":", 1)[1]: v for (p, _, metric), v in cuda.items() if metric == "stack_bytes" and v
+        }
+        kernels = len({p for p, _, _ in cuda})
+        print(f"CUDA C++ kernels (sm_90a): {kernels}, spilling: {spilling or 'none'}")

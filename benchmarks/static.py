@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import types
 from typing import NamedTuple
 
 import torch
@@ -83,8 +84,11 @@ def _launches_a_kernel(func) -> bool:
 
 
 @contextlib.contextmanager
-def recording():
-    """Record Triton launches (not run) and count PyTorch kernel launches and host syncs."""
+def recording(all_configs: bool = False, loadable: bool = False):
+    """Record Triton launches (not run) and count PyTorch kernel launches and host syncs. An
+    autotuned launch is recorded with its first config, or once per config (``all_configs``), or
+    with the first config whose sm_90 build fits an H100's shared memory (``loadable``: what the
+    autotuner can time; compiles)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -100,10 +104,17 @@ def recording():
         rec.launches.append(Launch(self, grid(a) if callable(grid) else grid, a, options))
 
     def tuned_run(self, *args, grid, warmup, **kwargs):
-        config = self.configs[0]
-        a = bound(self.fn, args, kwargs) | config.kwargs
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        rec.launches.append(Launch(self.fn, grid(a) if callable(grid) else grid, a, options))
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
+        configs = self.prune_configs(kwargs)  # what the autotuner would try
+        for config in configs if all_configs or loadable else configs[:1]:
+            a = bound(self.fn, args, kwargs) | config.kwargs
+            options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+            launch = Launch(self.fn, grid(a) if callable(grid) else grid, a, options)
+            if loadable and compile_launch(launch).metadata.shared > H100["smem_per_block"]:
+                continue
+            rec.launches.append(launch)
+            if loadable:
+                break
 
     class Log(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -113,13 +124,15 @@ def recording():
                 rec.torch_kernels.append(str(func.name()))
             return func(*args, **(kwargs or {}))
 
-    saved = JITFunction.run, Autotuner.run
-    JITFunction.run, Autotuner.run = jit_run, tuned_run
+    from vlkernels._triton_utils import _Autotuner
+
+    saved = JITFunction.run, Autotuner.run, _Autotuner.run
+    JITFunction.run, Autotuner.run, _Autotuner.run = jit_run, tuned_run, tuned_run
     try:
         with Log():
             yield rec
     finally:
-        JITFunction.run, Autotuner.run = saved
+        JITFunction.run, Autotuner.run, _Autotuner.run = saved
 
 
 @contextlib.contextmanager
@@ -148,6 +161,63 @@ def counting_dots():
         InterpretedFunction.run, InterpreterBuilder.create_dot = run, dot
 
 
+class _HostOnlyDriver:
+    """Triton's CUDA driver as far as its launch path asks: device 0 of an H100 (sm_90), stream 0,
+    kernels loaded as nothing and launched by a launcher that does nothing."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", 90, 32)
+        self.utils = types.SimpleNamespace(
+            load_binary=lambda name, kernel, shared, device: (object(), 0, 0, 0, 1024),
+            get_device_properties=lambda device: {
+                "max_shared_mem": H100["smem_per_block"],
+                "multiprocessor_count": H100["sms"],
+            },
+        )
+        self.launcher_cls = lambda src, metadata: lambda *args: None
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def host_launch_path():
+    """Triton launches on CPU tensors walk Triton's whole host path — argument binding and
+    specialisation, the autotune and kernel caches (each kernel compiled for sm_90 on its first
+    use), the launcher call — and stop short of the driver: nothing runs. Autotuning keeps the
+    first config that fits the H100's shared memory (no timing)."""
+    from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.errors import OutOfResources
+
+    def fits(self, *args, config, **kwargs):  # the autotuner's time of one config
+        try:
+            self.fn.run(*args, **kwargs, **config.all_kwargs())  # compiles and loads: the smem check
+        except OutOfResources:
+            return [float("inf")]
+        return [1.0]  # equal times: the first wins
+
+    saved, active = Autotuner._bench, driver._active
+    Autotuner._bench = fits
+    driver.set_active(_HostOnlyDriver())
+    try:
+        yield
+    finally:
+        Autotuner._bench = saved
+        driver._active = active  # (reset_active() would look for a real driver)
+
+
 @contextlib.contextmanager
 def fake_cuda():
     """Fake CUDA tensors (shapes, strides and dtypes only) on a machine without a GPU."""
@@ -163,51 +233,60 @@ def fake_cuda():
         yield
 
 
-def _signature(value, path, constexprs):
-    """Triton's signature type of ``value``; constants go to ``constexprs`` under their path."""
+_DIVISIBLE = [["tt.divisibility", 16]]
+
+
+def _signature(value, path, constexprs, attrs):
+    """Triton's signature type of ``value``, specialised as its JIT would: an int equal to 1 is a
+    constant, an int divisible by 16 and a tensor 16-byte aligned get tt.divisibility 16 (in
+    ``attrs``); constants go to ``constexprs`` under their path."""
     import triton.language as tl
 
     if isinstance(value, torch.Tensor):
+        if value.storage_offset() * value.element_size() % 16 == 0:
+            attrs[path] = _DIVISIBLE
         return "*" + _DTYPES[value.dtype]
-    if value is None or isinstance(value, (tl.constexpr, str)):
+    if value is None or isinstance(value, (tl.constexpr, str)) or (type(value) is int and value == 1):
         constexprs[path] = value.value if isinstance(value, tl.constexpr) else value
         return "constexpr"
     if isinstance(value, bool):
-        return "i1"
+        return "u1"
     if isinstance(value, int):
+        if value % 16 == 0:
+            attrs[path] = _DIVISIBLE
         return "i32" if -(2**31) <= value < 2**31 else "i64"
     if isinstance(value, float):
         return "fp32"
     if isinstance(value, tuple):
-        types = [_signature(v, (*path, i), constexprs) for i, v in enumerate(value)]
+        types = [_signature(v, (*path, i), constexprs, attrs) for i, v in enumerate(value)]
         return type(value)(*types) if hasattr(value, "_fields") else tuple(types)
     raise TypeError(f"no Triton signature type for {type(value).__name__}")
 
 
-def signature(launch: Launch) -> tuple[dict, dict]:
-    """(signature, constexprs) of a recorded launch, as ``triton.compiler.ASTSource`` takes them.
-    The interpreter's bf16 work-around (UPCAST) is off: this is the GPU path."""
+def signature(launch: Launch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a recorded launch, as ``triton.compiler.ASTSource`` takes
+    them. The interpreter's bf16 work-around (UPCAST) is off: this is the GPU path."""
     fn, args = launch.kernel, dict(launch.args)
     if "UPCAST" in args:
         args["UPCAST"] = False
-    sig, constexprs = {}, {}
+    sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if i in fn.constexprs:
             sig[name] = "constexpr"
             constexprs[(i,)] = args[name]
         else:
-            sig[name] = _signature(args[name], (i,), constexprs)
-    return sig, constexprs
+            sig[name] = _signature(args[name], (i,), constexprs, attrs)
+    return sig, constexprs, attrs
 
 
-def compile_signature(kernel, sig: dict, constexprs: dict, options: dict, arch: int = 90):
+def compile_signature(kernel, sig: dict, constexprs: dict, attrs: dict, options: dict, arch: int = 90):
     """``kernel`` (a @triton.jit function) compiled by Triton for ``sm_{arch}`` (90: Hopper, wgmma
-    and TMA allowed) with this signature and these constants."""
+    and TMA allowed) with this signature, these constants and attributes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(kernel, sig, constexprs=constexprs)
+    src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options))
 
 
@@ -224,40 +303,90 @@ SASS_CLASSES = {
     "tma": ("UTMALDG", "UBLKCP"),
     "local_mem": ("LDL", "STL"),
 }
-H100 = dict(sms=132, regs_per_sm=65536, smem_per_sm=228 * 1024, warps_per_sm=64, blocks_per_sm=32)
+H100 = dict(
+    sms=132,
+    regs_per_sm=65536,
+    smem_per_sm=228 * 1024,
+    smem_per_block=227 * 1024,
+    warps_per_sm=64,
+    blocks_per_sm=32,
+)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+def _instruction_mix(sass: str) -> dict:
+    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    return {cls: sum(op.startswith(prefixes) for op in opcodes) for cls, prefixes in SASS_CLASSES.items()}
+
+
+def _warps_per_sm(regs: int, smem_bytes: int, warps: int) -> int:
+    blocks = min(
+        H100["blocks_per_sm"],
+        H100["warps_per_sm"] // warps,
+        H100["regs_per_sm"] // max(1, regs * 32 * warps),
+        H100["smem_per_sm"] // max(1, smem_bytes) if smem_bytes else H100["blocks_per_sm"],
+    )
+    return blocks * warps
 
 
 def resources(compiled) -> dict:
     """Registers, stack bytes (spills), shared memory and local-memory instructions of a compiled
-    kernel, its matrix / async-copy instruction counts and the warps per SM it allows on an H100."""
-    import triton
-
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+    Triton kernel, its matrix / async-copy instruction counts and the warps per SM it allows on an
+    H100."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run(
-            [cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True
+            [_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True
         ).stdout
-        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run(
+            [_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))
-    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
     out = dict(
         regs=field("REG"),
         stack_bytes=field("STACK"),
         smem_bytes=compiled.metadata.shared,
         num_warps=compiled.metadata.num_warps,
     )
-    for cls, prefixes in SASS_CLASSES.items():
-        out[cls] = sum(op.startswith(prefixes) for op in opcodes)
-    warps = out["num_warps"]
-    blocks = min(
-        H100["blocks_per_sm"],
-        H100["warps_per_sm"] // warps,
-        H100["regs_per_sm"] // max(1, out["regs"] * 32 * warps),
-        H100["smem_per_sm"] // max(1, out["smem_bytes"]) if out["smem_bytes"] else H100["blocks_per_sm"],
+    out.update(_instruction_mix(sass))
+    out["warps_per_sm"] = _warps_per_sm(out["regs"], out["smem_bytes"], out["num_warps"])
+    return out
+
+
+def _kernel_name(mangled: str) -> str:
+    """``attn_dq_kernel<float, 256>`` from the mangled name of a csrc/ kernel."""
+    demangled = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip()
+    name = re.search(r"(\w+(?:<[^()]*>)?)\((?!anonymous)", demangled).group(1)
+    return name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
+
+
+def cuda_resources(binary: str, arch: str = "sm_90a") -> dict[str, dict]:
+    """Per kernel of the CUDA C++ backend, its ``arch`` build in ``binary`` (the built
+    ``vlkernels._C`` or a cubin): registers, stack bytes (spills), static shared memory (the
+    kernels' tiles are dynamic shared memory, sized at launch) and the instruction mix."""
+    run = lambda *a: (
+        subprocess.run(
+            [_cuobjdump(), "-arch", arch, *a, binary], capture_output=True, text=True, check=True
+        ).stdout
     )
-    out["warps_per_sm"] = blocks * warps
+    usage = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+)", run("-res-usage"))
+    if not usage:
+        raise RuntimeError(f"{binary} has no {arch} code")
+    sass = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", run("-sass"), flags=re.S))
+    out = {}
+    for mangled, regs, stack, shared in usage:
+        out[_kernel_name(mangled)] = dict(
+            regs=int(regs),
+            stack_bytes=int(stack),
+            static_smem_bytes=int(shared),
+            **_instruction_mix(sass[mangled]),
+        )
     return out
