@@ -80,3 +80,30 @@ def _worker(rank, world, port, kind, backend, negatives):
 def test_ring_matches_open_clip(world, kind, backend):
     pytest.importorskip("open_clip")
     mp.spawn(_worker, args=(world, _free_port(), kind, backend, kind == "clip" and world == 3), nprocs=world)
+
+
+def _unequal_rows_worker(rank, world, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        import vlkernels
+
+        reduces = []
+        all_reduce = dist.all_reduce
+        dist.all_reduce = lambda *a, **k: reduces.append(1) or all_reduce(*a, **k)
+        x, y = torch.randn(6, 8), torch.randn(6, 8)
+        s = torch.tensor(10.0)
+        for _ in range(2):  # the row count is checked once, not on every call
+            vlkernels.contrastive_loss(x, y, s, group=dist.group.WORLD, backend="torch")
+        assert len(reduces) == 1, reduces
+        n = 3 + rank  # now each rank passes a different number of rows
+        with pytest.raises(
+            ValueError, match=f"same number of rows; this rank has {n}, others between 3 and 4"
+        ):
+            vlkernels.contrastive_loss(x[:n], y[:n], s, group=dist.group.WORLD, backend="torch")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ring_checks_the_row_counts_once():
+    mp.spawn(_unequal_rows_worker, args=(2, _free_port()), nprocs=2)

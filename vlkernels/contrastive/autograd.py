@@ -53,6 +53,29 @@ def _ring_pass(tensors, group):
     return received, dist.batch_isend_irecv(ops)
 
 
+_AGREED: set = set()  # (process group, row count) pairs the ranks were checked to agree on
+
+
+def _check_rows(n: int, group, device) -> None:
+    """Every rank must pass the same number of rows. Checked (an all-reduce and a host sync) the
+    first time this rank passes ``n`` rows to ``group``; later calls with the same count do not
+    synchronise (no stall, CUDA-graph capturable)."""
+    import torch.distributed as dist
+
+    key = (id(group), n)
+    if key in _AGREED:
+        return
+    sizes = torch.tensor([n, -n], device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+    most, fewest = sizes.tolist()
+    if most != -fewest:
+        raise ValueError(
+            f"contrastive_loss: every rank must pass the same number of rows; this rank "
+            f"has {n}, others between {-fewest} and {most}"
+        )
+    _AGREED.add(key)
+
+
 def _merge_stats(a, b):
     """Statistics [5, M] of rows over two disjoint column sets (log-sum-exps merge, sums add)."""
     out = a + b
@@ -73,13 +96,7 @@ class RingContrastiveLoss(torch.autograd.Function):
         impl = _backend("contrastive_rows", backend)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n = x.shape[0]
-        sizes = torch.tensor([n, -n], device=x.device)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
-        if sizes[0].item() != -sizes[1].item():
-            raise ValueError(
-                f"contrastive_loss: every rank must pass the same number of rows; this rank "
-                f"has {n}, others between {-sizes[1].item()} and {sizes[0].item()}"
-            )
+        _check_rows(n, group, x.device)
         x3, y3 = as3(x).contiguous(), as3(y).contiguous()
         kx, ky = (0 if t is None else t.shape[0] for t in (neg_x, neg_y))
         xb, yb = x3, y3
