@@ -214,6 +214,17 @@ BAD = [
     (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
     (dict(text_negatives=torch.randn(3, 7)), ValueError, r"text_negatives must be \[K, 8\]"),
     (dict(kind="siglip", text_negatives=torch.randn(3, 8)), ValueError, "only used by kind='clip'"),
+    (dict(kind="siglip", label_smoothing=0.1), ValueError, "label_smoothing is only used by kind='clip'"),
+    (
+        dict(text_negatives=torch.randn(3, 8, requires_grad=True)),
+        ValueError,
+        r"text_negatives requires grad.*pass text_negatives.detach\(\)",
+    ),
+    (
+        dict(distill=MomentumDistillation(torch.randn(4, 8, requires_grad=True), torch.randn(4, 8), 0.4)),
+        ValueError,
+        "distill.image_features requires grad",
+    ),
     (dict(distill=(1, 2)), TypeError, "distill must be a MomentumDistillation"),
     (
         dict(distill=MomentumDistillation(torch.randn(4, 8), torch.randn(3, 8), 0.4)),

@@ -63,6 +63,8 @@ def _validate(x, y, scale, bias, kind, smooth, neg_x, neg_y, distill, device):
             raise TypeError(f"contrastive_loss: {name} must be a one-element float tensor, got {got}")
     if not isinstance(smooth, (int, float)) or not 0.0 <= smooth <= 1.0:
         raise ValueError(f"contrastive_loss: label_smoothing must be in [0, 1], got {smooth!r}")
+    if smooth and kind != "clip":
+        raise ValueError(f"contrastive_loss: label_smoothing is only used by kind='clip', got kind={kind!r}")
     for name, t in (("image_negatives", neg_x), ("text_negatives", neg_y)):
         if t is None:
             continue
@@ -100,6 +102,16 @@ def _validate(x, y, scale, bias, kind, smooth, neg_x, neg_y, distill, device):
     tensors = [x, y, scale, bias, neg_x, neg_y]
     if distill is not None:
         tensors += [distill.image_features, distill.text_features]
+    constants = (("image_negatives", neg_x), ("text_negatives", neg_y))
+    if distill is not None:
+        constants += (("distill.image_features", distill.image_features),)
+        constants += (("distill.text_features", distill.text_features),)
+    for name, t in constants:
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"contrastive_loss: {name} requires grad, but the loss treats it as a constant (a queue "
+                f"or momentum features, as in BLIP) and gives it no gradient; pass {name}.detach()"
+            )
     for t in tensors:
         if t is not None and t.device != device:
             raise ValueError(f"contrastive_loss: every tensor must be on {device}, got one on {t.device}")
