@@ -10,7 +10,9 @@ from vlkernels.gated.autograd import GatedResidualFunction
 
 
 def gated_residual(x, y, gate, *, backend=None):
-    """``x + tanh(gate) * y`` (Flamingo's gated residual). x, y [...] same shape; gate: one element."""
+    """``x + tanh(gate) * y`` (Flamingo's gated residual). x, y [...] same shape; gate: one element.
+    The result has the shape that expression broadcasts to (x's, with the gate's extra leading
+    1-dims). fp16, bf16, fp32 on every backend; float64 on the torch backend (in float64)."""
     for name, t in (("x", x), ("y", y), ("gate", gate)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"gated_residual: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -27,4 +29,6 @@ def gated_residual(x, y, gate, *, backend=None):
             f"gated_residual: x, y, gate must be on one device, got {x.device}, {y.device}, {gate.device}"
         )
     chosen = _dispatch.choose("gated_residual", backend, GatedResidualArgs(x, y, gate))
-    return GatedResidualFunction.apply(chosen.name, x, y, gate)
+    out = GatedResidualFunction.apply(chosen.name, x, y, gate)
+    shape = torch.broadcast_shapes(x.shape, gate.shape)  # what x + tanh(gate) * y gives
+    return out if out.shape == shape else out.view(shape)
