@@ -139,3 +139,11 @@ def test_qformer_cross_attention_matches_transformers():
     with assert_launched("attention_fwd", "attention_bwd"):
         kw = dict(encoder_hidden_states=image)
         _compare(ours, theirs, (queries,), (queries, image), kw, kw)
+
+
+def test_pooler_rejects_unbatched_tokens():
+    pooler = AttentionalPooler(32, 24, n_head=2, n_queries=3)
+    with pytest.raises(
+        ValueError, match=r"x must be \[B, L, 24\] \(batch, image tokens, context_dim\), got shape \[5, 24\]"
+    ):
+        pooler(torch.randn(5, 24))

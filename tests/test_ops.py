@@ -179,6 +179,11 @@ BAD_INPUTS = [
         r"q heads \(3\) must be a multiple of k/v heads \(2\)",
     ),
     (
+        lambda q, k, v: (q, k[:, :0], v[:, :0], None),
+        ValueError,
+        r"head counts must be >= 1, got q \[\d+, \d+, \d+, \d+\], k \[\d+, 0,",
+    ),
+    (
         lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], None),
         ValueError,
         "head dim must be a multiple of 8 in",

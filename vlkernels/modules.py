@@ -67,6 +67,11 @@ class AttentionalPooler(nn.Module):
         return (wq, bq), (wk, bk), (wv, bv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.attn.kdim:
+            raise ValueError(
+                f"AttentionalPooler: x must be [B, L, {self.attn.kdim}] (batch, image tokens, context_dim), "
+                f"got shape {list(x.shape)}"
+            )
         (wq, bq), (wk, bk), (wv, bv) = self._projections()
         h = self.attn.num_heads
         x = self.ln_k(x)

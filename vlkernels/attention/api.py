@@ -37,6 +37,8 @@ def _check_inputs(q, k, v, scale) -> None:
         raise ValueError(f"attention: q batch must be {B} (the batch of k) or 1, got {Bq}")
     if Dq != D:
         raise ValueError(f"attention: q head dim must equal k's ({D}), got {Dq}")
+    if H < 1 or Hk < 1:
+        raise ValueError(f"attention: head counts must be >= 1, got q {_shape(q)}, k {_shape(k)}")
     if H % Hk:
         raise ValueError(f"attention: q heads ({H}) must be a multiple of k/v heads ({Hk})")
     if not (16 <= D <= 256 and D % 8 == 0):
