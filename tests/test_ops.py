@@ -247,3 +247,22 @@ def test_public_submodules_are_attributes():
 
     assert vk.modules.AttentionalPooler and vk.losses.ClipLoss and vk.reference.attention_ref
     assert vk.masks.sliding_window and callable(vk.attention) and callable(vk.contrastive_loss)
+
+
+@pytest.mark.parametrize("op", ["attention", "contrastive_loss", "gated_residual"])
+def test_double_backward_raises_clearly(backend, op):
+    g = torch.Generator().manual_seed(5)
+    if op == "attention":
+        inputs = [torch.randn(2, 2, 9, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+        call = lambda: vlkernels.attention(*inputs, backend=backend).sum()
+    elif op == "contrastive_loss":
+        inputs = [torch.randn(6, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
+        inputs.append(torch.tensor(5.0, device=DEVICE, requires_grad=True))
+        call = lambda: vlkernels.contrastive_loss(*inputs, backend=backend)
+    else:
+        inputs = [torch.randn(3, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
+        inputs.append(torch.tensor([0.3], device=DEVICE, requires_grad=True))
+        call = lambda: vlkernels.gated_residual(*inputs, backend=backend).sum()
+    with pytest.raises(RuntimeError, match=f"{op}: double backward \\(create_graph=True\\) is not supported"):
+        torch.autograd.grad(call(), inputs, create_graph=True)
+    assert all(t is not None for t in torch.autograd.grad(call(), inputs))  # first order still works

@@ -183,3 +183,22 @@ def stash(ctx, args) -> None:
 def unstash(ctx):
     layout, rest = ctx.stashed
     return _join(layout, iter(rest), iter(ctx.saved_tensors))
+
+
+def first_order(op: str):
+    """Decorates an autograd ``backward``: a double backward (``create_graph=True``) raises a
+    clear error instead of differentiating kernel calls that have no derivative."""
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{op}: double backward (create_graph=True) is not supported; its backward is "
+                    "not differentiable"
+                )
+            return backward(ctx, *grads)
+
+        return checked
+
+    return wrap

@@ -21,6 +21,7 @@ class AttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @_schema.first_order("attention")
     def backward(ctx, grad_out, grad_lse):
         args = _schema.unstash(ctx)._replace(grad_out=grad_out)
         dq, dk, dv = _dispatch.backends("attention")[ctx.backend].backward(args)

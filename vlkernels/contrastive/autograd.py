@@ -33,6 +33,7 @@ class ContrastiveLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_schema.first_order("contrastive_loss")
     def backward(ctx, gout):
         g = _schema.unstash(ctx)._replace(grad_loss=gout)
         dx, dy, d_scale, d_bias = _backend("contrastive", ctx.backend).backward(g)
@@ -126,6 +127,7 @@ class RingContrastiveLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_schema.first_order("contrastive_loss")
     def backward(ctx, gout):
         import torch.distributed as dist
 

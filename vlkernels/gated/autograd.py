@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vlkernels import _dispatch
+from vlkernels import _dispatch, _schema
 from vlkernels.gated.args import GatedResidualArgs, GatedResidualGradArgs
 
 
@@ -16,6 +16,7 @@ class GatedResidualFunction(torch.autograd.Function):
         return _dispatch.backends("gated_residual")[backend].forward(GatedResidualArgs(x, y, gate))
 
     @staticmethod
+    @_schema.first_order("gated_residual")
     def backward(ctx, grad_out):
         y, gate = ctx.saved_tensors
         impl = _dispatch.backends("gated_residual")[ctx.backend]
