@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, assert_launched
+from helpers import DEVICE, assert_launched, launched
 
 import vlkernels
 from vlkernels import masks
@@ -220,3 +220,25 @@ def test_patch_hf_blip_flava_idefics_outputs_and_gradients():
             ).logits
         ),
     )
+
+
+@pytest.mark.parametrize("Lq, Lk", [(7, 7), (5, 12), (12, 5)])
+@pytest.mark.parametrize("is_causal", [None, True, False])
+def test_hf_attention_function_causal_as_transformers_sdpa(backend, Lq, Lk, is_causal):
+    """No mask: causal unless the call or the module says otherwise (a module without ``is_causal``
+    is causal), aligned top-left, as transformers' own SDPA attention function."""
+    sdpa = pytest.importorskip("transformers.integrations.sdpa_attention").sdpa_attention_forward
+    from vlkernels.patch import hf_attention_forward
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 2, Lq, 16, generator=g).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(2, 2, Lk, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    do = torch.randn(2, Lq, 2, 16, generator=g).to(DEVICE)
+    module = torch.nn.Module()  # no is_causal attribute
+    want, _ = sdpa(module, q, k, v, None, is_causal=is_causal)
+    with launched(backend, "attention"), vlkernels.use_backend(backend):
+        got, _ = hf_attention_forward(module, q, k, v, None, is_causal=is_causal)
+        grads = torch.autograd.grad(got, (q, k, v), do)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), do), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

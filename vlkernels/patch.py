@@ -44,11 +44,15 @@ def hf_attention_forward(
             if attention_mask.dtype == torch.bool
             else (attention_mask > torch.finfo(attention_mask.dtype).min / 2)
         )
-    else:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-        if causal and query.shape[2] > 1:  # top-left aligned, as transformers' SDPA path
-            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
-            mask = masks.causal()
+    else:  # causal unless told otherwise, top-left aligned: as transformers' SDPA path
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        Lq, Lk = query.shape[2], key.shape[2]
+        if causal and Lq > 1:
+            if Lq <= Lk:  # keys past Lq are masked for every row: drop them
+                key, value = key[:, :, :Lq], value[:, :, :Lq]
+                mask = masks.causal()
+            else:  # query i sees keys 0..i
+                mask = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()
     out = attention(query, key, value, mask, scale=scaling)
     return out.transpose(1, 2), None
 
