@@ -206,3 +206,21 @@ def test_shared_queries_are_not_expanded_and_grad_sums_over_batch(backend):
     assert dq.shape == (1, H, Lq, D)
     tol = tolerance("attention", backend)
     torch.testing.assert_close(dq.double(), dqe.double().sum(0, keepdim=True), rtol=tol, atol=tol)
+
+
+def test_int64_lengths_past_int32_do_not_wrap(backend):
+    """Lengths and prefix lengths of 2**32 + 3 mean "every key" (as Lk would), on every backend."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g).to(DEVICE) for n in (9, 11, 11))
+    lengths = lambda first: torch.tensor([first, 5]).to(DEVICE)
+
+    def run(mask):
+        qq = q.clone().requires_grad_()
+        out = vlkernels.attention(qq, k, v, mask, backend=backend)
+        return out, torch.autograd.grad(out.sum(), qq)[0]
+
+    for kind in (masks.key_padding, masks.prefix_lm):
+        with launched(backend, "attention"):
+            got = run(kind(lengths(2**32 + 3)))
+        for a, b in zip(got, run(kind(lengths(11))), strict=True):
+            torch.testing.assert_close(a, b)

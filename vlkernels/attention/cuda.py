@@ -15,10 +15,12 @@ _bwd_op = _extension.declare("cuda_attention_bwd", A.AttentionGradArgs, A.BWD_RE
 
 
 def _int32(m: MaskArgs) -> MaskArgs:
-    """The mask with its int64 metadata as int32 (what csrc/attention.cu reads)."""
+    """The mask with its int64 metadata as int32 (what csrc/attention.cu reads), clamped to the
+    int32 range: a length past it still means "every key", never a wrapped value."""
+    lo, hi = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
     return m._replace(
         **{
-            f: v.int()
+            f: v.clamp(lo, hi).int()
             for f, v in zip(m._fields, m, strict=True)
             if isinstance(v, torch.Tensor) and v.dtype == torch.int64
         }
