@@ -238,3 +238,16 @@ def test_fp16_large_logits_stay_finite(backend):
     ref = attention_ref(q.double(), k.double(), v.double(), masks.causal())
     assert torch.isfinite(out).all() and torch.isfinite(dq).all()
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-3)
+
+
+def test_autocast_computes_in_its_dtype(backend):
+    """Under autocast (bf16), fp32 q, k, v are attended in bf16 and the output is bf16, as SDPA."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 2, 19, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    with launched(backend, "attention"), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = vlkernels.attention(q, k, v, masks.causal(), backend=backend)
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert out.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in grads)
+    low = [t.detach().bfloat16().double() for t in (q, k, v)]
+    ref = attention_ref(*low, masks.causal())
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-2)

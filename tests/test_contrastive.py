@@ -273,3 +273,21 @@ def test_queues_may_be_updated_in_place_before_backward():
     ref = clip_loss_ref(x, y, s, text_negatives=queue.clone())
     queue.zero_()
     _check(loss, ref, (x, y, s))
+
+
+def test_autocast_multiplies_features_in_its_dtype(backend):
+    """Under autocast (bf16) the features are multiplied in bf16, as open_clip's matmuls; the loss
+    is fp32 and the gradients reach the fp32 features."""
+    from vlkernels.reference import clip_loss_ref
+
+    g = torch.Generator().manual_seed(9)
+    x, y = (
+        F.normalize(torch.randn(37, 24, generator=g), dim=-1).to(DEVICE).requires_grad_() for _ in range(2)
+    )
+    s = torch.tensor(20.0, device=DEVICE)
+    with launched(backend, "contrastive"), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = contrastive_loss(x, y, s, backend=backend)
+        dx, dy = torch.autograd.grad(loss, (x, y))
+    assert loss.dtype == torch.float32 and dx.dtype == dy.dtype == torch.float32
+    ref = clip_loss_ref(x.detach().bfloat16().double(), y.detach().bfloat16().double(), s.double())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)

@@ -57,6 +57,21 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autocast_inputs(*tensors):
+    """The floating-point ``tensors`` in autocast's lower-precision dtype when autocast is on for
+    their device (the policy of SDPA and matmul), else as they are; None stays None."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    low = torch.get_autocast_dtype(device)
+    return tuple(t.to(low) if t is not None and t.dtype.is_floating_point else t for t in tensors)
+
+
+def no_autocast(like: torch.Tensor):
+    """Around a backend's forward or backward: it computes in its own precision."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def device_reasons(backend: str, device: torch.device) -> list[str]:
     """Why ``backend`` cannot run on ``device`` at all (empty: it can)."""
     reasons = []

@@ -56,8 +56,10 @@ def attention(q, k, v, mask=None, *, scale=None, backend=None):
     ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend), or a mask from
     ``vlkernels.masks``. Rows with no allowed key give 0 and receive 0 gradient.
     ``scale`` defaults to 1/sqrt(D). ``backend``: None (automatic), "triton", "cuda", "torch".
+    Under autocast, q, k, v are cast to its lower-precision dtype first (as SDPA).
     """
     _check_inputs(q, k, v, scale)
+    q, k, v = _dispatch.autocast_inputs(q, k, v)
     B, _, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     lowered = masks.lower(mask, B, H, Lq, Lk, q.device)

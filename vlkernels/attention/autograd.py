@@ -14,7 +14,8 @@ class AttentionFunction(torch.autograd.Function):
     def forward(ctx, backend: str, q, k, v, mask, scale: float):
         impl = _dispatch.backends("attention")[backend]
         args = AttentionArgs(q, k, v, mask, scale)
-        out, lse = impl.forward(args)
+        with _dispatch.no_autocast(q):
+            out, lse = impl.forward(args)
         ctx.mark_non_differentiable(lse)
         ctx.backend = backend
         _schema.stash(ctx, AttentionGradArgs(None, out, lse, args))
@@ -24,5 +25,6 @@ class AttentionFunction(torch.autograd.Function):
     @_schema.first_order("attention")
     def backward(ctx, grad_out, grad_lse):
         args = _schema.unstash(ctx)._replace(grad_out=grad_out)
-        dq, dk, dv = _dispatch.backends("attention")[ctx.backend].backward(args)
+        with _dispatch.no_autocast(grad_out):
+            dq, dk, dv = _dispatch.backends("attention")[ctx.backend].backward(args)
         return None, dq, dk, dv, None, None

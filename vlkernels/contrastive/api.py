@@ -155,6 +155,14 @@ def contrastive_loss(
         device,
     )
     smooth = float(label_smoothing)
+    # under autocast the features are multiplied in its lower precision (as open_clip's matmuls)
+    image_features, text_features, image_negatives, text_negatives = _dispatch.autocast_inputs(
+        image_features, text_features, image_negatives, text_negatives
+    )
+    if distill is not None:
+        distill = MomentumDistillation(
+            *_dispatch.autocast_inputs(distill.image_features, distill.text_features), distill.alpha
+        )
     # copies of the queues: BLIP updates them in place right after the loss, before the backward
     neg_x = None if image_negatives is None else image_negatives.detach().clone()
     neg_y = None if text_negatives is None else text_negatives.detach().clone()

@@ -27,7 +27,8 @@ class ContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, x, y, scale, bias, neg_x, neg_y, xm, ym, kind, smooth, alpha):
         args = LossArgs(x, y, scale, bias, neg_x, neg_y, xm, ym, kind, smooth, alpha)
-        loss, stats = _backend("contrastive", backend).forward(args)
+        with _dispatch.no_autocast(x):
+            loss, stats = _backend("contrastive", backend).forward(args)
         ctx.backend = backend
         _schema.stash(ctx, LossGradArgs(None, stats, args))
         return loss
@@ -36,7 +37,8 @@ class ContrastiveLoss(torch.autograd.Function):
     @_schema.first_order("contrastive_loss")
     def backward(ctx, gout):
         g = _schema.unstash(ctx)._replace(grad_loss=gout)
-        dx, dy, d_scale, d_bias = _backend("contrastive", ctx.backend).backward(g)
+        with _dispatch.no_autocast(gout):
+            dx, dy, d_scale, d_bias = _backend("contrastive", ctx.backend).backward(g)
         return None, dx, dy, d_scale, d_bias if g.fwd.bias is not None else None, *(None,) * 7
 
 
