@@ -1,5 +1,7 @@
 """vlkernels.attention, every backend, against the float64 eager reference: output, dq, dk, dv."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import BACKENDS, DEVICE, LOWP, ON_GPU, check_against_reference, launched, padded_randn, tolerance
@@ -149,6 +151,33 @@ def test_head_dims_and_blhd_views(backend, D):
     """Every head-dim tile of the kernels (the CUDA C++ ones round to 32, 64, 128, 256)."""
     run_case((2, 2, 2, 1, 33, 70, D), "causal&key_padding", torch.float32, backend, seed=D)
     run_case((1, 1, 2, 2, 20, 20, D), "none", torch.float16, backend, seed=D, layout_blhd=True)
+
+
+@pytest.mark.parametrize("D", [8, 12, 33, 300])
+def test_any_head_dim(backend, D):
+    """Head dims SDPA takes (transformers' testers use 8): the Triton kernels pad inside up to 256;
+    a backend that cannot serve one says why; the automatic choice runs the rest on the torch
+    backend and says so once."""
+    cannot = (backend == "triton" and D > 256) or (backend == "cuda" and not (16 <= D <= 256 and D % 8 == 0))
+    if not cannot:
+        run_case((2, 2, 2, 1, 21, 30, D), "causal&key_padding", torch.float32, backend, seed=D)
+        return
+    q = torch.randn(1, 2, 5, D, device=DEVICE)
+    with pytest.raises(vlkernels.BackendUnavailableError, match=f"head dims .* got {D}"):
+        vlkernels.attention(q, q, q, backend=backend)
+
+
+def test_automatic_choice_warns_once_when_no_kernel_serves():
+    from vlkernels import _dispatch
+
+    q = torch.randn(1, 2, 5, 300, device=DEVICE)
+    _dispatch._WARNED.clear()
+    with pytest.warns(UserWarning, match="running on the torch backend.*head dims up to 256, got 300"):
+        out = vlkernels.attention(q, q, q)
+    torch.testing.assert_close(out, attention_ref(q, q, q), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vlkernels.attention(q, q, q)  # the same reason: no second warning
 
 
 def test_paper_shapes_qformer_and_pooler(backend):

@@ -31,6 +31,28 @@ def _compare_patched(ref, run):
     return ours
 
 
+def test_patch_hf_blip2_qformer_tester_config_head_dim_8():
+    """transformers' own Blip2QFormer tester sizes (hidden 32, 4 heads: head dim 8)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    cfg = transformers.Blip2QFormerConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        encoder_hidden_size=32,
+        use_qformer_text_input=True,
+        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )
+    B, nq, T = 2, 6, 7
+    embeds = torch.randn(B, nq + T, 32, device=DEVICE)
+    image = torch.randn(B, 9, 32, device=DEVICE)
+    mask4d = masks.qformer(nq, "multimodal_causal").to_dense(B, nq + T, nq + T)
+    kw = dict(query_embeds=embeds, query_length=nq, attention_mask=mask4d, encoder_hidden_states=image)
+    _compare_patched(transformers.Blip2QFormerModel(cfg), lambda m: m(**kw).last_hidden_state)
+
+
 @pytest.mark.parametrize("mode", ["bidirectional", "multimodal_causal", "unimodal"])
 def test_patch_hf_blip2_qformer_three_masks(mode):
     transformers = pytest.importorskip("transformers")

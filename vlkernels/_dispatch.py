@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 
 import torch
 
@@ -102,8 +103,9 @@ class Backend:
     family's argument tuples (``vlkernels/<family>/args.py``); ``dtypes`` are the input dtypes it
     computes."""
 
-    def __init__(self, name: str, forward, backward, dtypes: tuple = FLOATS):
+    def __init__(self, name: str, forward, backward, dtypes: tuple = FLOATS, limits=None):
         self.name, self.forward, self.backward, self.dtypes = name, forward, backward, dtypes
+        self.limits = limits  # optional: args -> reasons specific to this backend's kernels
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
@@ -116,6 +118,8 @@ class Backend:
             reasons.append(
                 f"the {self.name} backend computes in {', '.join(map(str, self.dtypes))}, got {first.dtype}"
             )
+        if self.limits is not None:
+            reasons += self.limits(args)
         return reasons
 
 
@@ -130,6 +134,25 @@ def register(family: str, backend: Backend) -> Backend:
 
 def backends(family: str) -> dict[str, Backend]:
     return _REGISTRY[family]
+
+
+_WARNED: set = set()
+
+
+def _warn_if_kernels_declined(family: str, chosen: str, why: dict, device: torch.device) -> None:
+    """Once per family and reason: the torch backend serves inputs that a kernel backend able to
+    run on this device declined."""
+    if chosen != "torch":
+        return
+    declined = {n: r for n, r in why.items() if r and not device_reasons(n, device) and n != "torch"}
+    key = (family, tuple((n, tuple(r)) for n, r in declined.items()))
+    if declined and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"vlkernels {family}: running on the torch backend (PyTorch operations), since "
+            + "; ".join(f"{n}: {'; '.join(r)}" for n, r in declined.items()),
+            stacklevel=4,
+        )
 
 
 def choose(family: str, backend: str | None, args) -> Backend:
@@ -149,6 +172,7 @@ def choose(family: str, backend: str | None, args) -> Backend:
     for name in BACKENDS:
         why[name] = registered[name].not_supported_reasons(args)
         if not why[name]:
+            _warn_if_kernels_declined(family, name, why, _schema.first_tensor(args).device)
             return registered[name]
     raise BackendUnavailableError(
         f"{family}: no backend can serve these inputs: "

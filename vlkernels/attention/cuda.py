@@ -35,4 +35,12 @@ def _backward(g: A.AttentionGradArgs):
     return _bwd_op(g._replace(fwd=g.fwd._replace(mask=_int32(g.fwd.mask))))
 
 
-BACKEND = _dispatch.Backend("cuda", _forward, _backward)
+def _limits(a: A.AttentionArgs) -> list[str]:
+    D = a.q.shape[-1]
+    ok = 16 <= D <= 256 and D % 8 == 0
+    return (
+        [] if ok else [f"the CUDA C++ kernels take head dims that are multiples of 8 in [16, 256], got {D}"]
+    )
+
+
+BACKEND = _dispatch.Backend("cuda", _forward, _backward, limits=_limits)

@@ -416,7 +416,7 @@ def _launch_args(a: A.AttentionArgs) -> _Launch:
         MASK_KEY=_mask_key(a.mask),
         PRECISION="ieee" if a.q.dtype == torch.float32 else "tf32",
         UPCAST=a.q.dtype == torch.bfloat16 and interpreter_on(),
-        BLOCK_D=next_pow2(D),
+        BLOCK_D=max(16, next_pow2(D)),  # tl.dot's smallest K; columns past D masked
     )
     return _Launch(
         (0 if a.shared_queries else sq[0], *sq[1:]),
@@ -513,4 +513,10 @@ _bwd_op = _schema.python_op(
     "vlkernels::triton_attention_bwd", A.AttentionGradArgs, A.BWD_RETURNS, _backward, A.bwd_fake
 )
 
-BACKEND = _dispatch.Backend("triton", _fwd_op, _bwd_op)
+
+def _limits(a: A.AttentionArgs) -> list[str]:
+    D = a.q.shape[-1]
+    return [] if D <= 256 else [f"the Triton kernels take head dims up to 256, got {D}"]
+
+
+BACKEND = _dispatch.Backend("triton", _fwd_op, _bwd_op, limits=_limits)
