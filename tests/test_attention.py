@@ -4,7 +4,17 @@ import warnings
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, LOWP, ON_GPU, check_against_reference, launched, padded_randn, tolerance
+from helpers import (
+    BACKENDS,
+    DEVICE,
+    LOWP,
+    ON_GPU,
+    assert_launched,
+    check_against_reference,
+    launched,
+    padded_randn,
+    tolerance,
+)
 
 import vlkernels
 from vlkernels import masks
@@ -280,3 +290,48 @@ def test_autocast_computes_in_its_dtype(backend):
     low = [t.detach().bfloat16().double() for t in (q, k, v)]
     ref = attention_ref(*low, masks.causal())
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-2)
+
+
+FLOAT_BIAS_CASES = [  # (Bq, B, H, Hk, Lq, Lk, D, bias shape): each backward path, broadcast biases
+    (2, 2, 2, 2, 37, 45, 24, (2, 2, 37, 45)),
+    (2, 2, 4, 2, 33, 20, 16, (2, 1, 1, 20)),  # every key in one tile
+    (2, 2, 2, 2, 20, 70, 16, (70,)),  # every query in one tile
+    (1, 3, 2, 2, 19, 40, 32, (1, 2, 19, 40)),  # shared queries
+]
+
+
+@pytest.mark.parametrize("case", FLOAT_BIAS_CASES, ids=lambda c: "x".join(map(str, c[-1])))
+def test_float_bias_and_its_gradient(backend, case):
+    """A float mask is added to the scaled scores (SDPA's attn_mask): out, dq, dk, dv and the
+    bias's gradient (summed over its broadcast) against float64; -inf entries mask, a row of
+    -inf gives 0 and 0 gradient."""
+    Bq, B, H, Hk, Lq, Lk, D, shape = case
+    g = torch.Generator().manual_seed(Lq)
+    q = torch.randn(Bq, H, Lq, D, generator=g).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(B, Hk, Lk, D, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    bias = torch.randn(*shape, generator=g) * 2
+    bias[..., 3] = float("-inf")
+    if len(shape) == 4 and shape[2] > 1:
+        bias[..., 5, :] = float("-inf")  # a row with nothing to attend
+    bias = bias.to(DEVICE).requires_grad_()
+    inputs = (q, k, v, bias)
+    if backend == "cuda":
+        with pytest.raises(vlkernels.BackendUnavailableError, match="take no float bias"):
+            vlkernels.attention(q, k, v, bias, backend=backend)
+        return
+    do = torch.randn(B, H, Lq, D, generator=g).to(DEVICE)
+    ran = launched(backend, "attention")
+    if backend == "triton":
+        ran = assert_launched("attention_fwd", "attention_bwd", "attention_bias_grad")
+    with ran:
+        out = vlkernels.attention(q, k, v, bias, backend=backend)
+        grads = torch.autograd.grad(out, inputs, do)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = attention_ref(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads, strict=True):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+    if len(shape) == 4 and shape[2] > 1:
+        assert torch.all(out[:, :, 5] == 0) and torch.all(grads[0][:, :, 5] == 0)

@@ -43,6 +43,8 @@ def test_attention_op_checks_inputs_on_the_cpp_side(ns):
         call(q[..., :12], q[..., :12], q[..., :12])
     with pytest.raises(RuntimeError, match="attention_fwd: k must be Float, got Half"):
         call(q, q.half(), q)
+    with pytest.raises(RuntimeError, match=r"attention_fwd: the CUDA C\+\+ kernels take no float bias"):
+        call(q, q, q, bias=torch.zeros(1, 1, 8, 8, device=DEVICE))
     lengths = torch.tensor([3], device=DEVICE)
     with pytest.raises(RuntimeError, match="attention_fwd: key_lengths must be int32, got Long"):
         call(q, q, q, key_lengths=lengths)

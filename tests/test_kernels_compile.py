@@ -64,6 +64,7 @@ def _launchers(arch_dtypes):
                         2,
                         1,
                         16,
+                        bias=torch.empty(1, H, Lq, Lk, dtype=dtype, device=dev),
                     ),
                     "off": MaskArgs(),
                     "mixed": MaskArgs(
@@ -78,6 +79,8 @@ def _launchers(arch_dtypes):
                 a = AttentionArgs(q, k, k, mask, 0.125)
                 out, lse = attn._forward(a)
                 attn._backward(AttentionGradArgs(out, out, lse, a))
+                if variant == "all_on":  # the float bias's gradient
+                    attn._bias_grad(AttentionGradArgs(out, out, lse, a))
 
                 rows = torch.empty(96, 1, 256, dtype=dtype, device=dev)
                 scale = torch.empty(1, dtype=torch.float32, device=dev)
@@ -180,10 +183,10 @@ def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
 
     # per variant: attention fwd and its backward (fused: 1; split: delta, dk/dv, dq, and with
-    # shared queries the sum of the dq partials); contrastive row fwd, bwd (a second bwd for "off");
-    # the fused loss: bands, finish, two bwd, finish; gated fwd, bwd, dgate
+    # shared queries the sum of the dq partials; with a float bias its gradient); contrastive row
+    # fwd, bwd (a second bwd for "off"); the fused loss: bands, finish, two bwd, finish; gated fwd, bwd, dgate
     def attention(variant, backward):
-        return 1 + (1 if backward != "split" else 3 + (variant == "mixed"))
+        return 1 + (1 if backward != "split" else 3 + (variant == "mixed")) + (variant == "all_on")
 
     n = sum(attention(v, bw) + 2 + (v == "off") + 5 + 3 for _, _, v, bw in VARIANTS)
     assert f"({n} launches)" in out.stdout, out.stdout

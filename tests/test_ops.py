@@ -31,11 +31,12 @@ def _op_args(mask_kind) -> AttentionArgs:
         "qformer": MaskArgs(key_lengths=lengths, qformer_queries=8, qformer_mode=1),
         "prefix": MaskArgs(prefix_lengths=lengths, causal=True),
         "media": MaskArgs(text_to_media=t2m, media_mode=1, latents_per_media=8),
+        "bias": MaskArgs(bias=torch.randn(2, 1, 20, 24, device=DEVICE)),
     }
     return AttentionArgs(q, k, v, cases[mask_kind], 0.2)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "shared", "dense", "qformer", "prefix", "media"])
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "dense", "qformer", "prefix", "media", "bias"])
 def test_opcheck_attention(mask_kind):
     """The backend ops have no autograd of their own (vlkernels.attention's autograd function sits
     above the backends): opcheck's schema, fake-tensor and AOT-dispatch checks."""
@@ -47,6 +48,10 @@ def test_opcheck_attention_backward_and_gated_residual():
     out, lse = torch.ops.vlkernels.triton_attention_fwd(*_schema.flatten(args))
     grad = AttentionGradArgs(torch.randn_like(out), out, lse, args)
     torch.library.opcheck(torch.ops.vlkernels.triton_attention_bwd, _schema.flatten(grad))
+    args = _op_args("bias")
+    out, lse = torch.ops.vlkernels.triton_attention_fwd(*_schema.flatten(args))
+    grad = AttentionGradArgs(torch.randn_like(out), out, lse, args)
+    torch.library.opcheck(torch.ops.vlkernels.triton_attention_bias_grad, _schema.flatten(grad))
     x = torch.randn(3, 5, 7, device=DEVICE)
     gate = torch.tensor([0.3], device=DEVICE)
     torch.library.opcheck(torch.ops.vlkernels.triton_gated_residual_fwd, (x, torch.randn_like(x), gate))
@@ -59,11 +64,11 @@ def test_schemas_are_derived_from_the_declarations():
     assert _schema.schema(MaskArgs, "()") == (
         "(Tensor? dense_mask, Tensor? key_lengths, Tensor? prefix_lengths, Tensor? text_to_media, "
         "bool causal, int qformer_queries, int qformer_mode, int media_mode, int latents_per_media, "
-        "int window) -> ()"
+        "int window, Tensor? bias) -> ()"
     )
     fwd = str(torch.ops.vlkernels.triton_attention_fwd.default._schema)
     assert fwd.startswith("vlkernels::triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? dense_mask,")
-    assert fwd.endswith("int latents_per_media, int window, float scale) -> (Tensor, Tensor)")
+    assert fwd.endswith("int latents_per_media, int window, Tensor? bias, float scale) -> (Tensor, Tensor)")
     for name in ("attention", "contrastive", "gated_residual"):  # the Triton and C++ ops share a declaration
         for direction in ("fwd", "bwd"):
             handle = getattr(torch.ops.vlkernels, f"triton_{name}_{direction}").default
@@ -184,7 +189,11 @@ BAD_INPUTS = [
         r"head counts must be >= 1, got q \[\d+, \d+, \d+, \d+\], k \[\d+, 0,",
     ),
     (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0], None), ValueError, "head dim must be >= 1, got 0"),
-    (lambda q, k, v: (q, k, v, torch.ones(2, 1, 20, 24)), TypeError, "a tensor mask must be bool"),
+    (
+        lambda q, k, v: (q, k, v, torch.ones(2, 1, 20, 24, dtype=torch.int32)),
+        TypeError,
+        r"a tensor mask must be bool \(True = may attend\) or float \(added to the scores\), got torch.int32",
+    ),
     (
         lambda q, k, v: (q, k, v, torch.ones(2, 1, 20, 23, dtype=torch.bool)),
         ValueError,
@@ -193,7 +202,7 @@ BAD_INPUTS = [
     (
         lambda q, k, v: (q, k, v, "causal"),
         TypeError,
-        "mask must be None, a bool tensor or a vlkernels.masks mask",
+        "mask must be None, a bool tensor, a float tensor or a vlkernels.masks mask",
     ),
     (
         lambda q, k, v: (q, k, v, masks.key_padding(torch.tensor([3]))),

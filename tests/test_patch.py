@@ -264,3 +264,30 @@ def test_hf_attention_function_causal_as_transformers_sdpa(backend, Lq, Lk, is_c
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), do), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_attention_function_float_mask_is_added(backend):
+    """A float attention_mask is a bias added to the scores (as transformers' SDPA path), not a
+    binarised mask: a -10000 padding mask (MarkupLM builds one) and a real-valued bias."""
+    sdpa = pytest.importorskip("transformers.integrations.sdpa_attention").sdpa_attention_forward
+    from vlkernels.patch import hf_attention_forward
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 9, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    padding = torch.zeros(2, 1, 1, 9)
+    padding[1, ..., 6:] = -10000.0
+    bias = torch.randn(2, 2, 9, 9, generator=g)
+    module = torch.nn.Module()
+    if backend == "cuda":
+        with pytest.raises(vlkernels.BackendUnavailableError, match="take no float bias"):
+            with vlkernels.use_backend(backend):
+                hf_attention_forward(module, q, k, v, padding.to(DEVICE))
+        return
+    for mask in (padding.to(DEVICE), (padding + bias).to(DEVICE)):
+        want, _ = sdpa(module, q, k, v, mask)
+        with launched(backend, "attention"), vlkernels.use_backend(backend):
+            got, _ = hf_attention_forward(module, q, k, v, mask)
+            grads = torch.autograd.grad(got.sum(), (q, k, v))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, torch.autograd.grad(want.sum(), (q, k, v)), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -103,9 +103,10 @@ class Backend:
     family's argument tuples (``vlkernels/<family>/args.py``); ``dtypes`` are the input dtypes it
     computes."""
 
-    def __init__(self, name: str, forward, backward, dtypes: tuple = FLOATS, limits=None):
+    def __init__(self, name: str, forward, backward, dtypes: tuple = FLOATS, limits=None, **ops):
         self.name, self.forward, self.backward, self.dtypes = name, forward, backward, dtypes
         self.limits = limits  # optional: args -> reasons specific to this backend's kernels
+        self.ops = ops  # the family's further ops (attention: bias_grad)
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"

@@ -238,6 +238,8 @@ class MaskArgs(NamedTuple):
     media_mode:        0 no media mask, 1 only the immediate image, 2 all previous images
     latents_per_media: keys per image
     window:            sliding window (0: none)
+    bias:              float, broadcastable to [B, H, Lq, Lk]: added to the scaled scores (SDPA's
+                       float attn_mask; -inf = may not attend)
     """
 
     dense_mask: torch.Tensor | None = None
@@ -250,6 +252,7 @@ class MaskArgs(NamedTuple):
     media_mode: int = 0
     latents_per_media: int = 1
     window: int = 0
+    bias: torch.Tensor | None = None
 
     def intervals(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The allowed key interval [lo, hi) of every query row: int64 [B or 1, q_len] each
@@ -291,8 +294,11 @@ class MaskArgs(NamedTuple):
 
 
 def _check_dense(mask, B, H, Lq, Lk, device) -> None:
-    if mask.dtype != torch.bool:
-        raise TypeError(f"attention: a tensor mask must be bool (True = may attend), got {mask.dtype}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(
+            f"attention: a tensor mask must be bool (True = may attend) or float (added to the "
+            f"scores), got {mask.dtype}"
+        )
     if mask.device != device:
         raise ValueError(f"attention: mask is on {mask.device}, the inputs are on {device}")
     full = (B, H, Lq, Lk)
@@ -304,16 +310,17 @@ def _check_dense(mask, B, H, Lq, Lk, device) -> None:
 
 
 def lower(mask, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> MaskArgs:
-    """The kernel arguments of ``mask`` (None, a bool tensor or a ``Mask``) for attention over
-    [batch, heads, q_len, k_len]; raises on a mask that cannot apply."""
+    """The kernel arguments of ``mask`` (None, a bool tensor, a float tensor added to the scores
+    or a ``Mask``) for attention over [batch, heads, q_len, k_len]; raises on a mask that cannot
+    apply."""
     if mask is None:
         return MaskArgs()
     if isinstance(mask, torch.Tensor):
         _check_dense(mask, batch, heads, q_len, k_len, device)
-        return MaskArgs(dense_mask=mask)
+        return MaskArgs(dense_mask=mask) if mask.dtype == torch.bool else MaskArgs(bias=mask)
     if not isinstance(mask, Mask):
         raise TypeError(
-            "attention: mask must be None, a bool tensor or a vlkernels.masks mask, "
+            "attention: mask must be None, a bool tensor, a float tensor or a vlkernels.masks mask, "
             f"got {type(mask).__name__}"
         )
     mask.check(batch, q_len, k_len, device)

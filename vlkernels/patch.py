@@ -24,8 +24,8 @@ def hf_attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
     """transformers AttentionInterface function: query [B, H, Lq, D], key/value [B, Hk, Lk, D];
-    ``attention_mask`` None, bool (True = attend) or additive (0 = attend, very negative = masked)
-    broadcastable to [B, H, Lq, Lk]. Returns ([B, Lq, H, D], None)."""
+    ``attention_mask`` None, bool (True = attend) or float, added to the scores (0 = attend, very
+    negative = masked, or any bias), broadcastable to [B, H, Lq, Lk]. Returns ([B, Lq, H, D], None)."""
     from vlkernels import masks
     from vlkernels.attention import attention
 
@@ -37,14 +37,8 @@ def hf_attention_forward(
     for unsupported in ("softcap", "position_bias", "sliding_window", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"vlkernels attention does not support {unsupported!r}")
-    mask = None
-    if attention_mask is not None:
-        mask = (
-            attention_mask
-            if attention_mask.dtype == torch.bool
-            else (attention_mask > torch.finfo(attention_mask.dtype).min / 2)
-        )
-    else:  # causal unless told otherwise, top-left aligned: as transformers' SDPA path
+    mask = attention_mask  # bool (True = attend) or float, added to the scores (as SDPA)
+    if attention_mask is None:  # causal unless told otherwise, top-left aligned: as transformers' SDPA path
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         Lq, Lk = query.shape[2], key.shape[2]
         if causal and Lq > 1:

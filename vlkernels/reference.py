@@ -17,8 +17,9 @@ from vlkernels.masks import Mask
 def attention_ref(q, k, v, mask=None, scale=None, upcast=False):
     """Masked attention, eager. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D] -> [B, H, Lq, D].
 
-    ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend) or a ``Mask``.
-    Rows with no allowed key give 0 and pass 0 gradient. ``upcast`` computes in float64.
+    ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend), float (added to the
+    scaled scores; -inf = may not attend) or a ``Mask``. Rows with no allowed key give 0 and pass
+    0 gradient. ``upcast`` computes in float64.
     """
     dtype = q.dtype
     if upcast:
@@ -30,6 +31,9 @@ def attention_ref(q, k, v, mask=None, scale=None, upcast=False):
         k = k.repeat_interleave(H // Hk, dim=1)
         v = v.repeat_interleave(H // Hk, dim=1)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # q broadcasts over B when Bq == 1
+    if mask is not None and not isinstance(mask, Mask) and mask.dtype.is_floating_point:
+        s = s + mask.to(s.dtype)
+        mask = s > float("-inf")
     if mask is not None:
         allowed = mask.to_dense(B, Lq, Lk) if isinstance(mask, Mask) else mask
         allowed = allowed.expand(B, H, Lq, Lk)

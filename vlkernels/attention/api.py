@@ -53,8 +53,9 @@ def attention(q, k, v, mask=None, *, scale=None, backend=None):
     """Masked multi-head attention, SDPA layout. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D].
 
     Returns [B, H, Lq, D] (memory laid out as [B, Lq, H, D], so merging heads is free).
-    ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend), or a mask from
-    ``vlkernels.masks``. Rows with no allowed key give 0 and receive 0 gradient.
+    ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend), float broadcastable
+    to it (added to the scaled scores, as SDPA's attn_mask; its gradient when it requires grad),
+    or a mask from ``vlkernels.masks``. Rows with no allowed key give 0 and receive 0 gradient.
     ``scale`` defaults to 1/sqrt(D). ``backend``: None (automatic), "triton", "cuda", "torch".
     Under autocast, q, k, v are cast to its lower-precision dtype first (as SDPA).
     """
@@ -65,5 +66,5 @@ def attention(q, k, v, mask=None, *, scale=None, backend=None):
     lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     chosen = _dispatch.choose("attention", backend, AttentionArgs(q, k, v, lowered, scale))
-    out, _ = AttentionFunction.apply(chosen.name, q, k, v, lowered, scale)
+    out, _ = AttentionFunction.apply(chosen.name, q, k, v, lowered, scale, lowered.bias)
     return out

@@ -30,7 +30,8 @@ class AttentionArgs(NamedTuple):
 
 
 class AttentionGradArgs(NamedTuple):
-    """Backward: (dq, dk, dv) from the forward's arguments, output, lse and the output gradient."""
+    """Backward: (dq, dk, dv) from the forward's arguments, output, lse and the output gradient
+    (and, for a float bias that needs one, its gradient [B, H, Lq, Lk] fp32: ``bias_grad``)."""
 
     grad_out: torch.Tensor
     out: torch.Tensor
@@ -54,3 +55,9 @@ def bwd_fake(a: AttentionGradArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """Outputs of the backward: dq, dk, dv shaped like q, k, v."""
     f = a.fwd
     return torch.empty_like(f.q), torch.empty_like(f.k), torch.empty_like(f.v)
+
+
+def bias_grad_fake(a: AttentionGradArgs) -> torch.Tensor:
+    """The float bias's gradient before its broadcast is summed: [B, H, Lq, Lk] fp32."""
+    f = a.fwd
+    return f.q.new_empty((f.k.shape[0], f.q.shape[1], f.q.shape[2], f.k.shape[2]), dtype=torch.float32)

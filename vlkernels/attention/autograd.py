@@ -1,5 +1,6 @@
 """The one autograd function of attention, above the backends: the forward asks the chosen
-backend for (out, lse), the backward asks the same backend for (dq, dk, dv)."""
+backend for (out, lse), the backward asks the same backend for (dq, dk, dv) and, when a float bias
+needs one, for its gradient."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from vlkernels.attention.args import AttentionArgs, AttentionGradArgs
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: str, q, k, v, mask, scale: float):
+    def forward(ctx, backend: str, q, k, v, mask, scale: float, bias):
+        """``bias`` is ``mask.bias`` again, as an input autograd tracks."""
         impl = _dispatch.backends("attention")[backend]
         args = AttentionArgs(q, k, v, mask, scale)
         with _dispatch.no_autocast(q):
@@ -25,6 +27,18 @@ class AttentionFunction(torch.autograd.Function):
     @_schema.first_order("attention")
     def backward(ctx, grad_out, grad_lse):
         args = _schema.unstash(ctx)._replace(grad_out=grad_out)
+        impl = _dispatch.backends("attention")[ctx.backend]
+        dbias = None
         with _dispatch.no_autocast(grad_out):
-            dq, dk, dv = _dispatch.backends("attention")[ctx.backend].backward(args)
-        return None, dq, dk, dv, None, None
+            dq, dk, dv = impl.backward(args)
+            if ctx.needs_input_grad[6]:
+                dbias = _sum_to(impl.ops["bias_grad"](args), args.fwd.mask.bias)
+        return None, dq, dk, dv, None, None, dbias
+
+
+def _sum_to(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` [B, H, Lq, Lk] summed over the dims that ``like`` broadcasts, in ``like``'s shape
+    and dtype."""
+    lead = full.dim() - like.dim()
+    dims = [i for i in range(full.dim()) if i < lead or (like.shape[i - lead] == 1 < full.shape[i])]
+    return (full.sum(dims, keepdim=True) if dims else full).reshape(like.shape).to(like.dtype)

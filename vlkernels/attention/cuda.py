@@ -37,10 +37,12 @@ def _backward(g: A.AttentionGradArgs):
 
 def _limits(a: A.AttentionArgs) -> list[str]:
     D = a.q.shape[-1]
-    ok = 16 <= D <= 256 and D % 8 == 0
-    return (
-        [] if ok else [f"the CUDA C++ kernels take head dims that are multiples of 8 in [16, 256], got {D}"]
-    )
+    reasons = []
+    if not (16 <= D <= 256 and D % 8 == 0):
+        reasons.append(f"the CUDA C++ kernels take head dims that are multiples of 8 in [16, 256], got {D}")
+    if a.mask.bias is not None:
+        reasons.append("the CUDA C++ kernels take no float bias (a float attn_mask)")
+    return reasons
 
 
 BACKEND = _dispatch.Backend("cuda", _forward, _backward, limits=_limits)

@@ -1,6 +1,6 @@
 """The PyTorch backend of attention: the kernels' algorithm in PyTorch operations, for any device
-and mask (fp32 arithmetic, the mask from ``MaskArgs.allowed``; materialises the [B, H, Lq, Lk]
-scores). Same outputs as the kernels: out and the
+and mask (fp32 arithmetic, the mask from ``MaskArgs.allowed`` and the float bias; materialises the
+[B, H, Lq, Lk] scores). Same outputs as the kernels: out and the
 log2 log-sum-exp, 0 and +inf for rows with no allowed key."""
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def _scores(a: A.AttentionArgs):
     if H != Hk:  # grouped keys: each key head serves H // Hk query heads
         k, v = (t.repeat_interleave(H // Hk, dim=1) for t in (k, v))
     allowed = a.mask.allowed(Lq, Lk, q.device)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(a.scale).masked_fill_(~allowed, float("-inf"))
-    return s, q, k, v
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(a.scale)
+    if a.mask.bias is not None:
+        s = s + a.mask.bias.float()
+    return s.masked_fill_(~allowed, float("-inf")), q, k, v
 
 
 def _group_sum(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -46,17 +48,23 @@ def _forward(a: A.AttentionArgs):
     return out.to(a.q.dtype).transpose(1, 2).contiguous().transpose(1, 2), lse
 
 
-def _backward(g: A.AttentionGradArgs):
-    a = g.fwd
-    s, q, k, v = _scores(a)
+def _score_grad(g: A.AttentionGradArgs):
+    """(dLoss/dscores [B, H, Lq, Lk] fp32, p, do, q, k): the scores before the scale."""
+    s, q, k, v = _scores(g.fwd)
     p = torch.exp(s - (g.lse / LOG2E)[..., None])  # 0 where masked and in rows with no key
     do = g.grad_out.float()
     delta = (do * g.out.float()).sum(-1, keepdim=True)
-    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta) * a.scale
+    return p * (torch.matmul(do, v.transpose(-1, -2)) - delta), p, do, q, k
+
+
+def _backward(g: A.AttentionGradArgs):
+    a = g.fwd
+    ds, p, do, q, k = _score_grad(g)
+    ds = ds * a.scale
     dq = torch.matmul(ds, k)
     dk = torch.matmul(ds.transpose(-1, -2), q)
     dv = torch.matmul(p.transpose(-1, -2), do)
     return _group_sum(dq, a.q), _group_sum(dk, a.k), _group_sum(dv, a.v)
 
 
-BACKEND = _dispatch.Backend("torch", _forward, _backward)
+BACKEND = _dispatch.Backend("torch", _forward, _backward, bias_grad=lambda g: _score_grad(g)[0])

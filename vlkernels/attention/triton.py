@@ -42,9 +42,14 @@ def _kernel_mask(m: MaskArgs, B: int, H: int, Lq: int, Lk: int) -> MaskArgs:
     t2m = m.text_to_media
     if t2m is not None:
         t2m = _View(t2m, t2m[:, None, :, None].stride())
+    bias = m.bias
+    if bias is not None:
+        bias = bias.expand(B, H, Lq, Lk)
+        bias = _View(bias, bias.stride())
     return m._replace(
         dense_mask=dense,
         text_to_media=t2m,
+        bias=bias,
         causal=tl.constexpr(m.causal),
         qformer_mode=tl.constexpr(m.qformer_mode),
         media_mode=tl.constexpr(m.media_mode),
@@ -118,6 +123,17 @@ def _allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk):
         ptrs = _block(m.dense_mask.ptr, m.dense_mask.stride, b, h, offs_m, offs_n)
         ok = ok & (tl.load(ptrs, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0) != 0)
     return ok
+
+
+@triton.jit
+def _scores(q, k, qk_scale, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores of a tile in log2 units: q kᵀ · scale (+ the float bias), fp32."""
+    s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    if m.bias is not None:
+        ptrs = _block(m.bias.ptr, m.bias.stride, b, h, offs_m, offs_n)
+        ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+        s += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
+    return s
 
 
 @triton.jit
@@ -212,7 +228,7 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for it in tl.range(0, tl.cdiv(n_end - n_start, BLOCK_N)):  # from 0: Triton pipelines such loops
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
         s = tl.where(_allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -295,7 +311,7 @@ def _attn_bwd_dkdv(
                 delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
             else:
                 delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
-            s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
             ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
@@ -344,7 +360,7 @@ def _attn_bwd_dq(
             delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
         for it in tl.range(0, n_tiles):
             offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
-            s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
             ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
@@ -385,6 +401,33 @@ def _attn_bwd_dq_sum(PART, DQ, spart, sdq, CHUNKS, Lq, D, BLOCK_M: tl.constexpr,
     for c in tl.range(0, CHUNKS):
         dq += tl.load(_block(PART, spart, c, h, offs_m, offs_d), mask=ok, other=0.0)
     tl.store(_block(DQ, sdq, 0, h, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _attn_bwd_dbias(
+    Q, K, V, O, DO, LSE, DB, sq, sk, sv, so, sdo, sdb, mask, H, GROUP, Lq, Lk, D, qk_scale,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The float bias's gradient, dS = P ∘ (dO Vᵀ - delta), of one query tile over every key
+    tile: DB [B, H, Lq, Lk] fp32, every element written (0 where nothing is allowed)."""
+    b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
+    lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
+    d_ok = offs_d < D
+    q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+    q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    lse = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    for start_n in tl.range(0, Lk, BLOCK_N):
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
+        s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
+        ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        ds = p * (_mm(do, tl.trans(v), PRECISION, UPCAST) - delta[:, None])
+        db_ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+        tl.store(_block(DB, sdb, b, h, offs_m, offs_n), ds, mask=db_ok)
 
 
 # fmt: on
@@ -506,8 +549,30 @@ def _backward(g: A.AttentionGradArgs):
     return dq, dk, dv
 
 
+def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
+    a = g.fwd
+    B, _, Lk, D = a.k.shape
+    H, Lq = a.q.shape[1], a.q.shape[2]
+    L = _launch_args(a)
+    db = poisoned(a.q.new_empty((B, H, Lq, Lk), dtype=torch.float32))
+    block = 32 if interpreter_on() else 64
+    # fmt: off
+    _attn_bwd_dbias[(triton.cdiv(Lq, block), B * H)](
+        a.q, a.k, a.v, g.out, g.grad_out, g.lse, db, L.sq, L.sk, L.sv, g.out.stride(), g.grad_out.stride(),
+        db.stride(), L.mask, H, L.consts["GROUP"], Lq, Lk, D, a.scale * LOG2E,
+        PRECISION=L.consts["PRECISION"], UPCAST=L.consts["UPCAST"], BLOCK_D=L.consts["BLOCK_D"],
+        BLOCK_M=block, BLOCK_N=block,
+    )
+    # fmt: on
+    LAUNCHES["attention_bias_grad"] += 1
+    return db
+
+
 _fwd_op = _schema.python_op(
     "vlkernels::triton_attention_fwd", A.AttentionArgs, A.FWD_RETURNS, _forward, A.fwd_fake
+)
+_bias_grad_op = _schema.python_op(
+    "vlkernels::triton_attention_bias_grad", A.AttentionGradArgs, "Tensor", _bias_grad, A.bias_grad_fake
 )
 _bwd_op = _schema.python_op(
     "vlkernels::triton_attention_bwd", A.AttentionGradArgs, A.BWD_RETURNS, _backward, A.bwd_fake
@@ -519,4 +584,4 @@ def _limits(a: A.AttentionArgs) -> list[str]:
     return [] if D <= 256 else [f"the Triton kernels take head dims up to 256, got {D}"]
 
 
-BACKEND = _dispatch.Backend("triton", _fwd_op, _bwd_op, limits=_limits)
+BACKEND = _dispatch.Backend("triton", _fwd_op, _bwd_op, limits=_limits, bias_grad=_bias_grad_op)
