@@ -335,3 +335,26 @@ def test_float_bias_and_its_gradient(backend, case):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
     if len(shape) == 4 and shape[2] > 1:
         assert torch.all(out[:, :, 5] == 0) and torch.all(grads[0][:, :, 5] == 0)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_float_bias_low_precision_two_x_rule(backend, dtype):
+    if backend == "cuda":
+        pytest.skip("the CUDA C++ kernels take no float bias (test_float_bias_and_its_gradient)")
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 4, 45, 64, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3))
+    bias = (torch.randn(2, 1, 45, 45, generator=g) * 3).to(DEVICE, dtype).requires_grad_()
+    inputs = (q, k, v, bias)
+    do = torch.randn(2, 4, 45, 64, generator=g).to(DEVICE, dtype)
+    with launched(backend, "attention"):
+        out = vlkernels.attention(*inputs, backend=backend)
+        grads = torch.autograd.grad(out, inputs, do)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = attention_ref(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.double())
+    lowp = attention_ref(*inputs)
+    lowp_grads = torch.autograd.grad(lowp, inputs, do)
+    for name, got, r, lp in zip(
+        ("out", "dq", "dk", "dv", "dbias"), (out, *grads), (ref, *ref_grads), (lowp, *lowp_grads), strict=True
+    ):
+        check_against_reference(f"bias {name}", got, r, lp, dtype, "attention", backend)

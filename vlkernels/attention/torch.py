@@ -53,8 +53,9 @@ def _score_grad(g: A.AttentionGradArgs):
     s, q, k, v = _scores(g.fwd)
     p = torch.exp(s - (g.lse / LOG2E)[..., None])  # 0 where masked and in rows with no key
     do = g.grad_out.float()
-    delta = (do * g.out.float()).sum(-1, keepdim=True)
-    return p * (torch.matmul(do, v.transpose(-1, -2)) - delta), p, do, q, k
+    dp = torch.matmul(do, v.transpose(-1, -2))
+    delta = (p * dp).sum(-1, keepdim=True)  # = rowsum(o · do), without the output's rounding
+    return p * (dp - delta), p, do, q, k
 
 
 def _backward(g: A.AttentionGradArgs):

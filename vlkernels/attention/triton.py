@@ -405,26 +405,31 @@ def _attn_bwd_dq_sum(PART, DQ, spart, sdq, CHUNKS, Lq, D, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _attn_bwd_dbias(
-    Q, K, V, O, DO, LSE, DB, sq, sk, sv, so, sdo, sdb, mask, H, GROUP, Lq, Lk, D, qk_scale,
+    Q, K, V, DO, LSE, DB, sq, sk, sv, sdo, sdb, mask, H, GROUP, Lq, Lk, D, qk_scale,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """The float bias's gradient, dS = P ∘ (dO Vᵀ - delta), of one query tile over every key
-    tile: DB [B, H, Lq, Lk] fp32, every element written (0 where nothing is allowed)."""
+    tile: DB [B, H, Lq, Lk] fp32, every element written (0 where nothing is allowed). delta =
+    rowsum(P ∘ dO Vᵀ) from a first pass (not from the rounded output: dS is not averaged over a
+    feature dim, so delta's rounding error would show in it)."""
     b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
     d_ok = offs_d < D
     q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
     q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
     do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-    o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     lse = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    delta = tl.zeros([BLOCK_M], tl.float32)
     for start_n in tl.range(0, Lk, BLOCK_N):
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
         s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
-        ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(_allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk), tl.exp2(s - lse[:, None]), 0.0)
+        delta += tl.sum(p * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
+    for start_n in tl.range(0, Lk, BLOCK_N):
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
+        s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
+        p = tl.where(_allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk), tl.exp2(s - lse[:, None]), 0.0)
         ds = p * (_mm(do, tl.trans(v), PRECISION, UPCAST) - delta[:, None])
         db_ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
         tl.store(_block(DB, sdb, b, h, offs_m, offs_n), ds, mask=db_ok)
@@ -558,10 +563,9 @@ def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
     block = 32 if interpreter_on() else 64
     # fmt: off
     _attn_bwd_dbias[(triton.cdiv(Lq, block), B * H)](
-        a.q, a.k, a.v, g.out, g.grad_out, g.lse, db, L.sq, L.sk, L.sv, g.out.stride(), g.grad_out.stride(),
-        db.stride(), L.mask, H, L.consts["GROUP"], Lq, Lk, D, a.scale * LOG2E,
-        PRECISION=L.consts["PRECISION"], UPCAST=L.consts["UPCAST"], BLOCK_D=L.consts["BLOCK_D"],
-        BLOCK_M=block, BLOCK_N=block,
+        a.q, a.k, a.v, g.grad_out, g.lse, db, L.sq, L.sk, L.sv, g.grad_out.stride(), db.stride(), L.mask, H,
+        L.consts["GROUP"], Lq, Lk, D, a.scale * LOG2E, PRECISION=L.consts["PRECISION"],
+        UPCAST=L.consts["UPCAST"], BLOCK_D=L.consts["BLOCK_D"], BLOCK_M=block, BLOCK_N=block,
     )
     # fmt: on
     LAUNCHES["attention_bias_grad"] += 1
