@@ -254,6 +254,13 @@ class MaskArgs(NamedTuple):
     window: int = 0
     bias: torch.Tensor | None = None
 
+    def restricts(self) -> bool:
+        """Whether any part besides the bias may disallow a key (False: ``allowed`` is all True)."""
+        tensors = (self.dense_mask, self.key_lengths, self.prefix_lengths, self.text_to_media)
+        return any(t is not None for t in tensors) or bool(
+            self.causal or self.qformer_mode or self.media_mode or self.window
+        )
+
     def intervals(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The allowed key interval [lo, hi) of every query row: int64 [B or 1, q_len] each
         (empty where lo >= hi). The Python statement of the rule the kernels implement."""

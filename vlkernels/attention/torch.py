@@ -1,7 +1,10 @@
-"""The PyTorch backend of attention: the kernels' algorithm in PyTorch operations, for any device
-and mask (fp32 arithmetic, the mask from ``MaskArgs.allowed`` and the float bias; materialises the
-[B, H, Lq, Lk] scores). Same outputs as the kernels: out and the
-log2 log-sum-exp, 0 and +inf for rows with no allowed key."""
+"""The PyTorch backend of attention, for any device and mask. Same outputs as the kernels: out and
+the log2 log-sum-exp, 0 and +inf for rows with no allowed key.
+
+On CPU it runs PyTorch's own fused CPU attention (the kernel behind SDPA there), forward and
+backward, with the mask as one additive float [B or 1, H or 1, Lq, Lk] tensor; its output keeps
+SDPA's [B, H, Lq, D] memory layout. Elsewhere: the
+kernels' algorithm in PyTorch operations (fp32 arithmetic; materialises the [B, H, Lq, Lk] scores)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,58 @@ def _scores(a: A.AttentionArgs):
     if a.mask.bias is not None:
         s = s + a.mask.bias.float()
     return s.masked_fill_(~allowed, float("-inf")), q, k, v
+
+
+def _per_query_head(a: A.AttentionArgs):
+    """q, k, v with k and v repeated per query head and q expanded over the batch (views)."""
+    B, Hk = a.k.shape[:2]
+    H = a.q.shape[1]
+    k, v = a.k, a.v
+    if H != Hk:  # grouped keys: each key head serves H // Hk query heads
+        k, v = (t.repeat_interleave(H // Hk, dim=1) for t in (k, v))
+    return a.q.expand(B, *a.q.shape[1:]), k, v
+
+
+def _additive(a: A.AttentionArgs):
+    """(the mask as the additive float tensor SDPA's CPU kernel takes, or None; rows with no
+    allowed key, bool [B or 1, H or 1, Lq] or None)."""
+    m, (Lq, Lk) = a.mask, (a.q.shape[2], a.k.shape[2])
+    if not m.restricts() and m.bias is None:
+        return None, None
+    if not m.restricts():
+        add = m.bias.to(a.q.dtype)
+        add = add.expand(*add.shape[:-2], Lq, Lk) if add.dim() >= 2 else add.expand(Lq, Lk)
+        return add, ~(add > float("-inf")).any(-1)
+    allowed = m.allowed(Lq, Lk, a.q.device)
+    zero = torch.zeros((), dtype=a.q.dtype, device=a.q.device)
+    add = torch.where(allowed, zero, float("-inf"))
+    if m.bias is None:
+        return add, ~allowed.any(-1)
+    add = add + m.bias.to(a.q.dtype)
+    return add, ~(add > float("-inf")).any(-1)
+
+
+def _cpu_forward(a: A.AttentionArgs):
+    q, k, v = _per_query_head(a)
+    add, empty = _additive(a)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=add, scale=a.scale
+    )
+    lse = lse * LOG2E
+    if empty is not None:
+        lse = lse.masked_fill(empty.expand(lse.shape), float("inf"))
+    return out, lse  # SDPA's layout: a copy to [B, Lq, H, D] costs more than it saves
+
+
+def _cpu_backward(g: A.AttentionGradArgs):
+    a = g.fwd
+    q, k, v = _per_query_head(a)
+    add, _ = _additive(a)
+    lse = (g.lse / LOG2E).nan_to_num(posinf=0.0)  # the kernel's convention for empty rows
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g.grad_out, q, k, v, g.out, lse, 0.0, False, attn_mask=add, scale=a.scale
+    )
+    return _group_sum(dq, a.q), _group_sum(dk, a.k), _group_sum(dv, a.v)
 
 
 def _group_sum(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -68,4 +123,12 @@ def _backward(g: A.AttentionGradArgs):
     return _group_sum(dq, a.q), _group_sum(dk, a.k), _group_sum(dv, a.v)
 
 
-BACKEND = _dispatch.Backend("torch", _forward, _backward, bias_grad=lambda g: _score_grad(g)[0])
+def _any_forward(a: A.AttentionArgs):
+    return (_cpu_forward if a.q.device.type == "cpu" else _forward)(a)
+
+
+def _any_backward(g: A.AttentionGradArgs):
+    return (_cpu_backward if g.fwd.q.device.type == "cpu" else _backward)(g)
+
+
+BACKEND = _dispatch.Backend("torch", _any_forward, _any_backward, bias_grad=lambda g: _score_grad(g)[0])
