@@ -259,6 +259,9 @@ class _Ctx:
     """A stand-in autograd context: the backward is called by hand (the autograd engine needs a
     CUDA driver for fake CUDA tensors)."""
 
+    def __init__(self, n_inputs: int):
+        self.needs_input_grad = (False,) * n_inputs  # the float bias's gradient: not in a workload
+
     def save_for_backward(self, *tensors):
         self.saved_tensors = tensors
 
@@ -283,7 +286,7 @@ def record(w: Workload):
 
     def manual_apply(fn):
         def apply(*args):
-            ctx = _Ctx()
+            ctx = _Ctx(len(args))
             out = fn.forward(ctx, *args)
             applied.append((fn, ctx, out))
             return out
@@ -301,7 +304,7 @@ def record(w: Workload):
             grads = [torch.empty_like(t) for t in (out if isinstance(out, tuple) else (out,))]
             if fn.__name__ == "AttentionFunction":
                 grads[1] = None  # no gradient flows into lse
-            with static.recording(loadable=True) as bwd_rec:
+            with static.recording(loadable=True) as bwd_rec, torch.no_grad():  # as the engine runs it
                 fn.backward(ctx, *grads)
     finally:
         for f, a in saved_apply.items():
