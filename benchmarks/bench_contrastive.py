@@ -3,7 +3,7 @@
 GPU: forward+backward time, peak memory and achieved TFLOP/s (on the 6·N²·D FLOPs of the
 logits GEMM and its two gradient GEMMs) against a bf16 matmul measured in the same run.
 CPU: peak memory of one forward+backward at growing N, each in a fresh process — vlkernels'
-must grow linearly, open_clip's grows as N².
+must grow linearly, open_clip's grows as N² — and the median time of three more.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _run_gpu(quick: bool, progress) -> list[dict]:
 
 
 _CPU_PROBE = textwrap.dedent("""
-    import resource, sys, torch
+    import resource, sys, time, torch
     kind, provider, N, D = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     x = torch.nn.functional.normalize(torch.randn(N, D), dim=-1).requires_grad_()
     y = torch.nn.functional.normalize(torch.randn(N, D), dim=-1).requires_grad_()
@@ -134,7 +134,13 @@ _CPU_PROBE = textwrap.dedent("""
     fn = providers(kind, torch.device("cpu"))[provider]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn(x, y, s, b).backward()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn(x, y, s, b).backward()
+        times.append((time.perf_counter() - t0) * 1e3)
+    print(mib, sorted(times)[1])
 """)
 
 
@@ -152,7 +158,7 @@ def _run_cpu(quick: bool, progress) -> list[dict]:
                 progress(f"skip {name}: {fn}")
                 continue
             for N in sizes:
-                progress(f"{kind} N={N} D=256 {name}: peak memory")
+                progress(f"{kind} N={N} D=256 {name}: peak memory, time")
                 out = subprocess.run(
                     [sys.executable, "-c", _CPU_PROBE, kind, name, str(N), "256"],
                     capture_output=True,
@@ -163,21 +169,22 @@ def _run_cpu(quick: bool, progress) -> list[dict]:
                 if out.returncode:
                     progress(f"    failed: {out.stderr.strip().splitlines()[-1]}")
                     continue
-                mib = float(out.stdout.strip().splitlines()[-1])
-                rows.append(
-                    dict(
-                        op=f"contrastive_{kind}",
-                        provider=name,
-                        mode="full",
-                        shape=f"N={N} D=256",
-                        dtype="float32",
-                        metric="peak_MiB",
-                        p20=mib,
-                        p50=mib,
-                        p80=mib,
-                        **env,
+                mib, ms = map(float, out.stdout.strip().splitlines()[-1].split())
+                for metric, value in (("peak_MiB", mib), ("ms", ms)):
+                    rows.append(
+                        dict(
+                            op=f"contrastive_{kind}",
+                            provider=name,
+                            mode="full",
+                            shape=f"N={N} D=256",
+                            dtype="float32",
+                            metric=metric,
+                            p20=value,
+                            p50=value,
+                            p80=value,
+                            **env,
+                        )
                     )
-                )
     return rows
 
 
