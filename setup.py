@@ -57,6 +57,8 @@ setup(
             "einops",
             "einops-exts",
             "transformers>=4.50",
+            "expecttest",  # PyTorch's own SDPA sample inputs (torch.testing._internal)
+            "parameterized",
         ],
         "bench": ["pytest-benchmark", "matplotlib"],
     },

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     BACKENDS,
     DEVICE,
@@ -358,3 +359,43 @@ def test_float_bias_low_precision_two_x_rule(backend, dtype):
         ("out", "dq", "dk", "dv", "dbias"), (out, *grads), (ref, *ref_grads), (lowp, *lowp_grads), strict=True
     ):
         check_against_reference(f"bias {name}", got, r, lp, dtype, "attention", backend)
+
+
+def _sdpa_samples():
+    """PyTorch's own SDPA sample inputs (OpInfo), without dropout (issue: training features)."""
+    pytest.importorskip("expecttest")
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    op = next(o for o in op_db if o.name == "nn.functional.scaled_dot_product_attention")
+    samples = op.sample_inputs(DEVICE.type, torch.float32, requires_grad=True)
+    return [s for s in samples if not s.kwargs.get("dropout_p")]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_pytorch_sdpa_sample_inputs(backend):
+    """Every dropout-free SDPA sample input, its batch dims broadcast to [B, H] as SDPA does, its
+    float or bool attn_mask as the mask, is_causal as SDPA's top-left causal mask: the same output
+    and gradients as F.scaled_dot_product_attention."""
+    samples = _sdpa_samples()
+    assert len(samples) >= 13
+    for s in samples:
+        q, (k, v), kw = s.input, s.args[:2], dict(s.kwargs)
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        q4, k4, v4 = (t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
+        while q4.dim() < 4:
+            q4, k4, v4 = (t.unsqueeze(0) for t in (q4, k4, v4))
+        Lq, Lk = q4.shape[-2], k4.shape[-2]
+        mask = kw.get("attn_mask")
+        if kw.get("is_causal"):
+            mask = torch.ones(Lq, Lk, dtype=torch.bool, device=DEVICE).tril()
+        with launched(backend, "attention"):
+            got = vlkernels.attention(q4, k4, v4, mask, scale=kw.get("scale"), backend=backend)
+            grads = torch.autograd.grad(got.sum(), (q, k, v))
+        ins = [t.detach().double().requires_grad_() for t in (q, k, v)]  # SDPA in float64: the oracle
+        kw64 = {n: (t.double() if torch.is_tensor(t) and t.is_floating_point() else t) for n, t in kw.items()}
+        want = F.scaled_dot_product_attention(*ins, **kw64)
+        wants = torch.autograd.grad(want.sum(), ins)
+        pairs = zip(("out", "dq", "dk", "dv"), (got.reshape(want.shape), *grads), (want, *wants), strict=True)
+        for name, a, b in pairs:
+            bound = 2e-5 * max(1.0, b.abs().max().item())  # fp32 against float64, relative to the size
+            torch.testing.assert_close(a.double(), b, rtol=0, atol=bound, msg=f"{name} {kw}")
