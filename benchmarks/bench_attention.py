@@ -1,6 +1,7 @@
 """Attention benchmarks: Q-Former self-attention (3 masks), Q-Former cross-attention, Flamingo
 text-to-media cross-attention, CoCa pooler — vlkernels-triton against eager PyTorch, SDPA with a
-boolean mask, FlexAttention (compiled, block mask) and xformers where installed.
+boolean mask, FlexAttention (compiled, block mask) and xformers where installed. On CPU without
+the Triton interpreter: vlkernels' torch backend against SDPA and eager, float32, timed on CPU.
 
 Every provider computes the same attention on the same inputs; a provider that is missing or
 cannot run a case is skipped with a note.
@@ -43,7 +44,50 @@ def _t2m(B, T, n_img, device):
     return ((pos * n_img) // T + 1).expand(B, T).contiguous()
 
 
+def _cpu_timing(device) -> bool:
+    """CPU tensors and no interpreter: the torch backend is what runs, and is timed."""
+    from vlkernels._dispatch import interpreter_on
+
+    return device.type == "cpu" and not interpreter_on()
+
+
+def _cpu_cases() -> list[Case]:
+    """The CPU sizes: Q-Former B32 (3 masks) and cross, Flamingo Lq512, CoCa pooler B32."""
+    gen = torch.Generator().manual_seed(0)
+    text_len = torch.randint(16, 33, (32,), generator=gen) + 32
+    out = [
+        Case(
+            f"qformer_self_{task}",
+            32,
+            32,
+            12,
+            64,
+            64,
+            64,
+            lambda d, m=mode: masks.qformer(32, m) & masks.key_padding(text_len.to(d)),
+        )
+        for task, mode in (("itm", "bidirectional"), ("itg", "multimodal_causal"), ("itc", "unimodal"))
+    ]
+    out.append(Case("qformer_cross", 32, 32, 12, 32, 257, 64, lambda d: None))
+    out.append(
+        Case(
+            "flamingo_xattn_immediate",
+            4,
+            4,
+            8,
+            512,
+            5 * 64,
+            64,
+            lambda d: masks.media(_t2m(4, 512, 5, d), 64, True),
+        )
+    )
+    out.append(Case("coca_pooler_L196_D64", 32, 1, 8, 256, 196, 64, lambda d: None))
+    return out
+
+
 def cases(quick: bool, device) -> list[Case]:
+    if _cpu_timing(device):
+        return _cpu_cases()
     if quick and device.type == "cpu":
         B, nq, T = 2, 8, 8
         lengths = torch.tensor([12, 16], device=device)
@@ -114,6 +158,9 @@ def providers(device) -> dict[str, Callable | str]:
             q.expand(k.shape[0], -1, -1, -1), k, v, attn_mask=dense
         ),
     }
+    if _cpu_timing(device):
+        out["vlkernels-triton"] = "needs a GPU or TRITON_INTERPRET=1 (untimed)"
+        out["vlkernels-torch"] = lambda q, k, v, m, dense: vlkernels.attention(q, k, v, m, backend="torch")
     if device.type != "cuda":
         out["flex-attention"] = "needs a GPU (compiled)"
         out["xformers"] = "needs a GPU"

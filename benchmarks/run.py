@@ -29,7 +29,7 @@ def main(argv=None) -> None:
         )
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLK_POISON")}
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]], env)
-    if args.op in ("attention", "models") and not torch.cuda.is_available() and not interp:
+    if args.op == "models" and not torch.cuda.is_available() and not interp:
         print("No GPU: re-running under the Triton interpreter (--quick shapes, no timings)", flush=True)
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:], "--quick"], env)
