@@ -74,6 +74,8 @@ def _launchers(arch_dtypes):
                         qformer_mode=1,
                         media_mode=2,
                         latents_per_media=16,
+                        doc_start=torch.empty(B, Lq, dtype=torch.int64, device=dev),
+                        doc_end=torch.empty(B, Lq, dtype=torch.int64, device=dev),
                     ),
                 }[variant]
                 a = AttentionArgs(q, k, k, mask, 0.125)

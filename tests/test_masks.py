@@ -180,7 +180,27 @@ def _lowering_cases():
 CASES = _lowering_cases()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def _document_cases():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 4, (3, 40), generator=g).sort(dim=1).values
+    ids[1] = ids[1] // 3 + 7  # runs of other ids and lengths
+    lengths = torch.tensor([40, 31, 12])
+    return [
+        ("document", 40, 40, masks.document(ids)),
+        ("document & causal", 40, 40, masks.document(ids) & masks.causal()),
+        (
+            "document & key_padding & sliding_window",
+            40,
+            40,
+            masks.document(ids) & masks.key_padding(lengths) & masks.sliding_window(6),
+        ),
+    ]
+
+
+DOC_CASES = _document_cases()
+
+
+@pytest.mark.parametrize("case", CASES + DOC_CASES, ids=[c[0] for c in CASES + DOC_CASES])
 def test_interval_rule_matches_to_dense(case):
     """MaskArgs.intervals, the Python statement of what the kernels compute per row."""
     _, Lq, Lk, m = case
@@ -213,6 +233,25 @@ def test_each_backend_allows_what_to_dense_allows(backend):
         assert torch.equal(out[..., :Lk] > 0, want), name
 
 
+def test_document_mask_on_each_backend(backend):
+    """Packed sequences: each backend's rule against to_dense (the CUDA C++ kernels say they
+    cannot), as test_each_backend_allows_what_to_dense_allows."""
+    import vlkernels
+
+    B, D = 3, 64
+    for name, Lq, Lk, m in DOC_CASES:
+        m = _to(m, DEVICE)
+        q = torch.zeros(B, 2, Lq, D, device=DEVICE)
+        k = torch.zeros(B, 1, Lk, D, device=DEVICE)
+        v = torch.eye(Lk, D, device=DEVICE).expand(B, 1, Lk, D)
+        if backend == "cuda":
+            with pytest.raises(vlkernels.BackendUnavailableError, match="no document mask"):
+                vlkernels.attention(q, k, v, m, backend=backend)
+            continue
+        out = vlkernels.attention(q, k, v, m, backend=backend)
+        assert torch.equal(out[..., :Lk] > 0, m.to_dense(B, Lq, Lk).expand(B, 2, Lq, Lk)), name
+
+
 def _to(m, device):
     """The mask with its tensors on ``device``."""
     from dataclasses import replace
@@ -222,4 +261,6 @@ def _to(m, device):
     }
     if m.media is not None:
         moved["media"] = (m.media[0].to(device), *m.media[1:])
+    if m.documents is not None:
+        moved["documents"] = m.documents.to(device)
     return replace(m, **moved)

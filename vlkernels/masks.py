@@ -36,6 +36,8 @@ class Mask:
       prefix_lengths:  int [B]; key j allowed iff j < prefix_lengths[b] or j <= i.
       media:           (text_to_media int [B, Lq], latents_per_media, only_immediate).
       window:          key j allowed iff j > i + (Lk - Lq) - window (the last ``window`` keys).
+      documents:       int [B, L] document ids of packed sequences (self-attention); key j allowed
+                       iff j is in query i's run of equal ids.
     """
 
     causal: bool = False
@@ -44,6 +46,7 @@ class Mask:
     prefix_lengths: torch.Tensor | None = None
     media: tuple[torch.Tensor, int, bool] | None = None
     window: int | None = None
+    documents: torch.Tensor | None = None
 
     def __and__(self, other: Mask) -> Mask:
         if not isinstance(other, Mask):
@@ -73,6 +76,10 @@ class Mask:
             if self.media is not None:
                 raise ValueError("mask: cannot intersect two media masks; pass a dense bool mask instead")
             out = replace(out, media=other.media)
+        if other.documents is not None:
+            if self.documents is not None:
+                raise ValueError("mask: cannot intersect two document masks; pass a dense bool mask instead")
+            out = replace(out, documents=other.documents)
         return out
 
     def __repr__(self) -> str:
@@ -90,6 +97,8 @@ class Mask:
             parts.append(f"media(<{tuple(t2m.shape)}>, {lat}, only_immediate={imm})")
         if self.window is not None:
             parts.append(f"sliding_window({self.window})")
+        if self.documents is not None:
+            parts.append(f"document(<{tuple(self.documents.shape)}>)")
         return " & ".join(parts) or "Mask()"
 
     def check(self, batch: int, q_len: int, k_len: int, device: torch.device) -> None:
@@ -102,6 +111,10 @@ class Mask:
                 _check_int_tensor(name, t, (batch,), "[B]", device)
         if self.qformer is not None and self.qformer[0] > k_len:
             raise ValueError(f"mask: qformer num_queries={self.qformer[0]} exceeds the key length {k_len}")
+        if self.documents is not None:
+            if q_len != k_len:
+                raise ValueError(f"mask: document is a self-attention mask, got Lq={q_len} and Lk={k_len}")
+            _check_int_tensor("document seq_ids", self.documents, (batch, q_len), "[B, L]", device)
         if self.media is not None:
             t2m, lat, _ = self.media
             _check_int_tensor("media text_to_media", t2m, (batch, q_len), "[B, Lq]", device)
@@ -138,11 +151,16 @@ class Mask:
             allowed &= (text_time >= 1) & ((key_time == text_time) if immediate else (key_time <= text_time))
         if self.window is not None:
             allowed &= j > i + (k_len - q_len) - self.window
+        if self.documents is not None:  # the same run of equal ids
+            ids = self.documents
+            change = torch.cat([torch.zeros_like(ids[:, :1]), (ids[:, 1:] != ids[:, :-1]).long()], 1)
+            run = change.cumsum(1)
+            allowed &= run[:, :, None] == run[:, None, :]
         return allowed.unsqueeze(1)
 
 
 def _device_of(m: Mask) -> torch.device:
-    for t in (m.key_lengths, m.prefix_lengths, m.media[0] if m.media else None):
+    for t in (m.key_lengths, m.prefix_lengths, m.media[0] if m.media else None, m.documents):
         if t is not None:
             return t.device
     return torch.device("cpu")
@@ -205,6 +223,15 @@ def prefix_lm(prefix_lengths: torch.Tensor) -> Mask:
     return Mask(prefix_lengths=_int_tensor("prefix_lm: prefix_lengths", prefix_lengths, 1))
 
 
+def document(seq_ids: torch.Tensor) -> Mask:
+    """Packed variable-length sequences (FlashAttention's varlen, xformers' BlockDiagonalMask,
+    FlexAttention's document mask): ``seq_ids`` int [B, L], the document of each token, each
+    document's tokens contiguous; key j allowed iff it is in the same run of equal ids as query i.
+    Self-attention (Lq == Lk); combine with ``causal()``, ``key_padding`` etc. Tiles of other
+    documents are skipped, so a packed batch does no padding work."""
+    return Mask(documents=_int_tensor("document: seq_ids", seq_ids, 2))
+
+
 def media(text_to_media: torch.Tensor, latents_per_media: int, only_immediate: bool = True) -> Mask:
     """Flamingo media mask.
 
@@ -240,6 +267,8 @@ class MaskArgs(NamedTuple):
     window:            sliding window (0: none)
     bias:              float, broadcastable to [B, H, Lq, Lk]: added to the scaled scores (SDPA's
                        float attn_mask; -inf = may not attend)
+    doc_start:         int64 [B, L]: the first key of each query's document (document mask)
+    doc_end:           int64 [B, L]: one past its last key
     """
 
     dense_mask: torch.Tensor | None = None
@@ -253,10 +282,12 @@ class MaskArgs(NamedTuple):
     latents_per_media: int = 1
     window: int = 0
     bias: torch.Tensor | None = None
+    doc_start: torch.Tensor | None = None
+    doc_end: torch.Tensor | None = None
 
     def restricts(self) -> bool:
         """Whether any part besides the bias may disallow a key (False: ``allowed`` is all True)."""
-        tensors = (self.dense_mask, self.key_lengths, self.prefix_lengths, self.text_to_media)
+        tensors = (self.dense_mask, self.key_lengths, self.prefix_lengths, self.text_to_media, self.doc_start)
         return any(t is not None for t in tensors) or bool(
             self.causal or self.qformer_mode or self.media_mode or self.window
         )
@@ -287,6 +318,9 @@ class MaskArgs(NamedTuple):
                 lo = torch.maximum(lo, (t - 1) * self.latents_per_media)
         if self.window:
             lo = torch.maximum(lo, i + (k_len - q_len) - self.window + 1)
+        if self.doc_start is not None:
+            lo = torch.maximum(lo, self.doc_start.long())
+            hi = torch.minimum(hi, self.doc_end.long())
         return lo, hi
 
     def allowed(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -337,6 +371,7 @@ def lower(mask, batch: int, heads: int, q_len: int, k_len: int, device: torch.de
 
     nq, mode = mask.qformer if mask.qformer is not None else (0, "bidirectional")
     t2m, lat, immediate = mask.media if mask.media is not None else (None, 1, None)
+    start, end = _runs(mask.documents) if mask.documents is not None else (None, None)
     return MaskArgs(
         key_lengths=flat(mask.key_lengths),
         prefix_lengths=flat(mask.prefix_lengths),
@@ -347,4 +382,20 @@ def lower(mask, batch: int, heads: int, q_len: int, k_len: int, device: torch.de
         media_mode=MEDIA_MODES[immediate],
         latents_per_media=lat,
         window=mask.window or 0,
+        doc_start=start,
+        doc_end=end,
     )
+
+
+def _runs(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position of ``ids`` [B, L], the start and the end (exclusive) of its run of equal
+    ids: int64 [B, L] each (no host synchronisation)."""
+    L = ids.shape[1]
+    idx = torch.arange(L, device=ids.device).expand_as(ids)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    last = torch.ones_like(ids, dtype=torch.bool)
+    last[:, :-1] = first[:, 1:]
+    start = torch.where(first, idx, 0).cummax(1).values
+    end = torch.where(last, idx + 1, L).flip(1).cummin(1).values.flip(1)
+    return start.contiguous(), end.contiguous()

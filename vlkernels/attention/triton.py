@@ -112,6 +112,10 @@ def _row_bounds(offs_m, b, Lq, Lk, m):
             lo = tl.maximum(lo, (t - 1) * m.latents_per_media)
     if m.window > 0:
         lo = tl.maximum(lo, offs_m + (Lk - Lq) - m.window + 1)
+    if m.doc_start is not None:  # the query's document: [start, end) of its run of equal ids
+        row = b * Lq + offs_m
+        lo = tl.maximum(lo, _clamped(tl.load(m.doc_start + row, mask=offs_m < Lq, other=0), 0, Lk))
+        hi = tl.minimum(hi, _clamped(tl.load(m.doc_end + row, mask=offs_m < Lq, other=0), 0, Lk))
     empty = (offs_m >= Lq) | (lo >= hi)
     return tl.where(empty, Lk, lo), tl.where(empty, 0, hi)
 
