@@ -141,6 +141,30 @@ def _scores(q, k, qk_scale, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION: tl.const
 
 
 @triton.jit
+def _probs(q, k, qk_scale, m, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION: tl.constexpr,
+           UPCAST: tl.constexpr):
+    """The softmax of a tile from the saved log-sum-exp (log2 units), 0 where not allowed."""
+    s = _scores(q, k, qk_scale, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
+    return tl.where(_allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk), tl.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _grad_rows(Q, DO, O, LSE, DELTA, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq, FUSED: tl.constexpr):
+    """The query rows of a backward tile: q, do, lse and delta (FUSED: rowsum(o · do) computed
+    here, DELTA not read)."""
+    q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    row = (b * H + h) * Lq + offs_m
+    lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
+    if FUSED:
+        o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    else:
+        delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _query_tile(H, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """The query tile of this program (axis 0: tile, axis 1: outer * H + head): (outer, head, key
     head, query rows, feature columns)."""
@@ -306,18 +330,10 @@ def _attn_bwd_dkdv(
             offs_m = m_first + it * BLOCK_M + tl.arange(0, BLOCK_M)
             lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
             q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
-            q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-            do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-            row = (b * H + h) * Lq + offs_m
-            lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
-            if FUSED:
-                o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-            else:
-                delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
-            s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
-            ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            q, do, lse, delta = _grad_rows(
+                Q, DO, O, LSE, DELTA, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq, FUSED
+            )
+            p = _probs(q, k, qk_scale, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION, UPCAST)
             dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
@@ -353,20 +369,11 @@ def _attn_bwd_dq(
         lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
         n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
         n_tiles = tl.maximum(tl.cdiv(tl.max(hi, axis=0) - n_start, BLOCK_N), 0)
-        q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-        do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-        row = (b * H + h) * Lq + offs_m
-        lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
-        if FUSED:
-            o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-        else:
-            delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
+        q, do, lse, delta = _grad_rows(Q, DO, O, LSE, DELTA, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq,
+                                       FUSED)
         for it in tl.range(0, n_tiles):
             offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
-            s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
-            ok = _allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk)
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            p = _probs(q, k, qk_scale, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION, UPCAST)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
@@ -427,13 +434,11 @@ def _attn_bwd_dbias(
     delta = tl.zeros([BLOCK_M], tl.float32)
     for start_n in tl.range(0, Lk, BLOCK_N):
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
-        s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
-        p = tl.where(_allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk), tl.exp2(s - lse[:, None]), 0.0)
+        p = _probs(q, k, qk_scale, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION, UPCAST)
         delta += tl.sum(p * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
     for start_n in tl.range(0, Lk, BLOCK_N):
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
-        s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
-        p = tl.where(_allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk), tl.exp2(s - lse[:, None]), 0.0)
+        p = _probs(q, k, qk_scale, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION, UPCAST)
         ds = p * (_mm(do, tl.trans(v), PRECISION, UPCAST) - delta[:, None])
         db_ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
         tl.store(_block(DB, sdb, b, h, offs_m, offs_n), ds, mask=db_ok)
