@@ -216,40 +216,37 @@ def test_interval_rule_matches_to_dense(case):
     assert torch.equal(both.expand(B, 1, Lq, Lk), m.to_dense(B, Lq, Lk) & dense)
 
 
-def test_each_backend_allows_what_to_dense_allows(backend):
-    """The kernels' own statements of the rule (_row_bounds in Triton, row_bounds in
-    csrc/attention.cu; the torch backend's MaskArgs.allowed): with q = k = 0 every allowed key has
-    the same weight, and v = one-hot keys shows which ones a row attended to."""
+def _attended(backend, m, Lq, Lk, B=3, D=64):
+    """Which keys each row attends to through ``backend`` (bool [B, 2, Lq, Lk]): with q = k = 0
+    every allowed key has the same weight, and v = one-hot keys shows which ones a row attended to."""
     import vlkernels
 
-    B, D = 3, 64
+    q = torch.zeros(B, 2, Lq, D, device=DEVICE)
+    k = torch.zeros(B, 1, Lk, D, device=DEVICE)
+    v = torch.eye(Lk, D, device=DEVICE).expand(B, 1, Lk, D)
+    return vlkernels.attention(q, k, v, _to(m, DEVICE), backend=backend)[..., :Lk] > 0
+
+
+def test_each_backend_allows_what_to_dense_allows(backend):
+    """The kernels' own statements of the rule (_row_bounds in Triton, row_bounds in
+    csrc/attention.cu; the torch backend's MaskArgs.allowed) against to_dense."""
     for name, Lq, Lk, m in CASES:
-        m = _to(m, DEVICE)
-        q = torch.zeros(B, 2, Lq, D, device=DEVICE)
-        k = torch.zeros(B, 1, Lk, D, device=DEVICE)
-        v = torch.eye(Lk, D, device=DEVICE).expand(B, 1, Lk, D)
-        out = vlkernels.attention(q, k, v, m, backend=backend)
-        want = m.to_dense(B, Lq, Lk).expand(B, 2, Lq, Lk)
-        assert torch.equal(out[..., :Lk] > 0, want), name
+        want = _to(m, DEVICE).to_dense(3, Lq, Lk).expand(3, 2, Lq, Lk)
+        assert torch.equal(_attended(backend, m, Lq, Lk), want), name
 
 
 def test_document_mask_on_each_backend(backend):
     """Packed sequences: each backend's rule against to_dense (the CUDA C++ kernels say they
-    cannot), as test_each_backend_allows_what_to_dense_allows."""
+    cannot)."""
     import vlkernels
 
-    B, D = 3, 64
     for name, Lq, Lk, m in DOC_CASES:
-        m = _to(m, DEVICE)
-        q = torch.zeros(B, 2, Lq, D, device=DEVICE)
-        k = torch.zeros(B, 1, Lk, D, device=DEVICE)
-        v = torch.eye(Lk, D, device=DEVICE).expand(B, 1, Lk, D)
         if backend == "cuda":
             with pytest.raises(vlkernels.BackendUnavailableError, match="no document mask"):
-                vlkernels.attention(q, k, v, m, backend=backend)
+                _attended(backend, m, Lq, Lk)
             continue
-        out = vlkernels.attention(q, k, v, m, backend=backend)
-        assert torch.equal(out[..., :Lk] > 0, m.to_dense(B, Lq, Lk).expand(B, 2, Lq, Lk)), name
+        want = _to(m, DEVICE).to_dense(3, Lq, Lk).expand(3, 2, Lq, Lk)
+        assert torch.equal(_attended(backend, m, Lq, Lk), want), name
 
 
 def _to(m, device):
