@@ -136,6 +136,19 @@ def test_mask_errors():
         masks.sliding_window(0)
     with pytest.raises(ValueError, match="exceeds the key length"):
         masks.qformer(8, "unimodal").to_dense(1, 4, 4)
+    with pytest.raises(TypeError, match=r"document: seq_ids must be an integer tensor, got torch\.float32"):
+        masks.document(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"document: seq_ids must have 2 dimension\(s\), got shape \[4\]"):
+        masks.document(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="document is a self-attention mask, got Lq=4 and Lk=5"):
+        masks.document(torch.zeros(1, 4, dtype=torch.long)).to_dense(1, 4, 5)
+    with pytest.raises(
+        ValueError, match=r"document seq_ids must have shape \[B, L\] = \[2, 4\], got \[1, 4\]"
+    ):
+        masks.document(torch.zeros(1, 4, dtype=torch.long)).to_dense(2, 4, 4)
+    with pytest.raises(ValueError, match="cannot intersect two document masks"):
+        d = masks.document(torch.zeros(1, 4, dtype=torch.long))
+        d & d
 
 
 # -- the lowering: MaskArgs and its interval rule, in every language, against to_dense ----------
