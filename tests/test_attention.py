@@ -439,3 +439,30 @@ def test_packed_documents_equal_the_padded_batch(backend):
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_torch_backend_reuses_a_mask_only_while_its_tensors_are_unchanged():
+    """The torch backend keeps the additive masks it built for the next calls (the backward, the
+    other layers): the same mask object reuses one; lengths changed in place, or another mask
+    with equal values, get masks built from their own values."""
+    from vlkernels.attention import torch as torch_backend
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 20, 16, generator=g) for _ in range(3))
+    lengths = torch.tensor([20, 7])
+    m = masks.causal() & masks.key_padding(lengths)
+    calls = []
+    build = torch_backend._additive
+    try:
+        torch_backend._additive = lambda a: calls.append(1) or build(a)
+        first = vlkernels.attention(q, k, v, m, backend="torch")
+        again = vlkernels.attention(q, k, v, m, backend="torch")
+        assert len(calls) == 1 and torch.equal(first, again)
+        lengths[1] = 3  # in place: the version counter moves
+        changed = vlkernels.attention(q, k, v, m, backend="torch")
+        assert len(calls) == 2
+    finally:
+        torch_backend._additive = build
+    ref = attention_ref(q.double(), k.double(), v.double(), m.to_dense(2, 20, 20))
+    torch.testing.assert_close(changed.double(), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed[1], first[1])

@@ -323,10 +323,10 @@ class MaskArgs(NamedTuple):
             hi = torch.minimum(hi, self.doc_end.long())
         return lo, hi
 
-    def allowed(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-        """Bool broadcastable to [B, H, q_len, k_len], True = may attend: the intervals and the
-        dense mask."""
-        lo, hi = self.intervals(q_len, k_len, device)
+    def allowed(self, q_len: int, k_len: int, device: torch.device, intervals=None) -> torch.Tensor:
+        """Bool broadcastable to [B, H, q_len, k_len], True = may attend: the intervals (computed
+        here unless given) and the dense mask."""
+        lo, hi = intervals or self.intervals(q_len, k_len, device)
         j = torch.arange(k_len, device=device)
         ok = ((j >= lo[..., None]) & (j < hi[..., None]))[:, None]
         if self.dense_mask is not None:

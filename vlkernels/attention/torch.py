@@ -2,8 +2,9 @@
 the log2 log-sum-exp, 0 and +inf for rows with no allowed key.
 
 On CPU it runs PyTorch's own fused CPU attention (the kernel behind SDPA there), forward and
-backward, with the mask as one additive float [B or 1, H or 1, Lq, Lk] tensor; its output keeps
-SDPA's [B, H, Lq, D] memory layout. Elsewhere: the
+backward, with the mask as one additive float [B or 1, H or 1, Lq, Lk] tensor (built once for a
+mask and reused while its tensors are unchanged); its output keeps SDPA's [B, H, Lq, D] memory
+layout. Elsewhere: the
 kernels' algorithm in PyTorch operations (fp32 arithmetic; materialises the [B, H, Lq, Lk] scores)."""
 
 from __future__ import annotations
@@ -41,9 +42,40 @@ def _per_query_head(a: A.AttentionArgs):
     return a.q.expand(B, *a.q.shape[1:]), k, v
 
 
+_RECENT_MASKS: list = []  # [(key, tensors the key names, result)], newest last
+_RECENT_MAX = 2
+
+
+def _mask_key(a: A.AttentionArgs):
+    """What ``_additive``'s result depends on: the sizes, the dtype, the mask's integers and the
+    identity and version of each of its tensors (None when a tensor has no version counter)."""
+    tensors = [t for t in a.mask if isinstance(t, torch.Tensor)]
+    if any(t.is_inference() for t in tensors):
+        return None, tensors
+    scalars = tuple(x for x in a.mask if not isinstance(x, torch.Tensor))
+    ids = tuple((id(t), t._version) if isinstance(t, torch.Tensor) else None for t in a.mask)
+    return (a.q.shape[2], a.k.shape[2], a.q.dtype, a.q.device, scalars, ids), tensors
+
+
+def _additive_recent(a: A.AttentionArgs):
+    """``_additive``, reusing the result for the same mask (the backward of a call, the other
+    layers of a model): the last two results are kept, with the tensors their keys name, so an id
+    in a key cannot be reused by another tensor while it is kept."""
+    key, tensors = _mask_key(a)
+    if key is None:
+        return _additive(a)
+    for k, _, result in _RECENT_MASKS:
+        if k == key:
+            return result
+    result = _additive(a)
+    _RECENT_MASKS.append((key, tensors, result))
+    del _RECENT_MASKS[:-_RECENT_MAX]
+    return result
+
+
 def _additive(a: A.AttentionArgs):
     """(the mask as the additive float tensor SDPA's CPU kernel takes, or None; rows with no
-    allowed key, bool [B or 1, H or 1, Lq] or None)."""
+    allowed key, bool broadcastable to [B, H, Lq], or None)."""
     m, (Lq, Lk) = a.mask, (a.q.shape[2], a.k.shape[2])
     if not m.restricts() and m.bias is None:
         return None, None
@@ -51,18 +83,19 @@ def _additive(a: A.AttentionArgs):
         add = m.bias.to(a.q.dtype)
         add = add.expand(*add.shape[:-2], Lq, Lk) if add.dim() >= 2 else add.expand(Lq, Lk)
         return add, ~(add > float("-inf")).any(-1)
-    allowed = m.allowed(Lq, Lk, a.q.device)
+    lo, hi = m.intervals(Lq, Lk, a.q.device)
     zero = torch.zeros((), dtype=a.q.dtype, device=a.q.device)
-    add = torch.where(allowed, zero, float("-inf"))
-    if m.bias is None:
-        return add, ~allowed.any(-1)
-    add = add + m.bias.to(a.q.dtype)
+    add = torch.where(m.allowed(Lq, Lk, a.q.device, (lo, hi)), zero, float("-inf"))
+    if m.bias is None and m.dense_mask is None:  # an empty interval is an empty row
+        return add, (lo >= hi)[:, None]
+    if m.bias is not None:
+        add = add + m.bias.to(a.q.dtype)
     return add, ~(add > float("-inf")).any(-1)
 
 
 def _cpu_forward(a: A.AttentionArgs):
     q, k, v = _per_query_head(a)
-    add, empty = _additive(a)
+    add, empty = _additive_recent(a)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=add, scale=a.scale
     )
@@ -75,7 +108,7 @@ def _cpu_forward(a: A.AttentionArgs):
 def _cpu_backward(g: A.AttentionGradArgs):
     a = g.fwd
     q, k, v = _per_query_head(a)
-    add, _ = _additive(a)
+    add, _ = _additive_recent(a)
     lse = (g.lse / LOG2E).nan_to_num(posinf=0.0)  # the kernel's convention for empty rows
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         g.grad_out, q, k, v, g.out, lse, 0.0, False, attn_mask=add, scale=a.scale
