@@ -225,6 +225,58 @@ def _measure(fn, q, k, v, mask, dense, quick) -> list[tuple[str, str, tuple]]:
     return res
 
 
+def _inputs(case: Case, ci: int, device, dtype):
+    """q, k, v (requiring grad), the case's mask and its dense bool form [B, 1, Lq, Lk]."""
+    g = torch.Generator().manual_seed(ci)
+    q = torch.randn(case.Bq, case.H, case.Lq, case.D, generator=g).to(device, dtype).requires_grad_()
+    k, v = (
+        torch.randn(case.B, case.H, case.Lk, case.D, generator=g).to(device, dtype).requires_grad_()
+        for _ in range(2)
+    )
+    mask = case.make_mask(device)
+    dense = (
+        mask.to_dense(case.B, case.Lq, case.Lk)
+        if mask is not None
+        else torch.ones(1, 1, case.Lq, case.Lk, dtype=torch.bool, device=device)
+    )
+    return q, k, v, mask, dense.expand(case.B, 1, case.Lq, case.Lk)
+
+
+def _measure_cpu(fns: dict, q, k, v, mask, dense, quick) -> dict[str, list[tuple[str, str, tuple]]]:
+    """Per provider, as ``_measure``: the providers' calls alternate (round-robin over 3 or 21
+    rounds after one untimed call each), so drift of a shared CPU reaches all of them alike."""
+    from benchmarks.common import cpu_peak_mib
+
+    do = torch.randn(k.shape[0], q.shape[1], q.shape[2], q.shape[3])
+    calls = {}
+    for name, fn in fns.items():
+        out = fn(q, k, v, mask, dense)
+        calls[name] = {
+            "forward": lambda f=fn: f(q, k, v, mask, dense),
+            "backward": lambda o=out: torch.autograd.grad(o, (q, k, v), do, retain_graph=True),
+            "full": lambda f=fn: torch.autograd.grad(f(q, k, v, mask, dense), (q, k, v), do),
+        }
+    times = {(name, mode): [] for name in calls for mode in ("forward", "backward", "full")}
+    for mode in ("forward", "backward", "full"):
+        for name in calls:
+            calls[name][mode]()
+        for _ in range(3 if quick else 21):
+            for name in calls:
+                t0 = time.perf_counter()
+                calls[name][mode]()
+                times[name, mode].append((time.perf_counter() - t0) * 1e3)
+    res = {}
+    for name in calls:
+        res[name] = []
+        for mode in ("forward", "backward", "full"):
+            t = sorted(times[name, mode])
+            pick = lambda f, t=t: t[round(f * (len(t) - 1))]
+            res[name].append((mode, "ms", (pick(0.2), pick(0.5), pick(0.8))))
+        mem = cpu_peak_mib(calls[name]["full"])
+        res[name].append(("full", "peak_MiB", (mem, mem, mem)))
+    return res
+
+
 def run(quick: bool, dtype=None, progress=print) -> list[dict]:
     """Measure every case x provider x mode; returns CSV rows (see benchmarks.common.FIELDS)."""
     from benchmarks.common import environment
@@ -237,31 +289,23 @@ def run(quick: bool, dtype=None, progress=print) -> list[dict]:
     for name, why in provs.items():
         if isinstance(why, str):
             progress(f"skip {name}: {why}")
+    runnable = {name: fn for name, fn in provs.items() if not isinstance(fn, str)}
     all_cases = cases(quick, device)
     for ci, case in enumerate(all_cases, 1):
-        g = torch.Generator().manual_seed(ci)
-        q = torch.randn(case.Bq, case.H, case.Lq, case.D, generator=g).to(device, dtype).requires_grad_()
-        k, v = (
-            torch.randn(case.B, case.H, case.Lk, case.D, generator=g).to(device, dtype).requires_grad_()
-            for _ in range(2)
-        )
-        mask = case.make_mask(device)
-        dense = (
-            mask.to_dense(case.B, case.Lq, case.Lk)
-            if mask is not None
-            else torch.ones(1, 1, case.Lq, case.Lk, dtype=torch.bool, device=device)
-        )
-        dense = dense.expand(case.B, 1, case.Lq, case.Lk)
-        for pname, fn in provs.items():
-            if isinstance(fn, str):
-                continue
-            progress(f"[{ci}/{len(all_cases)}] {case.name} {pname}")
-            try:
-                measured = _measure(fn, q, k, v, mask, dense, quick)
-            except Exception as e:  # a peer that cannot run a case is reported, never a crash
-                progress(f"    {pname} failed on {case.name}: {type(e).__name__}: {e}")
-                continue
-            for mode, metric, (p20, p50, p80) in measured:
+        q, k, v, mask, dense = _inputs(case, ci, device, dtype)
+        if _cpu_timing(device):
+            progress(f"[{ci}/{len(all_cases)}] {case.name} {', '.join(runnable)} (alternating)")
+            measured = _measure_cpu(runnable, q, k, v, mask, dense, quick)
+        else:
+            measured = {}
+            for pname, fn in runnable.items():
+                progress(f"[{ci}/{len(all_cases)}] {case.name} {pname}")
+                try:
+                    measured[pname] = _measure(fn, q, k, v, mask, dense, quick)
+                except Exception as e:  # a peer that cannot run a case is reported, never a crash
+                    progress(f"    {pname} failed on {case.name}: {type(e).__name__}: {e}")
+        for pname, results in measured.items():
+            for mode, metric, (p20, p50, p80) in results:
                 rows.append(
                     dict(
                         op=case.name,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import os
 import pathlib
 import subprocess
+import tempfile
 import time
 
 import torch
@@ -84,6 +86,26 @@ def peak_mib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cpu_peak_mib(fn) -> float:
+    """Peak bytes held by PyTorch's CPU allocator above what was held before, while ``fn`` runs
+    (MiB; from the profiler's memory events, whose "Total Allocated" is the allocator's running
+    total)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0.0
+    events.sort(key=lambda e: e["ts"])
+    before = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    return (max(e["args"]["Total Allocated"] for e in events) - before) / 2**20
 
 
 def append_rows(rows: list[dict], path: pathlib.Path = RESULTS) -> None:

@@ -1,6 +1,6 @@
-"""``python -m benchmarks.run --op {attention,contrastive,models,budget} [--quick] [--out FILE]``: run one
-benchmark module, append what it measured to the CSV and print the medians with their ratio to
-vlkernels in the same run."""
+"""``python -m benchmarks.run --op {attention,contrastive,models,transformers,budget} [--quick]
+[--out FILE]``: run one benchmark module, append what it measured to the CSV and print the medians
+with their ratio to vlkernels in the same run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-OPS = ("attention", "contrastive", "models", "budget")
+OPS = ("attention", "contrastive", "models", "transformers", "budget")
 
 
 def main(argv=None) -> None:
@@ -22,9 +22,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=pathlib.Path, default=None, help="CSV to append to")
     args = ap.parse_args(argv)
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if args.op == "budget" and (interp or os.environ.get("VLK_POISON", "0") != "0"):
+    if args.op in ("budget", "transformers") and (interp or os.environ.get("VLK_POISON", "0") != "0"):
         print(
-            "budget: re-running without TRITON_INTERPRET and VLK_POISON (compiled kernels, no NaN fills)",
+            f"{args.op}: re-running without TRITON_INTERPRET and VLK_POISON (compiled kernels or the "
+            "torch backend, no NaN fills)",
             flush=True,
         )
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLK_POISON")}

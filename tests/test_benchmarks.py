@@ -28,3 +28,40 @@ def test_model_step_benchmark_and_plots_run(tmp_path):
     append_rows(measured, tmp_path / "r.csv")
     pngs = plot.plot(tmp_path / "r.csv", tmp_path / "plots")
     assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_cpu_attention_timing_alternates_providers_and_measures_memory():
+    """The CPU path of the attention benchmark (what runs without a GPU or the interpreter): every
+    provider timed in each mode, the peak memory from the CPU allocator's events."""
+    import torch
+
+    from vlkernels import masks
+
+    case = bench_attention.Case("t", 2, 2, 3, 40, 40, 16, lambda d: masks.causal())
+    q, k, v, mask, dense = bench_attention._inputs(case, 1, torch.device("cpu"), torch.float32)
+    fns = {
+        "vlkernels-torch": lambda q, k, v, m, d: bench_attention.vlkernels.attention(
+            q, k, v, m, backend="torch"
+        ),
+        "sdpa": lambda q, k, v, m, d: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=d),
+    }
+    res = bench_attention._measure_cpu(fns, q, k, v, mask, dense, quick=True)
+    for name in fns:
+        got = {(mode, metric): p50 for mode, metric, (_, p50, _) in res[name]}
+        assert set(got) == {("forward", "ms"), ("backward", "ms"), ("full", "ms"), ("full", "peak_MiB")}
+        assert all(t > 0 for t in got.values())  # 2 x 3 x 40 x 16 fp32 gradients alone are 45 KiB
+
+
+def test_transformers_benchmark_quick_runs_both_models():
+    import pytest
+
+    pytest.importorskip("transformers")
+    import vlkernels
+    from benchmarks import bench_transformers
+
+    with vlkernels.use_backend("torch"):
+        rows = bench_transformers.run(quick=True, progress=lambda s: None)
+    assert {(r["op"], r["provider"]) for r in rows} == {
+        (op, p) for op in bench_transformers.MODELS for p in ("transformers-sdpa", "vlkernels")
+    }
+    assert all(r["p50"] > 0 for r in rows)

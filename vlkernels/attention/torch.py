@@ -99,9 +99,9 @@ def _cpu_forward(a: A.AttentionArgs):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=add, scale=a.scale
     )
-    lse = lse * LOG2E
+    lse = lse.mul_(LOG2E)  # the kernel's own new tensor
     if empty is not None:
-        lse = lse.masked_fill(empty.expand(lse.shape), float("inf"))
+        lse.masked_fill_(empty.expand(lse.shape), float("inf"))
     return out, lse  # SDPA's layout: a copy to [B, Lq, H, D] costs more than it saves
 
 
