@@ -274,3 +274,19 @@ def test_double_backward_raises_clearly(backend, op):
     with pytest.raises(RuntimeError, match=f"{op}: double backward \\(create_graph=True\\) is not supported"):
         torch.autograd.grad(call(), inputs, create_graph=True)
     assert all(t is not None for t in torch.autograd.grad(call(), inputs))  # first order still works
+
+
+def test_torch_compile_fullgraph_torch_backend():
+    """The torch backend traces into one graph too (its mask reuse and host checks stay out)."""
+    q, k, v = (torch.randn(2, 3, 24, 16, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([12, 0])  # batch entry 1 has no key: empty rows
+
+    def f(q, k, v):
+        m = masks.qformer(8, "unimodal") & masks.key_padding(lengths)
+        return vlkernels.attention(q, k, v, m, backend="torch").square().sum()
+
+    grads = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
+    ref = masks.qformer(8, "unimodal") & masks.key_padding(lengths)
+    want = attention_ref(q.double(), k.double(), v.double(), ref.to_dense(2, 24, 24)).square().sum()
+    for g, r in zip(grads, torch.autograd.grad(want, (q, k, v)), strict=True):
+        torch.testing.assert_close(g, r.float(), rtol=1e-5, atol=1e-5)

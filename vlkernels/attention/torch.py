@@ -61,6 +61,8 @@ def _additive_recent(a: A.AttentionArgs):
     """``_additive``, reusing the result for the same mask (the backward of a call, the other
     layers of a model): the last two results are kept, with the tensors their keys name, so an id
     in a key cannot be reused by another tensor while it is kept."""
+    if torch.compiler.is_compiling():  # traced once into the graph: nothing to keep
+        return _additive(a)
     key, tensors = _mask_key(a)
     if key is None:
         return _additive(a)
@@ -82,15 +84,21 @@ def _additive(a: A.AttentionArgs):
     if not m.restricts():
         add = m.bias.to(a.q.dtype)
         add = add.expand(*add.shape[:-2], Lq, Lk) if add.dim() >= 2 else add.expand(Lq, Lk)
-        return add, ~(add > float("-inf")).any(-1)
+        return add, _or_none(~(add > float("-inf")).any(-1))
     lo, hi = m.intervals(Lq, Lk, a.q.device)
     zero = torch.zeros((), dtype=a.q.dtype, device=a.q.device)
     add = torch.where(m.allowed(Lq, Lk, a.q.device, (lo, hi)), zero, float("-inf"))
     if m.bias is None and m.dense_mask is None:  # an empty interval is an empty row
-        return add, (lo >= hi)[:, None]
+        return add, _or_none((lo >= hi)[:, None])
     if m.bias is not None:
         add = add + m.bias.to(a.q.dtype)
-    return add, ~(add > float("-inf")).any(-1)
+    return add, _or_none(~(add > float("-inf")).any(-1))
+
+
+def _or_none(empty: torch.Tensor) -> torch.Tensor | None:
+    """The empty-row flags, or None when no row is empty (a host check: this path runs on CPU;
+    traced, the flags)."""
+    return empty if torch.compiler.is_compiling() or bool(empty.any()) else None
 
 
 def _cpu_forward(a: A.AttentionArgs):
