@@ -141,6 +141,12 @@ def test_drop_in_classes_match_open_clip():
     s, b = _scalar(20.0), _scalar(-4.0)
     _check(losses.ClipLoss()(x, y, s), oc.ClipLoss()(x, y, s), (x, y, s))
     _check(losses.SigLipLoss()(x, y, s, b), oc.SigLipLoss()(x, y, s, b), (x, y, s, b))
+    # open_clip's newest arguments: chunk_size (logits in row chunks: the same loss) and dist_impl
+    chunked = losses.SigLipLoss(dist_impl="shift", chunk_size=8)
+    assert (chunked.chunk_size, chunked.dist_impl) == (8, "shift")
+    _check(chunked(x, y, s, b), oc.SigLipLoss()(x, y, s, b), (x, y, s, b))
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 0, got -1"):
+        losses.SigLipLoss(chunk_size=-1)
     logits = torch.randn(21, 7, 50, device=DEVICE, requires_grad=True)
     labels = torch.randint(0, 50, (21, 7), device=DEVICE)
     labels[:, 5:] = 0  # pad_id

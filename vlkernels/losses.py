@@ -61,19 +61,19 @@ class ClipLoss(nn.Module):
 
 
 class SigLipLoss(nn.Module):
-    """open_clip's SigLipLoss (sigmoid loss; across ranks every text block meets every image)."""
+    """open_clip's SigLipLoss (sigmoid loss; across ranks every text block meets every image).
+    open_clip's ``dist_impl`` ('bidir', 'shift', 'reduce', 'gather') and ``chunk_size`` (logits in
+    row chunks) change how open_clip computes the same loss and gradients: every choice is
+    accepted, and the kernel (which never holds the N×N logits) with its ring computes them."""
 
-    def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None):
+    def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None, chunk_size=0):
         super().__init__()
         if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
             raise ValueError(f"vlkernels SigLipLoss: unknown dist_impl {dist_impl!r}")
-        # every dist_impl gives the same loss and gradients; vlkernels always uses its ring
-        self.cache_labels, self.rank, self.world_size, self.dist_impl = (
-            cache_labels,
-            rank,
-            world_size,
-            dist_impl,
-        )
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+            raise ValueError(f"vlkernels SigLipLoss: chunk_size must be an int >= 0, got {chunk_size!r}")
+        self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
+        self.dist_impl, self.chunk_size = dist_impl or "bidir", chunk_size
         self.group = _group(world_size, False)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
