@@ -74,7 +74,7 @@ def _shapes(mask_name):
     return CROSS_SHAPES + SELF_SHAPES
 
 
-def run_case(shape, mask_name, dtype, backend, seed=0, layout_blhd=False, scale=None):
+def run_case(shape, mask_name, dtype, backend, seed=0, layout_blhd=False, scale=None, softcap=None):
     B, Bq, H, Hk, Lq, Lk, D = shape
     g = torch.Generator().manual_seed(seed)
     q = padded_randn((Bq, H, Lq, D), dtype, DEVICE, layout_blhd=layout_blhd, generator=g)
@@ -85,11 +85,11 @@ def run_case(shape, mask_name, dtype, backend, seed=0, layout_blhd=False, scale=
     do = torch.randn(B, H, Lq, D, generator=g).to(DEVICE, dtype)
 
     with launched(backend, "attention"):
-        out = vlkernels.attention(q, k, v, mask, scale=scale, backend=backend)
+        out = vlkernels.attention(q, k, v, mask, scale=scale, softcap=softcap, backend=backend)
         grads = torch.autograd.grad(out, (q, k, v), do)
-    ref = attention_ref(q, k, v, mask, scale=scale, upcast=True)
+    ref = attention_ref(q, k, v, mask, scale=scale, upcast=True, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
-    lowp = attention_ref(q, k, v, mask, scale=scale)
+    lowp = attention_ref(q, k, v, mask, scale=scale, softcap=softcap)
     lowp_grads = torch.autograd.grad(lowp, (q, k, v), do)
     assert out.shape == (B, H, Lq, D) and out.dtype == dtype
     for name, got, r, lp in zip(
@@ -301,11 +301,12 @@ FLOAT_BIAS_CASES = [  # (Bq, B, H, Hk, Lq, Lk, D, bias shape): each backward pat
 ]
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["nocap", "softcap"])
 @pytest.mark.parametrize("case", FLOAT_BIAS_CASES, ids=lambda c: "x".join(map(str, c[-1])))
-def test_float_bias_and_its_gradient(backend, case):
-    """A float mask is added to the scaled scores (SDPA's attn_mask): out, dq, dk, dv and the
-    bias's gradient (summed over its broadcast) against float64; -inf entries mask, a row of
-    -inf gives 0 and 0 gradient."""
+def test_float_bias_and_its_gradient(backend, case, softcap):
+    """A float mask is added to the scaled scores (SDPA's attn_mask; after the soft-cap, as Gemma
+    2): out, dq, dk, dv and the bias's gradient (summed over its broadcast) against float64; -inf
+    entries mask, a row of -inf gives 0 and 0 gradient."""
     Bq, B, H, Hk, Lq, Lk, D, shape = case
     g = torch.Generator().manual_seed(Lq)
     q = torch.randn(Bq, H, Lq, D, generator=g).to(DEVICE).requires_grad_()
@@ -325,10 +326,10 @@ def test_float_bias_and_its_gradient(backend, case):
     if backend == "triton":
         ran = assert_launched("attention_fwd", "attention_bwd", "attention_bias_grad")
     with ran:
-        out = vlkernels.attention(q, k, v, bias, backend=backend)
+        out = vlkernels.attention(q, k, v, bias, softcap=softcap, backend=backend)
         grads = torch.autograd.grad(out, inputs, do)
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
-    ref = attention_ref(*ref_in)
+    ref = attention_ref(*ref_in, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, ref_in, do.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads, strict=True):
@@ -466,3 +467,68 @@ def test_torch_backend_reuses_a_mask_only_while_its_tensors_are_unchanged():
     ref = attention_ref(q.double(), k.double(), v.double(), m.to_dense(2, 20, 20))
     torch.testing.assert_close(changed.double(), ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(changed[1], first[1])
+
+
+SOFTCAP_MASKS = ["none", "causal&sliding_window", "prefix_lm&pad", "dense", "qformer_unimodal&pad"]
+
+
+@pytest.mark.parametrize("mask_name", SOFTCAP_MASKS)
+def test_softcap_forward_backward(backend, mask_name):
+    """Logit soft-capping (Gemma 2: softcap · tanh(scores / softcap)), forward and backward against
+    float64, with a cap small enough to bend most scores; the CUDA backend says it cannot."""
+    shape = _shapes(mask_name)[1]
+    if backend == "cuda":
+        q = torch.randn(shape[1], shape[2], shape[4], shape[6], device=DEVICE)
+        k = torch.randn(shape[0], shape[3], shape[5], shape[6], device=DEVICE)
+        with pytest.raises(vlkernels.BackendUnavailableError, match="soft-capping"):
+            vlkernels.attention(q, k, k, softcap=1.5, backend=backend)
+        return
+    run_case(shape, mask_name, torch.float32, backend, scale=1.0, softcap=1.5)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_softcap_low_precision_two_x_rule(dtype):
+    run_case((2, 2, 4, 2, 70, 70, 64), "causal&sliding_window", dtype, "triton", scale=0.5, softcap=3.0)
+
+
+def test_softcap_bad_values():
+    q = torch.randn(1, 1, 4, 16)
+    for bad, err in ((0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), ("1", TypeError)):
+        with pytest.raises(err, match="softcap"):
+            vlkernels.attention(q, q, q, softcap=bad)
+
+
+def test_varlen_cu_seqlens_is_each_sequence_on_its_own(backend):
+    """masks.varlen (FlashAttention's cu_seqlens): sequences of 5, 11 and 3 tokens packed into 24
+    (5 tokens of tail padding), causal: each sequence's output and gradients are those of the
+    sequence alone (float64 reference); the tail rows give 0 and receive 0."""
+    g = torch.Generator().manual_seed(21)
+    H, D, L = 2, 24, 24
+    cu = torch.tensor([0, 5, 16, 19], device=DEVICE)
+    packed = [torch.randn(1, H, L, D, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+    mask = masks.varlen(cu, L) & masks.causal()
+    if backend == "cuda":
+        with pytest.raises(vlkernels.BackendUnavailableError, match="no document mask"):
+            vlkernels.attention(*packed, mask, backend=backend)
+        return
+    do = torch.randn(1, H, L, D, generator=g).to(DEVICE)
+    with launched(backend, "attention"):
+        out = vlkernels.attention(*packed, mask, backend=backend)
+        grads = torch.autograd.grad(out, packed, do)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        part = [t[:, :, s:e].detach().double().requires_grad_() for t in packed]
+        ref = attention_ref(*part, masks.causal())
+        ref_grads = torch.autograd.grad(ref, part, do[:, :, s:e].double())
+        for got, want in zip((out, *grads), (ref, *ref_grads), strict=True):
+            torch.testing.assert_close(got[:, :, s:e].double(), want, rtol=1e-5, atol=1e-5)
+    for t in (out, *grads):
+        assert torch.all(t[:, :, 19:] == 0)
+
+
+def test_varlen_bad_inputs():
+    with pytest.raises(TypeError, match="varlen: cu_seqlens must be an integer tensor"):
+        masks.varlen(torch.tensor([0.0, 3.0]), 4)
+    with pytest.raises(ValueError, match="at least 2 entries"):
+        masks.varlen(torch.tensor([0]), 4)
+    with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
+        masks.varlen(torch.tensor([0, 3]), 0)

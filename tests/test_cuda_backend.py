@@ -48,6 +48,10 @@ def test_attention_op_checks_inputs_on_the_cpp_side(ns):
     starts = torch.zeros(1, 8, dtype=torch.int64, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"attention_fwd: the CUDA C\+\+ kernels take no document mask"):
         call(q, q, q, doc_start=starts, doc_end=starts + 8)
+    with pytest.raises(
+        RuntimeError, match=r"attention_fwd: the CUDA C\+\+ kernels take no logit soft-capping"
+    ):
+        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 30.0)))
     lengths = torch.tensor([3], device=DEVICE)
     with pytest.raises(RuntimeError, match="attention_fwd: key_lengths must be int32, got Long"):
         call(q, q, q, key_lengths=lengths)

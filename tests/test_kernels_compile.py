@@ -78,7 +78,7 @@ def _launchers(arch_dtypes):
                         doc_end=torch.empty(B, Lq, dtype=torch.int64, device=dev),
                     ),
                 }[variant]
-                a = AttentionArgs(q, k, k, mask, 0.125)
+                a = AttentionArgs(q, k, k, mask, 0.125, softcap=50.0 if variant == "all_on" else 0.0)
                 out, lse = attn._forward(a)
                 attn._backward(AttentionGradArgs(out, out, lse, a))
                 if variant == "all_on":  # the float bias's gradient

@@ -69,7 +69,8 @@ def test_schemas_are_derived_from_the_declarations():
     fwd = str(torch.ops.vlkernels.triton_attention_fwd.default._schema)
     assert fwd.startswith("vlkernels::triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? dense_mask,")
     assert fwd.endswith(
-        "int latents_per_media, int window, Tensor? bias, Tensor? doc_start, Tensor? doc_end, float scale) "
+        "int latents_per_media, int window, Tensor? bias, Tensor? doc_start, Tensor? doc_end, float scale, "
+        "float softcap) "
         "-> (Tensor, Tensor)"
     )
     for name in ("attention", "contrastive", "gated_residual"):  # the Triton and C++ ops share a declaration

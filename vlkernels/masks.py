@@ -232,6 +232,21 @@ def document(seq_ids: torch.Tensor) -> Mask:
     return Mask(documents=_int_tensor("document: seq_ids", seq_ids, 2))
 
 
+def varlen(cu_seqlens: torch.Tensor, seq_len: int) -> Mask:
+    """FlashAttention's varlen form of ``document``: sequences packed into one row of ``seq_len``
+    tokens (batch 1, q/k/v [1, H, seq_len, D]), sequence s at [cu_seqlens[s], cu_seqlens[s + 1]);
+    ``cu_seqlens`` int [n + 1], ascending from 0. Tokens past cu_seqlens[-1] attend to nothing (0).
+    Built on the device, no host synchronisation."""
+    cu = _int_tensor("varlen: cu_seqlens", cu_seqlens, 1)
+    if cu.numel() < 2:
+        raise ValueError(f"varlen: cu_seqlens needs at least 2 entries (0 and the total), got {cu.numel()}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise ValueError(f"varlen: seq_len must be an int >= 1, got {seq_len!r}")
+    positions = torch.arange(seq_len, device=cu.device, dtype=cu.dtype)
+    ids = torch.searchsorted(cu[1:].contiguous(), positions, right=True)
+    return document(ids[None]) & key_padding(cu[-1:])
+
+
 def media(text_to_media: torch.Tensor, latents_per_media: int, only_immediate: bool = True) -> Mask:
     """Flamingo media mask.
 

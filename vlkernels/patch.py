@@ -25,7 +25,9 @@ def hf_attention_forward(
 ):
     """transformers AttentionInterface function: query [B, H, Lq, D], key/value [B, Hk, Lk, D];
     ``attention_mask`` None, bool (True = attend) or float, added to the scores (0 = attend, very
-    negative = masked, or any bias), broadcastable to [B, H, Lq, Lk]. Returns ([B, Lq, H, D], None)."""
+    negative = masked, or any bias), broadcastable to [B, H, Lq, Lk]. ``softcap``: Gemma 2's logit
+    soft-capping; ``sliding_window``: already in the mask transformers builds, applied here only
+    when there is no mask. Returns ([B, Lq, H, D], None)."""
     from vlkernels import masks
     from vlkernels.attention import attention
 
@@ -34,7 +36,7 @@ def hf_attention_forward(
             "vlkernels attention has no attention dropout: set the model's attention "
             f"dropout to 0 (got {dropout})"
         )
-    for unsupported in ("softcap", "position_bias", "sliding_window", "s_aux"):
+    for unsupported in ("position_bias", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"vlkernels attention does not support {unsupported!r}")
     mask = attention_mask  # bool (True = attend) or float, added to the scores (as SDPA)
@@ -47,7 +49,14 @@ def hf_attention_forward(
                 mask = masks.causal()
             else:  # query i sees keys 0..i
                 mask = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()
-    out = attention(query, key, value, mask, scale=scaling)
+        window = kwargs.get("sliding_window")
+        if causal and window is not None:  # the last `window` keys of each row (as the mask builder)
+            if mask is None or isinstance(mask, masks.Mask):
+                mask = masks.sliding_window(window) if mask is None else mask & masks.sliding_window(window)
+            else:
+                i = torch.arange(Lq, device=query.device)[:, None]
+                mask = mask & (torch.arange(Lk, device=query.device)[None] > i - window)
+    out = attention(query, key, value, mask, scale=scaling, softcap=kwargs.get("softcap"))
     return out.transpose(1, 2), None
 
 

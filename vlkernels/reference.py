@@ -14,12 +14,13 @@ import torch
 from vlkernels.masks import Mask
 
 
-def attention_ref(q, k, v, mask=None, scale=None, upcast=False):
+def attention_ref(q, k, v, mask=None, scale=None, upcast=False, softcap=None):
     """Masked attention, eager. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D] -> [B, H, Lq, D].
 
     ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend), float (added to the
     scaled scores; -inf = may not attend) or a ``Mask``. Rows with no allowed key give 0 and pass
-    0 gradient. ``upcast`` computes in float64.
+    0 gradient. ``upcast`` computes in float64. ``softcap``: the scaled scores become softcap ·
+    tanh(scores / softcap) before a float mask is added (Gemma 2).
     """
     dtype = q.dtype
     if upcast:
@@ -31,6 +32,8 @@ def attention_ref(q, k, v, mask=None, scale=None, upcast=False):
         k = k.repeat_interleave(H // Hk, dim=1)
         v = v.repeat_interleave(H // Hk, dim=1)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # q broadcasts over B when Bq == 1
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None and not isinstance(mask, Mask) and mask.dtype.is_floating_point:
         s = s + mask.to(s.dtype)
         mask = s > float("-inf")

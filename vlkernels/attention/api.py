@@ -17,7 +17,7 @@ def _shape(t) -> str:
     return str(list(t.shape))
 
 
-def _check_inputs(q, k, v, scale) -> None:
+def _check_inputs(q, k, v, scale, softcap) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -47,24 +47,32 @@ def _check_inputs(q, k, v, scale) -> None:
         raise ValueError(f"attention: batch and lengths must be >= 1, got q {_shape(q)}, k {_shape(k)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"attention: softcap must be a float or None, got {type(softcap).__name__}")
+        if not 0 < softcap < math.inf:
+            raise ValueError(f"attention: softcap must be a positive finite float, got {softcap}")
 
 
-def attention(q, k, v, mask=None, *, scale=None, backend=None):
+def attention(q, k, v, mask=None, *, scale=None, softcap=None, backend=None):
     """Masked multi-head attention, SDPA layout. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D].
 
     Returns [B, H, Lq, D] (memory laid out as [B, Lq, H, D], so merging heads is free).
     ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend), float broadcastable
     to it (added to the scaled scores, as SDPA's attn_mask; its gradient when it requires grad),
     or a mask from ``vlkernels.masks``. Rows with no allowed key give 0 and receive 0 gradient.
-    ``scale`` defaults to 1/sqrt(D). ``backend``: None (automatic), "triton", "cuda", "torch".
+    ``scale`` defaults to 1/sqrt(D). ``softcap``: logit soft-capping (Gemma 2): the scaled scores
+    become softcap · tanh(scores / softcap) before a float mask is added. ``backend``: None
+    (automatic), "triton", "cuda", "torch".
     Under autocast, q, k, v are cast to its lower-precision dtype first (as SDPA).
     """
-    _check_inputs(q, k, v, scale)
+    _check_inputs(q, k, v, scale, softcap)
     q, k, v = _dispatch.autocast_inputs(q, k, v)
     B, _, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    chosen = _dispatch.choose("attention", backend, AttentionArgs(q, k, v, lowered, scale))
-    out, _ = AttentionFunction.apply(chosen.name, q, k, v, lowered, scale, lowered.bias)
+    softcap = float(softcap or 0.0)
+    chosen = _dispatch.choose("attention", backend, AttentionArgs(q, k, v, lowered, scale, softcap))
+    out, _ = AttentionFunction.apply(chosen.name, q, k, v, lowered, scale, softcap, lowered.bias)
     return out

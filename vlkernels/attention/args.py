@@ -16,13 +16,15 @@ from vlkernels.masks import MaskArgs
 
 
 class AttentionArgs(NamedTuple):
-    """Forward: softmax(scale · q kᵀ, masked) v -> (out, lse)."""
+    """Forward: softmax(cap(scale · q kᵀ) + bias, masked) v -> (out, lse), where cap(s) =
+    softcap · tanh(s / softcap) when softcap > 0 (Gemma 2's logit soft-capping), else s."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     mask: MaskArgs
     scale: float
+    softcap: float = 0.0
 
     @property
     def shared_queries(self) -> bool:

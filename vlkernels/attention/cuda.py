@@ -44,6 +44,8 @@ def _limits(a: A.AttentionArgs) -> list[str]:
         reasons.append("the CUDA C++ kernels take no float bias (a float attn_mask)")
     if a.mask.doc_start is not None:
         reasons.append("the CUDA C++ kernels take no document mask")
+    if a.softcap > 0:
+        reasons.append("the CUDA C++ kernels take no logit soft-capping")
     return reasons
 
 

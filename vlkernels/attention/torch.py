@@ -4,7 +4,7 @@ the log2 log-sum-exp, 0 and +inf for rows with no allowed key.
 On CPU it runs PyTorch's own fused CPU attention (the kernel behind SDPA there), forward and
 backward, with the mask as one additive float [B or 1, H or 1, Lq, Lk] tensor (built once for a
 mask and reused while its tensors are unchanged); its output keeps SDPA's [B, H, Lq, D] memory
-layout. Elsewhere: the
+layout. Elsewhere, and with soft-capping: the
 kernels' algorithm in PyTorch operations (fp32 arithmetic; materialises the [B, H, Lq, Lk] scores)."""
 
 from __future__ import annotations
@@ -20,16 +20,21 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 def _scores(a: A.AttentionArgs):
-    """fp32 (scores [B, H, Lq, Lk], masked to -inf; allowed; q, k, v upcast, k and v per query head)."""
+    """fp32 (scores [B, H, Lq, Lk]: capped, + bias, masked to -inf; the cap's derivative (1.0
+    without a cap); q, k, v upcast, k and v per query head)."""
     q, k, v = (t.float() for t in (a.q, a.k, a.v))
     H, Hk, Lq, Lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     if H != Hk:  # grouped keys: each key head serves H // Hk query heads
         k, v = (t.repeat_interleave(H // Hk, dim=1) for t in (k, v))
     allowed = a.mask.allowed(Lq, Lk, q.device)
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(a.scale)
+    dcap = 1.0
+    if a.softcap > 0:
+        t = torch.tanh(s / a.softcap)
+        s, dcap = t * a.softcap, 1.0 - t * t
     if a.mask.bias is not None:
         s = s + a.mask.bias.float()
-    return s.masked_fill_(~allowed, float("-inf")), q, k, v
+    return s.masked_fill_(~allowed, float("-inf")), dcap, q, k, v
 
 
 def _per_query_head(a: A.AttentionArgs):
@@ -135,7 +140,7 @@ def _group_sum(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(a: A.AttentionArgs):
-    s, _, _, v = _scores(a)
+    s, _, _, _, v = _scores(a)
     m = s.amax(dim=-1, keepdim=True)
     p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
     l = p.sum(dim=-1, keepdim=True)
@@ -145,31 +150,37 @@ def _forward(a: A.AttentionArgs):
 
 
 def _score_grad(g: A.AttentionGradArgs):
-    """(dLoss/dscores [B, H, Lq, Lk] fp32, p, do, q, k): the scores before the scale."""
-    s, q, k, v = _scores(g.fwd)
+    """(dLoss/dscores [B, H, Lq, Lk] fp32: of the scores after the cap (what the bias is added
+    to), the cap's derivative, p, do, q, k)."""
+    s, dcap, q, k, v = _scores(g.fwd)
     p = torch.exp(s - (g.lse / LOG2E)[..., None])  # 0 where masked and in rows with no key
     do = g.grad_out.float()
     dp = torch.matmul(do, v.transpose(-1, -2))
     delta = (p * dp).sum(-1, keepdim=True)  # = rowsum(o · do), without the output's rounding
-    return p * (dp - delta), p, do, q, k
+    return p * (dp - delta), dcap, p, do, q, k
 
 
 def _backward(g: A.AttentionGradArgs):
     a = g.fwd
-    ds, p, do, q, k = _score_grad(g)
-    ds = ds * a.scale
+    ds, dcap, p, do, q, k = _score_grad(g)
+    ds = ds * dcap * a.scale
     dq = torch.matmul(ds, k)
     dk = torch.matmul(ds.transpose(-1, -2), q)
     dv = torch.matmul(p.transpose(-1, -2), do)
     return _group_sum(dq, a.q), _group_sum(dk, a.k), _group_sum(dv, a.v)
 
 
+def _fused_cpu(a: A.AttentionArgs) -> bool:
+    """Whether PyTorch's fused CPU kernel computes this (it has no soft-capping)."""
+    return a.q.device.type == "cpu" and a.softcap == 0
+
+
 def _any_forward(a: A.AttentionArgs):
-    return (_cpu_forward if a.q.device.type == "cpu" else _forward)(a)
+    return (_cpu_forward if _fused_cpu(a) else _forward)(a)
 
 
 def _any_backward(g: A.AttentionGradArgs):
-    return (_cpu_backward if g.fwd.q.device.type == "cpu" else _backward)(g)
+    return (_cpu_backward if _fused_cpu(g.fwd) else _backward)(g)
 
 
 BACKEND = _dispatch.Backend("torch", _any_forward, _any_backward, bias_grad=lambda g: _score_grad(g)[0])

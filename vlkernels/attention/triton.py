@@ -130,22 +130,41 @@ def _allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk):
 
 
 @triton.jit
-def _scores(q, k, qk_scale, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores of a tile in log2 units: q kᵀ · scale (+ the float bias), fp32."""
+def _tanh(x):
+    """tanh in fp32 to a few ulps (the interpreter has no libdevice): the odd series below 0.25,
+    (1 - e) / (1 + e) with e = exp(-2|x|) above."""
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
+    far = (1.0 - e) / (1.0 + e)
+    return tl.where(tl.abs(x) < 0.25, series, tl.where(x < 0, -far, far))
+
+
+@triton.jit
+def _scores(q, k, qk_scale, softcap, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION: tl.constexpr,
+            UPCAST: tl.constexpr, CAP: tl.constexpr):
+    """Scores of a tile in log2 units, fp32: q kᵀ · scale, capped (CAP: softcap · tanh(· / softcap)),
+    + the float bias; and the cap's derivative 1 - tanh² (1.0 without CAP)."""
     s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    dcap = 1.0
+    if CAP:
+        t = _tanh(s * (1.0 / (softcap * 1.4426950408889634)))
+        s = t * (softcap * 1.4426950408889634)
+        dcap = 1.0 - t * t
     if m.bias is not None:
         ptrs = _block(m.bias.ptr, m.bias.stride, b, h, offs_m, offs_n)
         ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
         s += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
-    return s
+    return s, dcap
 
 
 @triton.jit
-def _probs(q, k, qk_scale, m, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION: tl.constexpr,
-           UPCAST: tl.constexpr):
-    """The softmax of a tile from the saved log-sum-exp (log2 units), 0 where not allowed."""
-    s = _scores(q, k, qk_scale, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
-    return tl.where(_allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk), tl.exp2(s - lse[:, None]), 0.0)
+def _probs(q, k, qk_scale, softcap, m, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION: tl.constexpr,
+           UPCAST: tl.constexpr, CAP: tl.constexpr):
+    """The softmax of a tile from the saved log-sum-exp (log2 units), 0 where not allowed, and the
+    cap's derivative (``_scores``)."""
+    s, dcap = _scores(q, k, qk_scale, softcap, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST, CAP)
+    return tl.where(_allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk), tl.exp2(s - lse[:, None]), 0.0), dcap
 
 
 @triton.jit
@@ -204,7 +223,7 @@ _FWD_CONFIGS = _configs(
     [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 )
 _BWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 1), (16, 64, 4, 1)])
-_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", "MASK_KEY"]
+_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", "MASK_KEY", "CAP"]
 
 
 def _fit(configs, args):
@@ -240,8 +259,8 @@ def _bwd_prune(block: str, length: str):
 @autotuned(_FWD_CONFIGS, _KEY, _INTERPRET_CONFIG, prune=_fit)
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, LQ_KEY, LK_KEY,
-    MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, LQ_KEY, LK_KEY,
+    MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
@@ -256,7 +275,7 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for it in tl.range(0, tl.cdiv(n_end - n_start, BLOCK_N)):  # from 0: Triton pipelines such loops
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
-        s = _scores(q, k, qk_scale, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST)
+        s, _ = _scores(q, k, qk_scale, softcap, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST, CAP)
         s = tl.where(_allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -294,8 +313,9 @@ def _attn_bwd_delta(O, DO, DELTA, so, sdo, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, so, sdo, sdq, sdk, sdv, mask, H, Hk, GROUP, Lq, Lk, D,
-    qk_scale, sm_scale, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, FUSED: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    qk_scale, sm_scale, softcap, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, FUSED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one key tile: loops over the GROUP query heads sharing it and over the query
     tiles from the first to the last whose allowed intervals touch it (found first, so that the
@@ -333,10 +353,11 @@ def _attn_bwd_dkdv(
             q, do, lse, delta = _grad_rows(
                 Q, DO, O, LSE, DELTA, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq, FUSED
             )
-            p = _probs(q, k, qk_scale, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION, UPCAST)
+            p, dcap = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk,
+                             PRECISION, UPCAST, CAP)
             dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp - delta[:, None]) * dcap
             dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
             if FUSED:
                 dq = _mm(ds.to(k.dtype), k, PRECISION, UPCAST) * sm_scale
@@ -350,9 +371,9 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, so, sdo, sdq, sdk, sdv, mask, B, H, GROUP, Lq, Lk, D,
-    qk_scale, sm_scale, B_PER_PROG, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, FUSED: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    qk_scale, sm_scale, softcap, B_PER_PROG, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, FUSED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq of one query tile, summed over the B_PER_PROG batch entries of chunk c (shared queries:
     chunk c's partial sum goes to DQ[c]; otherwise B_PER_PROG == 1 and c is the batch). FUSED (the
@@ -373,9 +394,10 @@ def _attn_bwd_dq(
                                        FUSED)
         for it in tl.range(0, n_tiles):
             offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
-            p = _probs(q, k, qk_scale, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION, UPCAST)
+            p, dcap = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk,
+                             PRECISION, UPCAST, CAP)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp - delta[:, None]) * dcap
             dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
             if FUSED:
                 kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
@@ -416,12 +438,13 @@ def _attn_bwd_dq_sum(PART, DQ, spart, sdq, CHUNKS, Lq, D, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _attn_bwd_dbias(
-    Q, K, V, DO, LSE, DB, sq, sk, sv, sdo, sdb, mask, H, GROUP, Lq, Lk, D, qk_scale,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Q, K, V, DO, LSE, DB, sq, sk, sv, sdo, sdb, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The float bias's gradient, dS = P ∘ (dO Vᵀ - delta), of one query tile over every key
-    tile: DB [B, H, Lq, Lk] fp32, every element written (0 where nothing is allowed). delta =
+    tile: DB [B, H, Lq, Lk] fp32, every element written (0 where nothing is allowed; the bias is
+    added after the cap, so dS has no cap factor). delta =
     rowsum(P ∘ dO Vᵀ) from a first pass (not from the rounded output: dS is not averaged over a
     feature dim, so delta's rounding error would show in it)."""
     b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
@@ -434,11 +457,13 @@ def _attn_bwd_dbias(
     delta = tl.zeros([BLOCK_M], tl.float32)
     for start_n in tl.range(0, Lk, BLOCK_N):
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
-        p = _probs(q, k, qk_scale, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION, UPCAST)
+        p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
+                      UPCAST, CAP)
         delta += tl.sum(p * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
     for start_n in tl.range(0, Lk, BLOCK_N):
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
-        p = _probs(q, k, qk_scale, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION, UPCAST)
+        p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
+                      UPCAST, CAP)
         ds = p * (_mm(do, tl.trans(v), PRECISION, UPCAST) - delta[:, None])
         db_ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
         tl.store(_block(DB, sdb, b, h, offs_m, offs_n), ds, mask=db_ok)
@@ -474,6 +499,7 @@ def _launch_args(a: A.AttentionArgs) -> _Launch:
         PRECISION="ieee" if a.q.dtype == torch.float32 else "tf32",
         UPCAST=a.q.dtype == torch.bfloat16 and interpreter_on(),
         BLOCK_D=max(16, next_pow2(D)),  # tl.dot's smallest K; columns past D masked
+        CAP=a.softcap > 0,
     )
     return _Launch(
         (0 if a.shared_queries else sq[0], *sq[1:]),
@@ -494,7 +520,7 @@ def _forward(a: A.AttentionArgs):
     # fmt: off
     _attn_fwd[grid](
         a.q, a.k, a.v, out, lse, L.sq, L.sk, L.sv, out.stride(), L.mask, H, Lq=Lq, Lk=Lk, D=D,
-        qk_scale=a.scale * LOG2E, **L.consts,
+        qk_scale=a.scale * LOG2E, softcap=a.softcap, **L.consts,
     )
     # fmt: on
     LAUNCHES["attention_fwd"] += 1
@@ -517,7 +543,7 @@ def _backward(g: A.AttentionGradArgs):
     B, Hk, Lk, D = a.k.shape
     H, Lq = a.q.shape[1], a.q.shape[2]
     L = _launch_args(a)
-    scales = dict(qk_scale=a.scale * LOG2E, sm_scale=a.scale)
+    scales = dict(qk_scale=a.scale * LOG2E, sm_scale=a.scale, softcap=a.softcap)
     sdo = g.grad_out.stride()
     dq = poisoned(torch.empty_like(a.q))
     dk = poisoned(torch.empty_like(a.k))
@@ -573,8 +599,9 @@ def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
     # fmt: off
     _attn_bwd_dbias[(triton.cdiv(Lq, block), B * H)](
         a.q, a.k, a.v, g.grad_out, g.lse, db, L.sq, L.sk, L.sv, g.grad_out.stride(), db.stride(), L.mask, H,
-        L.consts["GROUP"], Lq, Lk, D, a.scale * LOG2E, PRECISION=L.consts["PRECISION"],
-        UPCAST=L.consts["UPCAST"], BLOCK_D=L.consts["BLOCK_D"], BLOCK_M=block, BLOCK_N=block,
+        L.consts["GROUP"], Lq, Lk, D, a.scale * LOG2E, a.softcap, PRECISION=L.consts["PRECISION"],
+        UPCAST=L.consts["UPCAST"], CAP=L.consts["CAP"], BLOCK_D=L.consts["BLOCK_D"], BLOCK_M=block,
+        BLOCK_N=block,
     )
     # fmt: on
     LAUNCHES["attention_bias_grad"] += 1
