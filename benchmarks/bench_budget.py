@@ -1,8 +1,9 @@
 """Performance budgets read without a GPU (``python -m benchmarks.run --op budget``).
 
 For each paper workload — BLIP-2 Q-Former self-attention (ITM, ITG, ITC masks) and cross-attention,
-Flamingo's media cross-attention, CoCa's pooler, PaLI's prefix-LM, the contrastive losses at
-N = 32k/64k, Flamingo's gated residual — in bf16, forward and backward:
+Flamingo's media cross-attention, CoCa's pooler, PaLI's prefix-LM, decoding one token over a KV
+cache of 256..8192 keys, the contrastive losses at N = 32k/64k, Flamingo's gated residual — in
+bf16, forward and backward:
 
 - launches: Triton kernels and PyTorch kernels of one call, and host synchronisations (recorded
   on fake CUDA tensors, benchmarks/static.py);
@@ -138,6 +139,8 @@ def _attention_workloads() -> list[Workload]:
     add("coca_pooler_hd96", (128, 1, 8, 8, 256, 576, 96), lambda d: None)
     prefix = 256 + torch.randint(8, 33, (16,), generator=g)
     add("pali_prefix_lm", (16, 16, 8, 1, 320, 320, 256), lambda d: masks.prefix_lm(prefix.to(d)))
+    for Lk in (256, 1024, 4096, 8192):  # decoding one token over a KV cache (32 heads, 8 KV heads)
+        add(f"decode_Lk{Lk}", (8, 8, 32, 8, 1, Lk, 128), lambda d: None)
     return out
 
 
@@ -334,24 +337,32 @@ def _query_tiles(lo, hi, BM, Lk):
     return lo, hi
 
 
-def _key_tiles_visited(lo, hi, BM, BN, Lk):
-    """Iterations of the forward's (and dq's) key loop per query tile: [B, n_tiles]."""
+def _key_tiles_visited(lo, hi, BM, BN, Lk, per_split=None):
+    """Iterations of the forward's (and dq's) key loop per query tile: [B, n_tiles]; with
+    ``per_split`` (flash-decoding), summed over the key splits, each loop clipped to its split."""
     lo, hi = _query_tiles(lo, hi, BM, Lk)
-    start = lo.amin(-1) // BN * BN
-    return torch.clamp(-((start - hi.amax(-1)) // BN), min=0)
+    start, end = lo.amin(-1) // BN * BN, hi.amax(-1)
+    if per_split is None:
+        return torch.clamp(-((start - end) // BN), min=0)
+    total = torch.zeros_like(start)
+    for s0 in range(0, Lk, per_split):
+        a, b = torch.clamp(start, min=s0), torch.clamp(end, max=s0 + per_split)
+        total += torch.clamp(-((a - b) // BN), min=0)
+    return total
 
 
 def _attention_flops(launch, mask) -> int:
     a = launch.args
     name = launch.name
-    if name in ("_attn_bwd_delta", "_attn_bwd_dq_sum"):  # no GEMM
+    if name in ("_attn_bwd_delta", "_attn_bwd_dq_sum", "_attn_fwd_combine"):  # no GEMM
         return 0
     B, H, Lq, Lk = a["K"].shape[0], a["H"], a["Lq"], a["Lk"]
     BM, BN, BD = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_D"]
     tile = 2 * BM * BN * BD  # one tile GEMM
     lo, hi = _intervals(mask, B, Lq, Lk)
     if name == "_attn_fwd":  # S = QKᵀ, O += PV
-        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * 2 * tile
+        per_split = a["KEYS_PER_SPLIT"] if a["SPLIT"] else None
+        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk, per_split).sum()) * 2 * tile
     if name == "_attn_bwd_dq":  # S, dP = dO Vᵀ, dQ += dS K; FUSED: dV and dK too
         return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * (5 if a["FUSED"] else 3) * tile
     if name == "_attn_bwd_dkdv" and a["FUSED"]:  # every query tile: S, dV, dP, dK, dQ
@@ -692,7 +703,47 @@ BUDGETS = {
         bwd_over_fwd=3.22,
         host_us_fwd=77,
         host_us_bwd=187,
-        spill_bytes=336,
+        spill_bytes=360,
+    ),
+    "decode_Lk256": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
+        launches_fwd=1,
+        launches_bwd=3,
+        host_syncs=0,
+        flops_ratio_fwd=16.0,
+        flops_ratio_bwd=22.4,
+        host_us_fwd=121,
+        host_us_bwd=150,
+        spill_bytes=0,
+    ),
+    "decode_Lk1024": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
+        launches_fwd=2,
+        launches_bwd=3,
+        host_syncs=0,
+        flops_ratio_fwd=16.0,
+        flops_ratio_bwd=22.4,
+        host_us_fwd=121,
+        host_us_bwd=150,
+        spill_bytes=0,
+    ),
+    "decode_Lk4096": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
+        launches_fwd=2,
+        launches_bwd=3,
+        host_syncs=0,
+        flops_ratio_fwd=16.0,
+        flops_ratio_bwd=22.4,
+        host_us_fwd=121,
+        host_us_bwd=150,
+        spill_bytes=0,
+    ),
+    "decode_Lk8192": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
+        launches_fwd=2,
+        launches_bwd=3,
+        host_syncs=0,
+        flops_ratio_fwd=16.0,
+        flops_ratio_bwd=22.4,
+        host_us_fwd=121,
+        host_us_bwd=150,
+        spill_bytes=0,
     ),
     "contrastive_clip_N32k": dict(
         launches_fwd=2,

@@ -532,3 +532,38 @@ def test_varlen_bad_inputs():
         masks.varlen(torch.tensor([0]), 4)
     with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
         masks.varlen(torch.tensor([0, 3]), 0)
+
+
+DECODE_CASES = [  # (B, Bq, H, Hk, Lq, Lk, D), mask: a few query rows over many keys
+    ((2, 2, 4, 2, 1, 300, 64), "none"),
+    ((3, 3, 2, 2, 5, 517, 40), "key_padding"),
+    ((2, 1, 4, 1, 1, 700, 64), "none"),
+    ((2, 2, 2, 2, 3, 400, 16), "causal&sliding_window"),
+    ((2, 2, 2, 2, 4, 320, 16), "media_all_previous"),
+    ((2, 2, 2, 2, 2, 300, 24), "dense"),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[1]}-Lq{c[0][4]}-Lk{c[0][5]}")
+def test_decoding_splits_the_keys(case):
+    """Flash-decoding: with a few query rows over many keys the forward splits the keys across
+    programs and combines the partial results (the split path ran); out and gradients against
+    float64, empty rows 0, every mask."""
+    shape, mask_name = case
+    with assert_launched("attention_fwd_split"):
+        run_case(shape, mask_name, torch.float32, "triton")
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_decoding_low_precision_two_x_rule_with_softcap(dtype):
+    with assert_launched("attention_fwd_split"):
+        run_case((2, 2, 4, 1, 1, 600, 64), "key_padding", dtype, "triton", softcap=5.0)
+
+
+def test_decode_split_rule():
+    from vlkernels.attention.triton import decode_splits
+
+    cpu = torch.device("cpu")
+    assert decode_splits(2, 4, 1, 1000, cpu) == (4, 256)  # 4 splits of a multiple of 64 keys
+    assert decode_splits(2, 4, 17, 1000, cpu) == (1, 1000)  # more than 16 query rows: one pass
+    assert decode_splits(2, 4, 1, 200, cpu) == (1, 200)  # too few keys to split

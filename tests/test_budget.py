@@ -21,6 +21,7 @@ from helpers import DEVICE, ON_GPU
 import vlkernels
 from benchmarks import bench_budget, static
 from vlkernels import masks
+from vlkernels.attention.triton import decode_splits
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="counts the interpreter's tl.dot calls")
 
@@ -53,6 +54,11 @@ def _attention_cases():
             masks.key_padding(torch.tensor([77, 30, 0])),
         ),
         ("window, one query tile", (2, 2, 3, 3, 30, 80, 16), masks.causal() & masks.sliding_window(10)),
+        (  # decoding: the keys split across programs (flash-decoding), then combined
+            "decode, split keys",
+            (3, 3, 4, 2, 2, 300, 16),
+            masks.key_padding(torch.tensor([300, 77, 0])),
+        ),
         (  # every key in one tile: the backward is one kernel
             "qformer & pad, grouped keys, one key tile",
             (3, 3, 4, 2, 30, 30, 16),
@@ -80,7 +86,10 @@ def test_attention_flop_model_counts_the_executed_dots(case):
         else {"_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"}
         | ({"_attn_bwd_dq_sum"} if Bq < B else set())
     )
-    assert {ln.name for ln in launches} == {"_attn_fwd"} | backward
+    split = decode_splits(B, H, Lq, Lk, torch.device(DEVICE))[0] > 1
+    forward = {"_attn_fwd"} | ({"_attn_fwd_combine"} if split else set())
+    assert split == (Lq <= 16 and Lk >= 256)
+    assert {ln.name for ln in launches} == forward | backward
     assert sum(bench_budget.launch_flops(ln, lowered) for ln in launches) == flops[0]
 
 

@@ -83,6 +83,12 @@ def _launchers(arch_dtypes):
                 attn._backward(AttentionGradArgs(out, out, lse, a))
                 if variant == "all_on":  # the float bias's gradient
                     attn._bias_grad(AttentionGradArgs(out, out, lse, a))
+                if variant != "mixed":  # decoding: one query row over 4096 keys, split and combined
+                    long_k = torch.empty(B, Hk, 4096, D, dtype=dtype, device=dev)
+                    dec_mask = (
+                        MaskArgs(key_lengths=i64, causal=True, window=1024) if variant == "all_on" else mask
+                    )
+                    attn._forward(AttentionArgs(q[:, :, :1], long_k, long_k, dec_mask, 0.125, a.softcap))
 
                 rows = torch.empty(96, 1, 256, dtype=dtype, device=dev)
                 scale = torch.empty(1, dtype=torch.float32, device=dev)
@@ -185,10 +191,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
 
     # per variant: attention fwd and its backward (fused: 1; split: delta, dk/dv, dq, and with
-    # shared queries the sum of the dq partials; with a float bias its gradient); contrastive row
+    # shared queries the sum of the dq partials; with a float bias its gradient; decoding's split
+    # forward and combine); contrastive row
     # fwd, bwd (a second bwd for "off"); the fused loss: bands, finish, two bwd, finish; gated fwd, bwd, dgate
     def attention(variant, backward):
-        return 1 + (1 if backward != "split" else 3 + (variant == "mixed")) + (variant == "all_on")
+        decode = 2 * (variant != "mixed")  # split forward and combine
+        return 1 + (1 if backward != "split" else 3 + (variant == "mixed")) + (variant == "all_on") + decode
 
     n = sum(attention(v, bw) + 2 + (v == "off") + 5 + 3 for _, _, v, bw in VARIANTS)
     assert f"({n} launches)" in out.stdout, out.stdout

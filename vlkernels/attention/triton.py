@@ -220,7 +220,10 @@ def _configs(pairs):
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 _FWD_CONFIGS = _configs(
-    [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+    [
+        *((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
+        *((16, 128, 4, 3), (16, 64, 4, 2)),  # decoding: a few query rows per program
+    ]
 )
 _BWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 1), (16, 64, 4, 1)])
 _KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", "MASK_KEY", "CAP"]
@@ -256,17 +259,27 @@ def _bwd_prune(block: str, length: str):
     return prune
 
 
-@autotuned(_FWD_CONFIGS, _KEY, _INTERPRET_CONFIG, prune=_fit)
+@autotuned(_FWD_CONFIGS, [*_KEY, "SPLIT"], _INTERPRET_CONFIG, prune=_fit)
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, LQ_KEY, LK_KEY,
-    MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, KEYS_PER_SPLIT, so_split,
+    LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One query tile over its allowed keys. SPLIT (flash-decoding: few queries, many keys): axis 2
+    is a split of KEYS_PER_SPLIT keys (a multiple of BLOCK_N); the program writes its fp32 partial
+    output (normalised over its keys) at O + split · so_split and its partial lse (log2; -inf for
+    none) at LSE + split · B·H·Lq, for _attn_fwd_combine."""
     b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
     n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
     n_end = tl.max(hi, axis=0)
+    if SPLIT:
+        split = tl.program_id(2)
+        n_start = tl.maximum(n_start, split * KEYS_PER_SPLIT)
+        n_end = tl.minimum(n_end, split * KEYS_PER_SPLIT + KEYS_PER_SPLIT)
+        O += split.to(tl.int64) * so_split
+        LSE += split.to(tl.int64) * (tl.num_programs(1) * Lq)
 
     d_ok = offs_d < D
     q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
@@ -286,11 +299,45 @@ def _attn_fwd(
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    lse = tl.where(empty, float("-inf") if SPLIT else float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     m_ok = offs_m < Lq
     o_ok = m_ok[:, None] & d_ok[None, :]
     tl.store(_block(O, so, b, h, offs_m, offs_d), out.to(O.dtype.element_ty), mask=o_ok)
     tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_fwd_combine(PO, PLSE, O, LSE, spo_split, spo, so, SPLITS, H, Lq, D, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Flash-decoding's second pass: out and lse of each query row from the SPLITS partial outputs
+    PO [SPLITS, B, H, Lq, D] fp32 and partial lse PLSE [SPLITS, B·H·Lq] (log2, -inf: no key in the
+    split); a row with no key anywhere gets 0 and lse +inf."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    ok = m_ok[:, None] & (offs_d[None, :] < D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_rows = tl.num_programs(1) * Lq
+    for s in tl.range(0, SPLITS):
+        lse_s = tl.load(PLSE + s * n_rows + bh * Lq + offs_m, mask=m_ok, other=float("-inf"))
+        o_s = tl.load(_block(PO + s * spo_split, spo, b, h, offs_m, offs_d), mask=ok, other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        w = tl.exp2(lse_s - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(_block(O, so, b, h, offs_m, offs_d), out.to(O.dtype.element_ty), mask=ok)
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -510,18 +557,50 @@ def _launch_args(a: A.AttentionArgs) -> _Launch:
     )
 
 
+def decode_splits(B: int, H: int, Lq: int, Lk: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per split) of the forward: flash-decoding's split of the keys across programs
+    when a few query rows (decoding: Lq <= 16) would leave the GPU idle (fewer than two programs
+    per SM) over many keys; (1, Lk) otherwise. A split holds a multiple of 128 keys (of 64 under
+    the interpreter: its tiles are 32 wide), at least 256 (128)."""
+    interp = device.type != "cuda"
+    unit, least = (64, 128) if interp else (128, 256)
+    programs = B * H * triton.cdiv(Lq, 16)
+    if interp:
+        target = 4  # no device: enough splits to exercise the combine
+    else:
+        target = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
+    if Lq > 16 or Lk < 2 * least or target < 2:
+        return 1, Lk
+    per_split = max(least, triton.cdiv(triton.cdiv(Lk, target), unit) * unit)
+    splits = triton.cdiv(Lk, per_split)
+    return (splits, per_split) if splits > 1 else (1, Lk)
+
+
 def _forward(a: A.AttentionArgs):
     B, _, Lk, D = a.k.shape
     H, Lq = a.q.shape[1], a.q.shape[2]
     out = poisoned(a.q.new_empty((B, Lq, H, D))).transpose(1, 2)
     lse = poisoned(a.q.new_empty((B, H, Lq), dtype=torch.float32))
     L = _launch_args(a)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    splits, per_split = decode_splits(B, H, Lq, Lk, a.q.device)
+    o, o_lse, so_split = out, lse, 0
+    if splits > 1:  # partials, then the combine
+        o = poisoned(a.q.new_empty((splits, B, H, Lq, D), dtype=torch.float32))
+        o_lse = poisoned(a.q.new_empty((splits, B * H * Lq), dtype=torch.float32))
+        so_split = o.stride(0)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, splits)
     # fmt: off
     _attn_fwd[grid](
-        a.q, a.k, a.v, out, lse, L.sq, L.sk, L.sv, out.stride(), L.mask, H, Lq=Lq, Lk=Lk, D=D,
-        qk_scale=a.scale * LOG2E, softcap=a.softcap, **L.consts,
+        a.q, a.k, a.v, o, o_lse, L.sq, L.sk, L.sv, o.stride()[-4:], L.mask, H, Lq=Lq, Lk=Lk, D=D,
+        qk_scale=a.scale * LOG2E, softcap=a.softcap, KEYS_PER_SPLIT=per_split, so_split=so_split,
+        SPLIT=splits > 1, **L.consts,
     )
+    if splits > 1:
+        _attn_fwd_combine[(triton.cdiv(Lq, 16), B * H)](
+            o, o_lse, out, lse, o.stride(0), o.stride()[1:], out.stride(), splits, H, Lq, D, BLOCK_M=16,
+            BLOCK_D=L.consts["BLOCK_D"],
+        )
+        LAUNCHES["attention_fwd_split"] += 1
     # fmt: on
     LAUNCHES["attention_fwd"] += 1
     return out, lse
