@@ -168,6 +168,7 @@ Attention attn_args(const Args& in) {
   TORCH_CHECK(!in.opt_tensor("bias"), op, ": the CUDA C++ kernels take no float bias (a float attn_mask)");
   TORCH_CHECK(!in.opt_tensor("doc_start"), op, ": the CUDA C++ kernels take no document mask");
   TORCH_CHECK(in.real("softcap") == 0, op, ": the CUDA C++ kernels take no logit soft-capping");
+  TORCH_CHECK(in.real("dropout_p") == 0, op, ": the CUDA C++ kernels have no attention dropout");
   const optional<Tensor> key_lengths = in.opt_tensor("key_lengths"), prefix_lengths = in.opt_tensor("prefix_lengths"),
                          text_to_media = in.opt_tensor("text_to_media");
   const int64_t qf_mode = in.integer("qformer_mode"), media_mode = in.integer("media_mode"),

@@ -73,6 +73,9 @@ HF_VISION_LAYER_NAMES = {
 }
 
 
+ATTN_DROPOUT = 0.1  # BLIP's BERT text encoder (med_config: attention_probs_dropout_prob 0.1)
+
+
 class TextEncoder(nn.Module):
     """Token + position embeddings and layers; cross-attention to the image when given one."""
 
@@ -83,7 +86,8 @@ class TextEncoder(nn.Module):
         self.embed = nn.Embedding(c["vocab"], w)
         self.pos = nn.Parameter(torch.randn(1, c["text_len"], w) * 0.02)
         self.layers = nn.ModuleList(
-            Block(w, c["heads"], cross_dim=w, kernels=kernels) for _ in range(c["text_layers"])
+            Block(w, c["heads"], cross_dim=w, kernels=kernels, attn_dropout=ATTN_DROPOUT)
+            for _ in range(c["text_layers"])
         )
         self.ln = nn.LayerNorm(w)
 

@@ -62,16 +62,21 @@ SIZES = {
     ),
 }
 PAD_ID, CLS_ID, DEC_ID = 0, 1, 2
+ATTN_DROPOUT = 0.1  # the Q-Former is BERT-base: attention_probs_dropout_prob 0.1 (LAVIS / transformers)
 
 
 class QFormerLayer(nn.Module):
     """Post-LN BERT layer over [queries ; text]; queries also cross-attend to the image."""
 
-    def __init__(self, hidden, heads, vis_width, cross, kernels):
+    def __init__(self, hidden, heads, vis_width, cross, kernels, attn_dropout=ATTN_DROPOUT):
         super().__init__()
-        self.self_attn = Attention(hidden, heads, kernels=kernels)
+        self.self_attn = Attention(hidden, heads, kernels=kernels, dropout=attn_dropout)
         self.ln_self = nn.LayerNorm(hidden, eps=1e-12)
-        self.cross = Attention(hidden, heads, kv_dim=vis_width, kernels=kernels) if cross else None
+        self.cross = (
+            Attention(hidden, heads, kv_dim=vis_width, kernels=kernels, dropout=attn_dropout)
+            if cross
+            else None
+        )
         self.ln_cross = nn.LayerNorm(hidden, eps=1e-12) if cross else None
         self.ffn_query = nn.Sequential(
             nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden)

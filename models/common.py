@@ -76,25 +76,36 @@ class MaskRecipe:
         return out
 
 
-def eager_attention(q, k, v, allowed=None, scale=None):
-    """Softmax attention in eager PyTorch; rows with no allowed key give 0. q [B|1, H, Lq, D]."""
+def eager_attention(q, k, v, allowed=None, scale=None, dropout_p=0.0):
+    """Softmax attention in eager PyTorch; rows with no allowed key give 0. q [B|1, H, Lq, D].
+    ``dropout_p``: attention dropout with the keep mask vlkernels draws at this point of the run
+    (a seed from torch's generator, ``vlkernels.attention_dropout_mask``), so that the eager and
+    the kernel models drop the same entries."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if allowed is None:
-        return torch.matmul(torch.softmax(s, dim=-1), v)
-    any_ok = allowed.any(dim=-1, keepdim=True)
-    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~any_ok, 0.0)
-    return torch.matmul(torch.softmax(s, dim=-1) * any_ok, v)
+        p = torch.softmax(s, dim=-1)
+    else:
+        any_ok = allowed.any(dim=-1, keepdim=True)
+        s = s.masked_fill(~allowed, float("-inf")).masked_fill(~any_ok, 0.0)
+        p = torch.softmax(s, dim=-1) * any_ok
+    if dropout_p > 0:
+        import vlkernels
+
+        seed = int(torch.randint(0, 2**62, ()))
+        p = p * vlkernels.attention_dropout_mask(q, k, dropout_p, seed) / (1.0 - dropout_p)
+    return torch.matmul(p, v)
 
 
-def attend(q, k, v, recipe: MaskRecipe | None, kernels: bool, scale=None):
+def attend(q, k, v, recipe: MaskRecipe | None, kernels: bool, scale=None, dropout_p=0.0):
     """[B, H, Lq, D] attention with ``recipe``, through vlkernels or eager."""
     if kernels:
         import vlkernels
 
-        return vlkernels.attention(q, k, v, None if recipe is None else recipe.analytic(), scale=scale)
+        mask = None if recipe is None else recipe.analytic()
+        return vlkernels.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p)
     allowed = None if recipe is None else recipe.dense(k.shape[0], q.shape[2], k.shape[2], q.device)
-    return eager_attention(q, k, v, allowed, scale)
+    return eager_attention(q, k, v, allowed, scale, dropout_p)
 
 
 def clip_loss(image_emb, text_emb, logit_scale, kernels: bool, label_smoothing=0.0):
@@ -121,11 +132,14 @@ def clip_loss(image_emb, text_emb, logit_scale, kernels: bool, label_smoothing=0
 
 
 class Attention(nn.Module):
-    """Multi-head attention with separate q/k/v/out projections. x [B, L, dim] -> [B, L, dim]."""
+    """Multi-head attention with separate q/k/v/out projections. x [B, L, dim] -> [B, L, dim];
+    ``dropout``: attention dropout in training."""
 
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, kernels: bool = False):
+    def __init__(
+        self, dim: int, heads: int, kv_dim: int | None = None, kernels: bool = False, dropout: float = 0.0
+    ):
         super().__init__()
-        self.heads, self.kernels = heads, kernels
+        self.heads, self.kernels, self.dropout = heads, kernels, dropout
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(kv_dim or dim, dim)
         self.v = nn.Linear(kv_dim or dim, dim)
@@ -141,7 +155,8 @@ class Attention(nn.Module):
             return t.view(B, L, h, C // h).transpose(1, 2)
 
         q = split(self.q(x))
-        o = attend(q, split(self.k(ctx)), split(self.v(ctx)), recipe, self.kernels)
+        p = self.dropout if self.training else 0.0
+        o = attend(q, split(self.k(ctx)), split(self.v(ctx)), recipe, self.kernels, dropout_p=p)
         B, H, L, D = o.shape
         return self.out(o.transpose(1, 2).reshape(B, L, H * D))
 
@@ -155,15 +170,21 @@ class Block(nn.Module):
     """Pre-LN transformer block: self-attention, optional cross-attention, MLP."""
 
     def __init__(
-        self, dim: int, heads: int, cross_dim: int | None = None, kernels: bool = False, eps: float = 1e-5
+        self,
+        dim: int,
+        heads: int,
+        cross_dim: int | None = None,
+        kernels: bool = False,
+        eps: float = 1e-5,
+        attn_dropout: float = 0.0,
     ):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads, kernels=kernels)
+        self.attn = Attention(dim, heads, kernels=kernels, dropout=attn_dropout)
         self.cross = None
         if cross_dim is not None:
             self.ln_x = nn.LayerNorm(dim, eps=eps)
-            self.cross = Attention(dim, heads, kv_dim=cross_dim, kernels=kernels)
+            self.cross = Attention(dim, heads, kv_dim=cross_dim, kernels=kernels, dropout=attn_dropout)
         self.ln2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim)
 

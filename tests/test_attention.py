@@ -567,3 +567,101 @@ def test_decode_split_rule():
     assert decode_splits(2, 4, 1, 1000, cpu) == (4, 256)  # 4 splits of a multiple of 64 keys
     assert decode_splits(2, 4, 17, 1000, cpu) == (1, 1000)  # more than 16 query rows: one pass
     assert decode_splits(2, 4, 1, 200, cpu) == (1, 200)  # too few keys to split
+
+
+DROPOUT_CASES = [  # (B, Bq, H, Hk, Lq, Lk, D), mask: each backward path, shared queries, decoding
+    ((2, 2, 2, 2, 45, 45, 32), "qformer_multimodal_causal&pad"),  # one key tile: fused dk/dv
+    ((2, 2, 2, 2, 20, 70, 16), "key_padding"),  # one query tile: fused dq
+    ((2, 1, 4, 2, 50, 70, 24), "none"),  # shared queries, grouped keys: split backward
+    ((2, 2, 2, 2, 2, 300, 16), "causal&sliding_window"),  # decoding: split keys
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: f"{c[1]}-{c[0][4]}x{c[0][5]}")
+def test_dropout_against_the_reference_given_its_keep_mask(backend, case):
+    """Attention dropout: out, dq, dk, dv against the float64 eager reference that applies the
+    keep mask ``attention_dropout_mask`` exposes (the same Philox bits on every backend; the
+    backward regenerates them); rows with nothing to attend stay 0."""
+    (B, Bq, H, Hk, Lq, Lk, D), mask_name = case
+    g = torch.Generator().manual_seed(Lq + Lk)
+    q = torch.randn(Bq, H, Lq, D, generator=g).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(B, Hk, Lk, D, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    mask = MASKS[mask_name](B, Lq, Lk, g)
+    if backend == "cuda":
+        with pytest.raises(vlkernels.BackendUnavailableError, match="no attention dropout"):
+            vlkernels.attention(q, k, v, mask, dropout_p=0.3, seed=7, backend=backend)
+        return
+    do = torch.randn(B, H, Lq, D, generator=g).to(DEVICE)
+    with launched(backend, "attention"):
+        out = vlkernels.attention(q, k, v, mask, dropout_p=0.3, seed=7, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    keep = vlkernels.attention_dropout_mask(q, k, 0.3, 7)
+    assert keep.shape == (B, H, Lq, Lk) and 0.6 < keep.float().mean() < 0.8
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*ref_in, mask, dropout_keep=keep, dropout_p=0.3)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_dropout_keep_rate_seeds_and_determinism():
+    """The keep rate is 1 - p (4·8·128·128 draws: within 5 sigma), the streams of different heads
+    and batch entries differ, a seed gives the same output twice and another seed another one;
+    seed=None draws from torch's generator (reproducible under torch.manual_seed)."""
+    q = torch.randn(4, 8, 128, 16, device=DEVICE)
+    for p in (0.1, 0.5):
+        keep = vlkernels.attention_dropout_mask(q, q, p, 1234)
+        rate = keep.float().mean().item()
+        assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / keep.numel()) ** 0.5, (p, rate)
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    x = q[:1, :2, :40]
+    run = lambda seed: vlkernels.attention(x, x, x, dropout_p=0.2, seed=seed, backend="triton")
+    assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
+    torch.manual_seed(0)
+    first = vlkernels.attention(x, x, x, dropout_p=0.2, backend="triton")
+    torch.manual_seed(0)
+    assert torch.equal(first, vlkernels.attention(x, x, x, dropout_p=0.2, backend="triton"))
+    assert torch.equal(vlkernels.attention(x, x, x, dropout_p=1.0, backend="triton"), torch.zeros_like(x))
+    with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\], got 1.5"):
+        vlkernels.attention(x, x, x, dropout_p=1.5)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        vlkernels.attention(x, x, x, dropout_p=0.1, seed=-1)
+
+
+def test_dropout_with_a_float_bias_and_its_gradient(backend):
+    """Dropout with a float mask that needs a gradient: the bias's gradient is that of the
+    reference given the same keep mask (the Triton dbias kernel regenerates it too)."""
+    if backend == "cuda":
+        pytest.skip(
+            "the CUDA C++ kernels take neither (test_dropout_against_the_reference_given_its_keep_mask)"
+        )
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 33, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    bias = (torch.randn(2, 1, 33, 33, generator=g) * 2).to(DEVICE).requires_grad_()
+    do = torch.randn(2, 2, 33, 16, generator=g).to(DEVICE)
+    with launched(backend, "attention"):
+        out = vlkernels.attention(q, k, v, bias, dropout_p=0.25, seed=11, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v, bias), do)
+    keep = vlkernels.attention_dropout_mask(q, k, 0.25, 11)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref = attention_ref(*ref_in, dropout_keep=keep, dropout_p=0.25)
+    for got, want in zip((out, *grads), (ref, *torch.autograd.grad(ref, ref_in, do.double())), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_dropout_low_precision_two_x_rule(dtype):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 4, 64, 64, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3))
+    mask = masks.causal()
+    do = torch.randn(2, 4, 64, 64, generator=g).to(DEVICE, dtype)
+    with assert_launched("attention_fwd", "attention_bwd"):
+        out = vlkernels.attention(q, k, v, mask, dropout_p=0.1, seed=5, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    keep = vlkernels.attention_dropout_mask(q, k, 0.1, 5)
+    ref = attention_ref(q, k, v, mask, upcast=True, dropout_keep=keep, dropout_p=0.1)
+    lowp = attention_ref(q, k, v, mask, dropout_keep=keep, dropout_p=0.1)
+    refs = (ref, *torch.autograd.grad(ref, (q, k, v), do.double()))
+    lowps = (lowp, *torch.autograd.grad(lowp, (q, k, v), do))
+    for name, got, r, lp in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, lowps, strict=True):
+        check_against_reference(f"dropout {name}", got, r, lp, dtype, "attention", "triton")

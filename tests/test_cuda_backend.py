@@ -52,6 +52,10 @@ def test_attention_op_checks_inputs_on_the_cpp_side(ns):
         RuntimeError, match=r"attention_fwd: the CUDA C\+\+ kernels take no logit soft-capping"
     ):
         op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 30.0)))
+    with pytest.raises(
+        RuntimeError, match=r"attention_fwd: the CUDA C\+\+ kernels have no attention dropout"
+    ):
+        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 0.1, 5)))
     lengths = torch.tensor([3], device=DEVICE)
     with pytest.raises(RuntimeError, match="attention_fwd: key_lengths must be int32, got Long"):
         call(q, q, q, key_lengths=lengths)

@@ -78,7 +78,8 @@ def _launchers(arch_dtypes):
                         doc_end=torch.empty(B, Lq, dtype=torch.int64, device=dev),
                     ),
                 }[variant]
-                a = AttentionArgs(q, k, k, mask, 0.125, softcap=50.0 if variant == "all_on" else 0.0)
+                on = variant == "all_on"  # soft-capping and dropout too
+                a = AttentionArgs(q, k, k, mask, 0.125, 50.0 if on else 0.0, 0.1 if on else 0.0, 2**40 + 3)
                 out, lse = attn._forward(a)
                 attn._backward(AttentionGradArgs(out, out, lse, a))
                 if variant == "all_on":  # the float bias's gradient
@@ -88,7 +89,7 @@ def _launchers(arch_dtypes):
                     dec_mask = (
                         MaskArgs(key_lengths=i64, causal=True, window=1024) if variant == "all_on" else mask
                     )
-                    attn._forward(AttentionArgs(q[:, :, :1], long_k, long_k, dec_mask, 0.125, a.softcap))
+                    attn._forward(a._replace(q=q[:, :, :1], k=long_k, v=long_k, mask=dec_mask))
 
                 rows = torch.empty(96, 1, 256, dtype=dtype, device=dev)
                 scale = torch.empty(1, dtype=torch.float32, device=dev)

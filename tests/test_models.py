@@ -143,7 +143,9 @@ def test_blip2_qformer_layers_match_transformers(mode, kernels):
     cfg.use_qformer_text_input = True  # the text feed-forward networks (intermediate / output)
     cfg._attn_implementation = "eager"
     hf = transformers.models.blip_2.modeling_blip_2.Blip2QFormerEncoder(cfg).to(DEVICE).eval()
-    ours = torch.nn.ModuleList(QFormerLayer(64, 4, 32, i % 2 == 0, kernels) for i in range(2)).to(DEVICE)
+    ours = (
+        torch.nn.ModuleList(QFormerLayer(64, 4, 32, i % 2 == 0, kernels) for i in range(2)).to(DEVICE).eval()
+    )
     for layer, hf_layer in zip(ours, hf.layer, strict=True):
         layer.load_state_dict(qformer_layer_state_from_hf(hf_layer.state_dict()))
     B, nq, T = 2, 6, 9
@@ -219,3 +221,23 @@ def test_coca_text_block_matches_open_clip(kernels):
     torch.testing.assert_close(
         ours(x, recipe=MaskRecipe(causal=True)), theirs(x, attn_mask=causal), rtol=2e-5, atol=2e-5
     )
+
+
+@pytest.mark.parametrize("name", ["blip", "blip2"])
+def test_attention_dropout_as_the_papers_train(name, monkeypatch):
+    """BLIP's text encoder and BLIP-2's Q-Former are BERT-base: attention dropout 0.1 reaches the
+    kernels in training (the kernel and eager models drop the same entries:
+    test_kernels_change_nothing_but_speed), none in eval."""
+    from models import common
+
+    _, fused = _pair(name)
+    batch = _batch(fused)
+    seen = []
+    attend = common.attend
+    monkeypatch.setattr(common, "attend", lambda *a, **kw: seen.append(kw["dropout_p"]) or attend(*a, **kw))
+    with torch.no_grad():
+        fused(**batch)
+        assert 0.1 in seen
+        seen.clear()
+        fused.eval()(**batch)
+        assert set(seen) == {0.0}

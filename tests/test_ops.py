@@ -70,7 +70,7 @@ def test_schemas_are_derived_from_the_declarations():
     assert fwd.startswith("vlkernels::triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? dense_mask,")
     assert fwd.endswith(
         "int latents_per_media, int window, Tensor? bias, Tensor? doc_start, Tensor? doc_end, float scale, "
-        "float softcap) "
+        "float softcap, float dropout_p, int seed) "
         "-> (Tensor, Tensor)"
     )
     for name in ("attention", "contrastive", "gated_residual"):  # the Triton and C++ ops share a declaration

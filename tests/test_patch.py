@@ -367,3 +367,111 @@ def test_hf_attention_function_sliding_window_without_mask():
     got1, _ = hf_attention_forward(module, q[:, :, -1:], k, v, None, is_causal=True, sliding_window=4)
     want1 = attention_ref(q[:, :, -1:], k[:, :, -4:], v[:, :, -4:])
     torch.testing.assert_close(got1.transpose(1, 2), want1, rtol=1e-5, atol=1e-5)
+
+
+def _compare_train_mode_dropout(ref, run, monkeypatch, n_attentions):
+    """Patch a copy of ``ref`` (train mode, attention dropout > 0, hidden dropout 0); ``run(model)``
+    -> (output, parameter gradients) after seeding torch. The unpatched model runs with
+    ``F.dropout`` of the attention probabilities replaced by the keep mask vlkernels draws at the
+    same point of the run (a seed from torch's generator): outputs and every parameter gradient
+    match, the kernels ran, ``n_attentions`` attention calls dropped, and dropout did act."""
+    from vlkernels.attention import dropout
+
+    ref = ref.to(DEVICE).train()
+    ours = vlkernels.patch(copy.deepcopy(ref))
+    with assert_launched("attention_fwd", "attention_bwd"):
+        got, got_grads = run(ours)
+    plain_dropout = torch.nn.functional.dropout
+    drawn = []
+
+    def same_keep_mask(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return plain_dropout(x, p, training, inplace)
+        seed = int(torch.randint(0, 2**62, ()))  # where vlkernels.attention draws its seed
+        drawn.append(seed)
+        B, H, Lq, Lk = x.shape
+        return x * dropout.keep_mask(seed, p, B, H, Lq, Lk, x.device) / (1 - p)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", same_keep_mask)
+    want, want_grads = run(ref)
+    monkeypatch.undo()
+    assert len(drawn) == n_attentions
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * max(1.0, w.abs().max().item()))
+    assert not torch.allclose(got, run(ours.eval())[0])  # dropout did act
+
+
+def _output_and_grads(forward, go):
+    def run(model):
+        torch.manual_seed(1)
+        out = forward(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return out, torch.autograd.grad(out, params, go, allow_unused=True)
+
+    return run
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "multimodal_causal"])
+def test_patch_hf_blip2_qformer_train_mode_attention_dropout(mode, monkeypatch):
+    """BLIP-2's official Q-Former config trains with attention dropout 0.1: the patched model in
+    train mode equals transformers' eager attention dropping the same entries."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Blip2QFormerConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        encoder_hidden_size=48,
+        use_qformer_text_input=True,
+        attention_probs_dropout_prob=0.1,
+        hidden_dropout_prob=0.0,
+    )
+    ref = transformers.Blip2QFormerModel(cfg)
+    ref.set_attn_implementation("eager")
+    B, nq, T = 2, 8, 11
+    embeds = torch.randn(B, nq + T, 64, device=DEVICE)
+    image = torch.randn(B, 17, 48, device=DEVICE)
+    allowed = masks.qformer(nq, mode) & masks.key_padding(torch.tensor([nq + T, nq + 5], device=DEVICE))
+    # additive 0 / finfo.min (what transformers builds for eager attention, which adds the mask)
+    additive = torch.zeros(B, 1, nq + T, nq + T, device=DEVICE)
+    additive.masked_fill_(~allowed.to_dense(B, nq + T, nq + T), torch.finfo(torch.float32).min)
+    kw = dict(query_embeds=embeds, query_length=nq, attention_mask=additive, encoder_hidden_states=image)
+    run = _output_and_grads(lambda m: m(**kw).last_hidden_state, torch.randn(B, nq + T, 64, device=DEVICE))
+    # self-attention in 2 layers, cross-attention in 1 (cross_attention_frequency 2)
+    _compare_train_mode_dropout(ref, run, monkeypatch, n_attentions=3)
+
+
+def test_patch_hf_blip_train_mode_attention_dropout(monkeypatch):
+    """BLIP's text encoder (BERT, attention dropout 0.1) through the swapped
+    BlipTextSelfAttention forward, in train mode, with padded text and cross-attention."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    layer = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    blip = T.BlipForImageTextRetrieval(
+        T.BlipConfig(
+            text_config=dict(
+                hidden_size=32,
+                vocab_size=100,
+                encoder_hidden_size=32,
+                attention_probs_dropout_prob=0.1,
+                hidden_dropout_prob=0.0,
+                **layer,
+            ),
+            vision_config=dict(hidden_size=32, image_size=16, patch_size=8, **layer),
+            projection_dim=16,
+        )
+    )
+    ids = torch.randint(5, 99, (2, 7), device=DEVICE)
+    am = torch.ones_like(ids)
+    am[1, 5:] = 0
+    pix = torch.randn(2, 3, 16, 16, device=DEVICE)
+    run = _output_and_grads(
+        lambda m: m(input_ids=ids, pixel_values=pix, attention_mask=am).itm_score,
+        torch.randn(2, 2, device=DEVICE),
+    )
+    _compare_train_mode_dropout(blip, run, monkeypatch, n_attentions=2)  # text self- and cross-attention

@@ -5,7 +5,7 @@ out = vlkernels.attention(q, k, v, mask=vlkernels.masks.qformer(32, "unimodal"))
 
 from vlkernels import losses, masks, modules, reference
 from vlkernels._dispatch import BackendUnavailableError, get_backend, set_backend, use_backend
-from vlkernels.attention import attention
+from vlkernels.attention import attention, attention_dropout_mask
 from vlkernels.contrastive import MomentumDistillation, contrastive_loss
 from vlkernels.gated import gated_residual
 from vlkernels.patch import patch
@@ -16,6 +16,7 @@ __all__ = [
     "BackendUnavailableError",
     "MomentumDistillation",
     "attention",
+    "attention_dropout_mask",
     "contrastive_loss",
     "gated_residual",
     "get_backend",

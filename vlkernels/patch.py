@@ -31,11 +31,6 @@ def hf_attention_forward(
     from vlkernels import masks
     from vlkernels.attention import attention
 
-    if dropout and module.training:
-        raise NotImplementedError(
-            "vlkernels attention has no attention dropout: set the model's attention "
-            f"dropout to 0 (got {dropout})"
-        )
     for unsupported in ("position_bias", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"vlkernels attention does not support {unsupported!r}")
@@ -56,7 +51,8 @@ def hf_attention_forward(
             else:
                 i = torch.arange(Lq, device=query.device)[:, None]
                 mask = mask & (torch.arange(Lk, device=query.device)[None] > i - window)
-    out = attention(query, key, value, mask, scale=scaling, softcap=kwargs.get("softcap"))
+    p = dropout if module.training else 0.0
+    out = attention(query, key, value, mask, scale=scaling, softcap=kwargs.get("softcap"), dropout_p=p)
     return out.transpose(1, 2), None
 
 
@@ -110,12 +106,9 @@ def _bool_mask(mask):
     return mask > torch.finfo(mask.dtype).min / 2
 
 
-def _no_dropout(module, p):
-    if module.training and p > 0:
-        raise NotImplementedError(
-            f"vlkernels attention has no attention dropout: {type(module).__name__} has "
-            f"p={p} in training mode; set the model's attention dropout to 0"
-        )
+def _dropout_p(module) -> float:
+    """The attention dropout of a BLIP / FLAVA attention module: its ``dropout`` in training."""
+    return module.dropout.p if module.training else 0.0
 
 
 def _heads(module, x, linear):
@@ -134,9 +127,8 @@ def _flava_self_attention(self, hidden_states, attention_mask=None, output_atten
 
     if output_attentions:
         raise NotImplementedError("vlkernels attention does not return attention probabilities")
-    _no_dropout(self, self.dropout.p)
     q, k, v = (_heads(self, hidden_states, lin) for lin in (self.query, self.key, self.value))
-    return (_merged(attention(q, k, v, _bool_mask(attention_mask))),)
+    return (_merged(attention(q, k, v, _bool_mask(attention_mask), dropout_p=_dropout_p(self))),)
 
 
 def _blip_text_self_attention(
@@ -161,23 +153,23 @@ def _blip_text_self_attention(
             past_key_values,
             **kwargs,
         )
-    _no_dropout(self, self.dropout.p)
     cross = encoder_hidden_states is not None
     ctx = encoder_hidden_states if cross else hidden_states
     mask = encoder_attention_mask if cross else attention_mask
     q = _heads(self, hidden_states, self.query)
     k, v = _heads(self, ctx, self.key), _heads(self, ctx, self.value)
-    return _merged(attention(q, k, v, _bool_mask(mask))), None
+    return _merged(attention(q, k, v, _bool_mask(mask), dropout_p=_dropout_p(self))), None
 
 
 def _blip_vision_attention(self, hidden_states, **kwargs):
     """BlipAttention.forward (vision) through vlkernels.attention."""
     from vlkernels.attention import attention
 
-    _no_dropout(self, self.dropout.p)
     B, L, C = hidden_states.shape
     qkv = self.qkv(hidden_states).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-    return self.projection(_merged(attention(qkv[0], qkv[1], qkv[2], scale=self.scale))), None
+    return self.projection(
+        _merged(attention(qkv[0], qkv[1], qkv[2], scale=self.scale, dropout_p=_dropout_p(self)))
+    ), None
 
 
 # transformers modules that do not go through the attention interface: their forward is replaced

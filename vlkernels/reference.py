@@ -14,13 +14,16 @@ import torch
 from vlkernels.masks import Mask
 
 
-def attention_ref(q, k, v, mask=None, scale=None, upcast=False, softcap=None):
+def attention_ref(
+    q, k, v, mask=None, scale=None, upcast=False, softcap=None, dropout_keep=None, dropout_p=0.0
+):
     """Masked attention, eager. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D] -> [B, H, Lq, D].
 
     ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend), float (added to the
     scaled scores; -inf = may not attend) or a ``Mask``. Rows with no allowed key give 0 and pass
     0 gradient. ``upcast`` computes in float64. ``softcap``: the scaled scores become softcap ·
-    tanh(scores / softcap) before a float mask is added (Gemma 2).
+    tanh(scores / softcap) before a float mask is added (Gemma 2). ``dropout_keep``: bool
+    [B, H, Lq, Lk], the probabilities kept by attention dropout (scaled by 1 / (1 - dropout_p)).
     """
     dtype = q.dtype
     if upcast:
@@ -45,6 +48,8 @@ def attention_ref(q, k, v, mask=None, scale=None, upcast=False, softcap=None):
         p = torch.softmax(s, dim=-1) * any_allowed
     else:
         p = torch.softmax(s, dim=-1)
+    if dropout_keep is not None:
+        p = p * dropout_keep / (1.0 - dropout_p)
     out = torch.matmul(p, v)
     return out if upcast else out.to(dtype)
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from vlkernels import _dispatch, masks
+from vlkernels.attention import dropout
 from vlkernels.attention.args import AttentionArgs
 from vlkernels.attention.autograd import AttentionFunction
 
@@ -17,7 +18,7 @@ def _shape(t) -> str:
     return str(list(t.shape))
 
 
-def _check_inputs(q, k, v, scale, softcap) -> None:
+def _check_inputs(q, k, v, scale, softcap, dropout_p) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -52,9 +53,11 @@ def _check_inputs(q, k, v, scale, softcap) -> None:
             raise TypeError(f"attention: softcap must be a float or None, got {type(softcap).__name__}")
         if not 0 < softcap < math.inf:
             raise ValueError(f"attention: softcap must be a positive finite float, got {softcap}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p <= 1:
+        raise ValueError(f"attention: dropout_p must be a float in [0, 1], got {dropout_p!r}")
 
 
-def attention(q, k, v, mask=None, *, scale=None, softcap=None, backend=None):
+def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, seed=None, backend=None):
     """Masked multi-head attention, SDPA layout. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D].
 
     Returns [B, H, Lq, D] (memory laid out as [B, Lq, H, D], so merging heads is free).
@@ -62,17 +65,37 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, backend=None):
     to it (added to the scaled scores, as SDPA's attn_mask; its gradient when it requires grad),
     or a mask from ``vlkernels.masks``. Rows with no allowed key give 0 and receive 0 gradient.
     ``scale`` defaults to 1/sqrt(D). ``softcap``: logit soft-capping (Gemma 2): the scaled scores
-    become softcap · tanh(scores / softcap) before a float mask is added. ``backend``: None
+    become softcap · tanh(scores / softcap) before a float mask is added. ``dropout_p``: attention
+    dropout on the probabilities (kept ones scaled by 1 / (1 - p)); its keep mask is a function of
+    ``seed`` (an int; None draws one from torch's default generator), regenerated in the backward,
+    the same on every backend (``dropout_mask``). ``backend``: None
     (automatic), "triton", "cuda", "torch".
     Under autocast, q, k, v are cast to its lower-precision dtype first (as SDPA).
     """
-    _check_inputs(q, k, v, scale, softcap)
+    _check_inputs(q, k, v, scale, softcap, dropout_p)
     q, k, v = _dispatch.autocast_inputs(q, k, v)
     B, _, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    softcap = float(softcap or 0.0)
-    chosen = _dispatch.choose("attention", backend, AttentionArgs(q, k, v, lowered, scale, softcap))
-    out, _ = AttentionFunction.apply(chosen.name, q, k, v, lowered, scale, softcap, lowered.bias)
+    softcap, dropout_p = float(softcap or 0.0), float(dropout_p)
+    if dropout_p == 0:
+        seed = 0
+    elif seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"attention: seed must be an int in [0, 2**63) or None, got {seed!r}")
+    args = AttentionArgs(q, k, v, lowered, scale, softcap, dropout_p, seed)
+    chosen = _dispatch.choose("attention", backend, args)
+    out, _ = AttentionFunction.apply(
+        chosen.name, q, k, v, lowered, scale, softcap, dropout_p, seed, lowered.bias
+    )
     return out
+
+
+def attention_dropout_mask(q, k, dropout_p: float, seed: int) -> torch.Tensor:
+    """The keep mask that ``attention(q, k, v, dropout_p=dropout_p, seed=seed)`` applies, on every
+    backend: bool [B, H, Lq, Lk], True = kept (as FlashAttention's debug mask, for testing and
+    inspection)."""
+    _check_inputs(q, k, k, None, None, dropout_p)
+    return dropout.keep_mask(seed, dropout_p, k.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)

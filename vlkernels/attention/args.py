@@ -16,8 +16,10 @@ from vlkernels.masks import MaskArgs
 
 
 class AttentionArgs(NamedTuple):
-    """Forward: softmax(cap(scale · q kᵀ) + bias, masked) v -> (out, lse), where cap(s) =
-    softcap · tanh(s / softcap) when softcap > 0 (Gemma 2's logit soft-capping), else s."""
+    """Forward: dropout(softmax(cap(scale · q kᵀ) + bias, masked)) v -> (out, lse), where cap(s) =
+    softcap · tanh(s / softcap) when softcap > 0 (Gemma 2's logit soft-capping), else s; dropout
+    with probability ``dropout_p`` draws its keep mask from ``seed`` (attention/dropout.py); lse
+    is the softmax's, before dropout."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -25,6 +27,8 @@ class AttentionArgs(NamedTuple):
     mask: MaskArgs
     scale: float
     softcap: float = 0.0
+    dropout_p: float = 0.0
+    seed: int = 0
 
     @property
     def shared_queries(self) -> bool:

@@ -12,10 +12,12 @@ from vlkernels.attention.args import AttentionArgs, AttentionGradArgs
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: str, q, k, v, mask, scale: float, softcap: float, bias):
+    def forward(
+        ctx, backend: str, q, k, v, mask, scale: float, softcap: float, dropout_p: float, seed: int, bias
+    ):
         """``bias`` is ``mask.bias`` again, as an input autograd tracks."""
         impl = _dispatch.backends("attention")[backend]
-        args = AttentionArgs(q, k, v, mask, scale, softcap)
+        args = AttentionArgs(q, k, v, mask, scale, softcap, dropout_p, seed)
         with _dispatch.no_autocast(q):
             out, lse = impl.forward(args)
         ctx.mark_non_differentiable(lse)
@@ -31,9 +33,9 @@ class AttentionFunction(torch.autograd.Function):
         dbias = None
         with _dispatch.no_autocast(grad_out):
             dq, dk, dv = impl.backward(args)
-            if ctx.needs_input_grad[7]:
+            if ctx.needs_input_grad[9]:
                 dbias = _sum_to(impl.ops["bias_grad"](args), args.fwd.mask.bias)
-        return None, dq, dk, dv, None, None, None, dbias
+        return None, dq, dk, dv, None, None, None, None, None, dbias
 
 
 def _sum_to(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

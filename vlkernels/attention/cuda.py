@@ -46,6 +46,8 @@ def _limits(a: A.AttentionArgs) -> list[str]:
         reasons.append("the CUDA C++ kernels take no document mask")
     if a.softcap > 0:
         reasons.append("the CUDA C++ kernels take no logit soft-capping")
+    if a.dropout_p > 0:
+        reasons.append("the CUDA C++ kernels have no attention dropout")
     return reasons
 
 

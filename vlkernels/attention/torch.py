@@ -4,7 +4,7 @@ the log2 log-sum-exp, 0 and +inf for rows with no allowed key.
 On CPU it runs PyTorch's own fused CPU attention (the kernel behind SDPA there), forward and
 backward, with the mask as one additive float [B or 1, H or 1, Lq, Lk] tensor (built once for a
 mask and reused while its tensors are unchanged); its output keeps SDPA's [B, H, Lq, D] memory
-layout. Elsewhere, and with soft-capping: the
+layout. Elsewhere, and with soft-capping or dropout: the
 kernels' algorithm in PyTorch operations (fp32 arithmetic; materialises the [B, H, Lq, Lk] scores)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from vlkernels import _dispatch
 from vlkernels.attention import args as A
+from vlkernels.attention import dropout
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -139,25 +140,34 @@ def _group_sum(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(like.dtype)
 
 
+def _dropout_factor(a: A.AttentionArgs):
+    """Dropout's factor [B, H, Lq, Lk] (1 / (1 - p) kept, 0 dropped; attention/dropout.py), or 1.0."""
+    if a.dropout_p == 0:
+        return 1.0
+    B, H, Lq, Lk = a.k.shape[0], a.q.shape[1], a.q.shape[2], a.k.shape[2]
+    keep = dropout.keep_mask(a.seed, a.dropout_p, B, H, Lq, Lk, a.q.device)
+    return keep * dropout.scale(a.dropout_p)
+
+
 def _forward(a: A.AttentionArgs):
     s, _, _, _, v = _scores(a)
     m = s.amax(dim=-1, keepdim=True)
     p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
     l = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v) / torch.where(l == 0, 1.0, l)
+    out = torch.matmul(p * _dropout_factor(a), v) / torch.where(l == 0, 1.0, l)
     lse = torch.where(l == 0, float("inf"), m + torch.log(l)).squeeze(-1) * LOG2E
     return out.to(a.q.dtype).transpose(1, 2).contiguous().transpose(1, 2), lse
 
 
 def _score_grad(g: A.AttentionGradArgs):
     """(dLoss/dscores [B, H, Lq, Lk] fp32: of the scores after the cap (what the bias is added
-    to), the cap's derivative, p, do, q, k)."""
+    to), the cap's derivative, the probabilities after dropout, do, q, k)."""
     s, dcap, q, k, v = _scores(g.fwd)
     p = torch.exp(s - (g.lse / LOG2E)[..., None])  # 0 where masked and in rows with no key
     do = g.grad_out.float()
-    dp = torch.matmul(do, v.transpose(-1, -2))
+    dp = torch.matmul(do, v.transpose(-1, -2)) * _dropout_factor(g.fwd)
     delta = (p * dp).sum(-1, keepdim=True)  # = rowsum(o · do), without the output's rounding
-    return p * (dp - delta), dcap, p, do, q, k
+    return p * (dp - delta), dcap, p * _dropout_factor(g.fwd), do, q, k
 
 
 def _backward(g: A.AttentionGradArgs):
@@ -171,8 +181,9 @@ def _backward(g: A.AttentionGradArgs):
 
 
 def _fused_cpu(a: A.AttentionArgs) -> bool:
-    """Whether PyTorch's fused CPU kernel computes this (it has no soft-capping)."""
-    return a.q.device.type == "cpu" and a.softcap == 0
+    """Whether PyTorch's fused CPU kernel computes this (it has no soft-capping, and its dropout
+    is not the kernels')."""
+    return a.q.device.type == "cpu" and a.softcap == 0 and a.dropout_p == 0
 
 
 def _any_forward(a: A.AttentionArgs):

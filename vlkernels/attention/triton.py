@@ -20,6 +20,7 @@ from vlkernels import _dispatch, _schema
 from vlkernels._dispatch import interpreter_on
 from vlkernels._triton_utils import LAUNCHES, autotuned, next_pow2, poisoned
 from vlkernels.attention import args as A
+from vlkernels.attention import dropout
 from vlkernels.masks import MaskArgs
 
 LOG2E = 1.4426950408889634
@@ -168,6 +169,20 @@ def _probs(q, k, qk_scale, softcap, m, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk
 
 
 @triton.jit
+def _keep(drop, b, h, H, offs_m, offs_n, DROPOUT: tl.constexpr):
+    """Attention dropout's factor for a tile: 1 / (1 - p) where kept, 0 where dropped (1.0 without
+    DROPOUT). ``drop`` = (seed, threshold, scale); the keep rule is attention/dropout.py's."""
+    z = 1.0
+    if DROPOUT:  # (one return: the compiler wants one type per function)
+        seed, thresh, scale = drop
+        zero = offs_m[:, None] * 0 + offs_n[None, :] * 0
+        bh = (b * H + h).to(tl.int32)
+        r, _, _, _ = tl.philox(seed, offs_n[None, :] + zero, offs_m[:, None] + zero, bh + zero, zero)
+        z = tl.where((r >> 8).to(tl.int32) >= thresh, scale, 0.0)
+    return z
+
+
+@triton.jit
 def _grad_rows(Q, DO, O, LSE, DELTA, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq, FUSED: tl.constexpr):
     """The query rows of a backward tile: q, do, lse and delta (FUSED: rowsum(o · do) computed
     here, DELTA not read)."""
@@ -226,7 +241,7 @@ _FWD_CONFIGS = _configs(
     ]
 )
 _BWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 1), (16, 64, 4, 1)])
-_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", "MASK_KEY", "CAP"]
+_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", "MASK_KEY", "CAP", "DROPOUT"]
 
 
 def _fit(configs, args):
@@ -262,9 +277,10 @@ def _bwd_prune(block: str, length: str):
 @autotuned(_FWD_CONFIGS, [*_KEY, "SPLIT"], _INTERPRET_CONFIG, prune=_fit)
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, KEYS_PER_SPLIT, so_split,
-    LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, drop, KEYS_PER_SPLIT,
+    so_split, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAP: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile over its allowed keys. SPLIT (flash-decoding: few queries, many keys): axis 2
     is a split of KEYS_PER_SPLIT keys (a multiple of BLOCK_N); the program writes its fp32 partial
@@ -295,6 +311,7 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        p *= _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)  # after the sum: the softmax is dropout's input
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     empty = l_i == 0.0
@@ -360,9 +377,9 @@ def _attn_bwd_delta(O, DO, DELTA, so, sdo, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, so, sdo, sdq, sdk, sdv, mask, H, Hk, GROUP, Lq, Lk, D,
-    qk_scale, sm_scale, softcap, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, FUSED: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    qk_scale, sm_scale, softcap, drop, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, FUSED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one key tile: loops over the GROUP query heads sharing it and over the query
     tiles from the first to the last whose allowed intervals touch it (found first, so that the
@@ -402,9 +419,10 @@ def _attn_bwd_dkdv(
             )
             p, dcap = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk,
                              PRECISION, UPCAST, CAP)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+            z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
+            dv += _mm(tl.trans((p * z).to(do.dtype)), do, PRECISION, UPCAST)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None]) * dcap
+            ds = p * (dp * z - delta[:, None]) * dcap
             dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
             if FUSED:
                 dq = _mm(ds.to(k.dtype), k, PRECISION, UPCAST) * sm_scale
@@ -418,9 +436,9 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, so, sdo, sdq, sdk, sdv, mask, B, H, GROUP, Lq, Lk, D,
-    qk_scale, sm_scale, softcap, B_PER_PROG, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, FUSED: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    qk_scale, sm_scale, softcap, drop, B_PER_PROG, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr,
+    FUSED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq of one query tile, summed over the B_PER_PROG batch entries of chunk c (shared queries:
     chunk c's partial sum goes to DQ[c]; otherwise B_PER_PROG == 1 and c is the batch). FUSED (the
@@ -443,12 +461,13 @@ def _attn_bwd_dq(
             offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
             p, dcap = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk,
                              PRECISION, UPCAST, CAP)
+            z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None]) * dcap
+            ds = p * (dp * z - delta[:, None]) * dcap
             dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
             if FUSED:
                 kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
-                dv = _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+                dv = _mm(tl.trans((p * z).to(do.dtype)), do, PRECISION, UPCAST)
                 dk = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST) * sm_scale
                 tl.store(_block(DK, sdk, b, hk, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=kv_ok)
                 tl.store(_block(DV, sdv, b, hk, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
@@ -485,15 +504,16 @@ def _attn_bwd_dq_sum(PART, DQ, spart, sdq, CHUNKS, Lq, D, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _attn_bwd_dbias(
-    Q, K, V, DO, LSE, DB, sq, sk, sv, sdo, sdb, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, DO, LSE, DB, sq, sk, sv, sdo, sdb, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, drop,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The float bias's gradient, dS = P ∘ (dO Vᵀ - delta), of one query tile over every key
     tile: DB [B, H, Lq, Lk] fp32, every element written (0 where nothing is allowed; the bias is
     added after the cap, so dS has no cap factor). delta =
     rowsum(P ∘ dO Vᵀ) from a first pass (not from the rounded output: dS is not averaged over a
-    feature dim, so delta's rounding error would show in it)."""
+    feature dim, so delta's rounding error would show in it). With dropout, dS = P ∘ (dO Vᵀ ∘ Z -
+    delta), Z the dropout factor."""
     b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
     d_ok = offs_d < D
@@ -506,12 +526,14 @@ def _attn_bwd_dbias(
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
         p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
                       UPCAST, CAP)
-        delta += tl.sum(p * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
+        z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
+        delta += tl.sum(p * z * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
     for start_n in tl.range(0, Lk, BLOCK_N):
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
         p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
                       UPCAST, CAP)
-        ds = p * (_mm(do, tl.trans(v), PRECISION, UPCAST) - delta[:, None])
+        z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
+        ds = p * (_mm(do, tl.trans(v), PRECISION, UPCAST) * z - delta[:, None])
         db_ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
         tl.store(_block(DB, sdb, b, h, offs_m, offs_n), ds, mask=db_ok)
 
@@ -531,6 +553,7 @@ class _Launch(NamedTuple):
     sk: tuple
     sv: tuple
     mask: MaskArgs  # as the kernels take it
+    drop: tuple  # dropout's (seed, threshold, scale)
     consts: dict  # autotune keys and compile-time constants
 
 
@@ -547,12 +570,14 @@ def _launch_args(a: A.AttentionArgs) -> _Launch:
         UPCAST=a.q.dtype == torch.bfloat16 and interpreter_on(),
         BLOCK_D=max(16, next_pow2(D)),  # tl.dot's smallest K; columns past D masked
         CAP=a.softcap > 0,
+        DROPOUT=a.dropout_p > 0,
     )
     return _Launch(
         (0 if a.shared_queries else sq[0], *sq[1:]),
         a.k.stride(),
         a.v.stride(),
         _kernel_mask(a.mask, B, H, Lq, Lk),
+        (a.seed, dropout.threshold(a.dropout_p), dropout.scale(a.dropout_p)),
         consts,
     )
 
@@ -592,7 +617,7 @@ def _forward(a: A.AttentionArgs):
     # fmt: off
     _attn_fwd[grid](
         a.q, a.k, a.v, o, o_lse, L.sq, L.sk, L.sv, o.stride()[-4:], L.mask, H, Lq=Lq, Lk=Lk, D=D,
-        qk_scale=a.scale * LOG2E, softcap=a.softcap, KEYS_PER_SPLIT=per_split, so_split=so_split,
+        qk_scale=a.scale * LOG2E, softcap=a.softcap, drop=L.drop, KEYS_PER_SPLIT=per_split, so_split=so_split,
         SPLIT=splits > 1, **L.consts,
     )
     if splits > 1:
@@ -622,7 +647,7 @@ def _backward(g: A.AttentionGradArgs):
     B, Hk, Lk, D = a.k.shape
     H, Lq = a.q.shape[1], a.q.shape[2]
     L = _launch_args(a)
-    scales = dict(qk_scale=a.scale * LOG2E, sm_scale=a.scale, softcap=a.softcap)
+    scales = dict(qk_scale=a.scale * LOG2E, sm_scale=a.scale, softcap=a.softcap, drop=L.drop)
     sdo = g.grad_out.stride()
     dq = poisoned(torch.empty_like(a.q))
     dk = poisoned(torch.empty_like(a.k))
@@ -678,9 +703,9 @@ def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
     # fmt: off
     _attn_bwd_dbias[(triton.cdiv(Lq, block), B * H)](
         a.q, a.k, a.v, g.grad_out, g.lse, db, L.sq, L.sk, L.sv, g.grad_out.stride(), db.stride(), L.mask, H,
-        L.consts["GROUP"], Lq, Lk, D, a.scale * LOG2E, a.softcap, PRECISION=L.consts["PRECISION"],
-        UPCAST=L.consts["UPCAST"], CAP=L.consts["CAP"], BLOCK_D=L.consts["BLOCK_D"], BLOCK_M=block,
-        BLOCK_N=block,
+        L.consts["GROUP"], Lq, Lk, D, a.scale * LOG2E, a.softcap, L.drop, PRECISION=L.consts["PRECISION"],
+        UPCAST=L.consts["UPCAST"], CAP=L.consts["CAP"], DROPOUT=L.consts["DROPOUT"],
+        BLOCK_D=L.consts["BLOCK_D"], BLOCK_M=block, BLOCK_N=block,
     )
     # fmt: on
     LAUNCHES["attention_bias_grad"] += 1
