@@ -51,6 +51,10 @@ __device__ __forceinline__ void row_bounds(const MaskArgs& m, int64_t b, int row
     if (m.media_mode == 1) lo = max(lo, (t - 1) * m.latents_per_media);
   }
   if (m.window > 0) lo = max(lo, row + (Lk - Lq) - m.window + 1);
+  if (m.doc_start && row < Lq) {  // the query's document: [start, end) of its run of equal ids
+    lo = max(lo, m.doc_start[b * Lq + row]);
+    hi = min(hi, m.doc_end[b * Lq + row]);
+  }
   if (row >= Lq || lo >= hi) {
     lo = Lk;
     hi = 0;
@@ -61,6 +65,40 @@ __device__ __forceinline__ bool allowed(const MaskArgs& m, int64_t b, int h, int
   bool ok = col >= lo && col < hi;
   if (ok && m.dense) ok = m.dense[b * m.smb + h * m.smh + int64_t(row) * m.smm + int64_t(col) * m.smn] != 0;
   return ok;
+}
+
+// A score in log2 units from q·k: scaled, then capped (softcap > 0: softcap * tanh(s / softcap),
+// Gemma 2); dcap = the cap's derivative (1 without a cap).
+__device__ __forceinline__ float score(const AttnArgs& a, float qk, float& dcap) {
+  if (a.softcap > 0.f) {
+    const float t = tanhf(qk * a.scale / a.softcap);
+    dcap = 1.f - t * t;
+    return t * a.softcap * 1.4426950408889634f;
+  }
+  dcap = 1.f;
+  return qk * a.scale * 1.4426950408889634f;
+}
+
+// Philox-4x32-10's first output word (as triton.language.philox and vlkernels/attention/dropout.py).
+__device__ __forceinline__ uint32_t philox(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int i = 0; i < 10; ++i) {
+    const uint64_t p0 = uint64_t(0xCD9E8D57u) * c2, p2 = uint64_t(0xD2511F53u) * c0;
+    c0 = uint32_t(p0 >> 32) ^ c1 ^ k0;
+    c2 = uint32_t(p2 >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(p0);
+    c3 = uint32_t(p2);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Attention dropout's factor of probability (b, h, row, col): 1 / (1 - p) kept, 0 dropped, 1 off.
+__device__ __forceinline__ float keep(const AttnArgs& a, int64_t b, int h, int row, int col) {
+  if (!a.dropout) return 1.f;
+  const uint32_t r = philox(a.seed, uint32_t(col), uint32_t(row), uint32_t(b * a.H + h), 0u);
+  return int(r >> 8) >= a.dropout_threshold ? a.dropout_scale : 0.f;
 }
 
 // Per-row mask bounds (and optionally two per-row fp32 values) of the BM rows starting at m0,
@@ -100,9 +138,12 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
   int* lo_s = reinterpret_cast<int*>(Vs + BN * LD);
   int* hi_s = lo_s + BM;
 
-  const int m0 = blockIdx.x * BM, h = blockIdx.y;
+  const int tiles_m = (a.Lq + BM - 1) / BM, split = blockIdx.x / tiles_m;
+  const int m0 = (blockIdx.x % tiles_m) * BM, h = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int hk = h / (a.H / a.Hk);
+  const int k_lo = a.splits > 1 ? split * a.keys_per_split : 0;  // this program's keys
+  const int k_hi = a.splits > 1 ? k_lo + a.keys_per_split : a.Lk;
   const T* q = cptr<T>(a.q) + b * a.sq[0] + h * a.sq[1] + m0 * a.sq[2];
   const T* k = cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1];
   const T* v = cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1];
@@ -115,14 +156,12 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
   range_of(lo_s, hi_s, 0, BM, blo, bhi);
   range_of(lo_s, hi_s, r0, 16, wlo, whi);
   const int lo[2] = {lo_s[r0 + g], lo_s[r0 + g + 8]}, hi[2] = {hi_s[r0 + g], hi_s[r0 + g + 8]};
-  const float sl2 = a.scale * 1.4426950408889634f;
-
   float m_i[2] = {NEG_INF, NEG_INF}, l_i[2] = {0.f, 0.f};
   float acc[DP / 8][4];
 #pragma unroll
   for (int dj = 0; dj < DP / 8; ++dj) acc[dj][0] = acc[dj][1] = acc[dj][2] = acc[dj][3] = 0.f;
 
-  for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
+  for (int n0 = max((blo / BN) * BN, k_lo); n0 < min(bhi, k_hi); n0 += BN) {
     __syncthreads();
     load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, a.Lk - n0, a.D, vec.k);
     load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, a.Lk - n0, a.D, vec.v);
@@ -141,7 +180,8 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, col = n0 + j * 8 + c_col(e);
         const bool ok = allowed(a.mask, b, h, m0 + r0 + c_row(e), col, lo[r], hi[r]);
-        s[j][e] = ok ? s[j][e] * sl2 : NEG_INF;
+        float dcap;
+        s[j][e] = ok ? score(a, s[j][e], dcap) : NEG_INF;
         mx[r] = fmaxf(mx[r], s[j][e]);
       }
     float m_safe[2], alpha[2], rs[2] = {0.f, 0.f};
@@ -158,6 +198,7 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
       for (int e = 0; e < 4; ++e) {
         s[j][e] = exp2f(s[j][e] - m_safe[e >> 1]);
         rs[e >> 1] += s[j][e];
+        s[j][e] *= keep(a, b, h, m0 + r0 + c_row(e), n0 + j * 8 + c_col(e));  // after the sum: dropout
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l_i[r] = l_i[r] * alpha[r] + quad_sum(rs[r]);
@@ -168,21 +209,53 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
     mm_pv<T, DP, BN / 16>(acc, s, Vs, LD);
   }
 
-  T* o = static_cast<T*>(a.o) + b * a.so[0] + h * a.so[1] + m0 * a.so[2];
+  const int64_t rows0 = (int64_t(split) * a.B + b) * a.H + h;  // split 0 is the output itself
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     inv[r] = l_i[r] > 0.f ? 1.f / l_i[r] : 0.f;
     const int row = m0 + r0 + g + 8 * r;
-    if ((lane_id() & 3) == 0 && row < a.Lq)
-      a.lse[(b * a.H + h) * a.Lq + row] = l_i[r] > 0.f ? m_i[r] + log2f(l_i[r]) : POS_INF;
+    const float empty = a.splits > 1 ? NEG_INF : POS_INF;  // a split without keys weighs 0
+    float* lse = a.splits > 1 ? a.lse_partial : a.lse;
+    if ((lane_id() & 3) == 0 && row < a.Lq) lse[rows0 * a.Lq + row] = l_i[r] > 0.f ? m_i[r] + log2f(l_i[r]) : empty;
   }
+  T* o = static_cast<T*>(a.o) + b * a.so[0] + h * a.so[1] + m0 * a.so[2];
+  float* op = a.splits > 1 ? a.o_partial + (rows0 * a.Lq + m0) * a.D : nullptr;
 #pragma unroll
   for (int dj = 0; dj < DP / 8; ++dj)
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      store_frag(o, a.so[2], a.so[3], r0 + g + 8 * r, dj * 8 + c_col(0), a.Lq - m0, a.D,
-                 acc[dj][2 * r] * inv[r], acc[dj][2 * r + 1] * inv[r]);
+    for (int r = 0; r < 2; ++r) {
+      const float x0 = acc[dj][2 * r] * inv[r], x1 = acc[dj][2 * r + 1] * inv[r];
+      if (a.splits > 1)
+        store_frag(op, a.D, 1, r0 + g + 8 * r, dj * 8 + c_col(0), a.Lq - m0, a.D, x0, x1);
+      else
+        store_frag(o, a.so[2], a.so[3], r0 + g + 8 * r, dj * 8 + c_col(0), a.Lq - m0, a.D, x0, x1);
+    }
+}
+
+// Flash-decoding's second pass: each thread combines the `splits` partial outputs and lse of one
+// query row (b, h, i) into o and lse; a row with no key in any split gets 0 and lse +inf.
+template <typename T>
+__global__ void __launch_bounds__(128) attn_combine_kernel(AttnArgs a) {
+  const int64_t n = int64_t(a.B) * a.H * a.Lq, r = int64_t(blockIdx.x) * 128 + threadIdx.x;
+  if (r >= n) return;
+  const int64_t b = r / (int64_t(a.H) * a.Lq), h = (r / a.Lq) % a.H, row = r % a.Lq;
+  T* o = static_cast<T*>(a.o) + b * a.so[0] + h * a.so[1] + row * a.so[2];
+  float m = NEG_INF;
+  for (int s = 0; s < a.splits; ++s) m = fmaxf(m, a.lse_partial[s * n + r]);
+  if (m == NEG_INF) {
+    for (int d = 0; d < a.D; ++d) o[d * a.so[3]] = from_f<T>(0.f);
+    a.lse[r] = POS_INF;
+    return;
+  }
+  float l = 0.f;
+  for (int s = 0; s < a.splits; ++s) l += exp2f(a.lse_partial[s * n + r] - m);
+  for (int d = 0; d < a.D; ++d) {
+    float acc = 0.f;
+    for (int s = 0; s < a.splits; ++s) acc += exp2f(a.lse_partial[s * n + r] - m) * a.o_partial[(s * n + r) * a.D + d];
+    o[d * a.so[3]] = from_f<T>(acc / l);
+  }
+  a.lse[r] = m + log2f(l);
 }
 
 // delta[b, h, i] = sum_d out * grad_out (fp32), one warp per row.
@@ -219,7 +292,6 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
   const int m0 = blockIdx.x * BM, h = blockIdx.y, c = blockIdx.z;
   const int hk = h / (a.H / a.Hk);
   const int r0 = warp_id() * 16, g = lane_id() >> 2;
-  const float sl2 = a.scale * 1.4426950408889634f;
   float dq[DP / 8][4];
 #pragma unroll
   for (int dj = 0; dj < DP / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
@@ -260,10 +332,11 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          const bool ok = allowed(a.mask, b, h, m0 + r0 + c_row(e), n0 + j * 8 + c_col(e), lo[r], hi[r]);
-          const float pe = ok ? exp2f(p[j][e] * sl2 - lse[r]) : 0.f;
-          p[j][e] = pe * (dp[j][e] - delta[r]);  // dS
+          const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
+          const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
+          float dcap;
+          const float pe = ok ? exp2f(score(a, p[j][e], dcap) - lse[r]) : 0.f;
+          p[j][e] = pe * dcap * (dp[j][e] * keep(a, b, h, row, col) - delta[r]);  // dS
         }
       mm_pv<T, DP, BN / 16>(dq, p, Ks, LD);
     }
@@ -308,7 +381,6 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
   const int64_t b = blockIdx.z;
   const int G = a.H / a.Hk;
   const int r0 = warp_id() * 16, g = lane_id() >> 2;
-  const float sl2 = a.scale * 1.4426950408889634f;
   load_tile(Ks, LD, cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1] + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP,
             a.Lk - n0, a.D, vec.k);
   load_tile(Vs, LD, cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1] + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP,
@@ -342,16 +414,27 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
       for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int qi = j * 8 + c_col(e);
-          const bool ok = allowed(a.mask, b, h, m0 + qi, n0 + r0 + c_row(e), lo_s[qi], hi_s[qi]);
-          pt[j][e] = ok ? exp2f(pt[j][e] * sl2 - lse_s[qi]) : 0.f;
+          const int qi = j * 8 + c_col(e), key = n0 + r0 + c_row(e);
+          const bool ok = allowed(a.mask, b, h, m0 + qi, key, lo_s[qi], hi_s[qi]);
+          float dcap;
+          const float p = ok ? exp2f(score(a, pt[j][e], dcap) - lse_s[qi]) : 0.f;
+          dpt[j][e] = p * keep(a, b, h, m0 + qi, key);  // P^T after dropout, for dV
+          pt[j][e] = p * dcap;                          // P^T times the cap's derivative, for dS
         }
-      mm_pv<T, DP, BM / 16>(dv, pt, Os, LD);
+      mm_pv<T, DP, BM / 16>(dv, dpt, Os, LD);
+#pragma unroll
+      for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[j][e] = 0.f;
       mm_nt<T, DP, BM / 8>(dpt, Vs, Os, LD, r0);
 #pragma unroll
       for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - delta_s[j * 8 + c_col(e)]);  // dS^T
+        for (int e = 0; e < 4; ++e) {
+          const int qi = j * 8 + c_col(e);
+          const float z = keep(a, b, h, m0 + qi, n0 + r0 + c_row(e));
+          dpt[j][e] = pt[j][e] * (dpt[j][e] * z - delta_s[qi]);  // dS^T
+        }
       mm_pv<T, DP, BM / 16>(dk, dpt, Qs, LD);
     }
   }
@@ -399,8 +482,12 @@ const char* fwd(const AttnArgs& a, void* stream) {
   const int smem = C::smem(C::FWD_BM + 2 * C::FWD_BN, C::FWD_BM);
   auto kernel = attn_fwd_kernel<T, DP>;
   allow_smem(kernel, smem);
-  dim3 grid(cdiv(a.Lq, C::FWD_BM), a.H, a.B);
+  dim3 grid(cdiv(a.Lq, C::FWD_BM) * a.splits, a.H, a.B);
   VLK_LAUNCH(kernel, grid, dim3(C::FWD_BM * 2), smem, stream, a, vec_flags<T>(a));
+  if (a.splits > 1) {
+    auto combine = attn_combine_kernel<T>;
+    VLK_LAUNCH(combine, dim3(cdiv(a.B * a.H * a.Lq, 128)), dim3(128), 0, stream, a);
+  }
   VLK_CHECK_LAUNCH();
 }
 

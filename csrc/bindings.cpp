@@ -13,6 +13,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -166,11 +167,11 @@ Attention attn_args(const Args& in) {
   Attention r{in.tensor("q"), in.tensor("k"), in.tensor("v"), in.opt_tensor("dense_mask"), {}};
   const Tensor &q = r.q, &k = r.k, &v = r.v;
   TORCH_CHECK(!in.opt_tensor("bias"), op, ": the CUDA C++ kernels take no float bias (a float attn_mask)");
-  TORCH_CHECK(!in.opt_tensor("doc_start"), op, ": the CUDA C++ kernels take no document mask");
-  TORCH_CHECK(in.real("softcap") == 0, op, ": the CUDA C++ kernels take no logit soft-capping");
-  TORCH_CHECK(in.real("dropout_p") == 0, op, ": the CUDA C++ kernels have no attention dropout");
   const optional<Tensor> key_lengths = in.opt_tensor("key_lengths"), prefix_lengths = in.opt_tensor("prefix_lengths"),
-                         text_to_media = in.opt_tensor("text_to_media");
+                         text_to_media = in.opt_tensor("text_to_media"), doc_start = in.opt_tensor("doc_start"),
+                         doc_end = in.opt_tensor("doc_end");
+  const double softcap = in.real("softcap"), dropout_p = in.real("dropout_p");
+  const int64_t seed = in.integer("seed");
   const int64_t qf_mode = in.integer("qformer_mode"), media_mode = in.integer("media_mode"),
                 lat = in.integer("latents_per_media");
   check_device(op, "q", q);
@@ -195,6 +196,12 @@ Attention attn_args(const Args& in) {
   check_lengths(op, "key_lengths", key_lengths, q, {B});
   check_lengths(op, "prefix_lengths", prefix_lengths, q, {B});
   check_lengths(op, "text_to_media", text_to_media, q, {B, Lq});
+  TORCH_CHECK(bool(doc_start) == bool(doc_end), op, ": doc_start and doc_end come together");
+  check_lengths(op, "doc_start", doc_start, q, {B, Lq});
+  check_lengths(op, "doc_end", doc_end, q, {B, Lq});
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0, got ", softcap);
+  TORCH_CHECK(dropout_p >= 0 && dropout_p <= 1, op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK(seed >= 0, op, ": seed must be >= 0, got ", seed);
 
   vlk::AttnArgs& a = r.a;
   a.q = q.data_ptr();
@@ -206,6 +213,11 @@ Attention attn_args(const Args& in) {
   strides4(a.sv, v);
   a.B = B, a.H = H, a.Hk = Hk, a.Lq = Lq, a.Lk = Lk, a.D = D;
   a.scale = float(in.real("scale"));
+  a.softcap = float(softcap);
+  a.dropout = dropout_p > 0;  // the keep rule of vlkernels/attention/dropout.py
+  a.seed = uint64_t(seed);
+  a.dropout_threshold = int(std::floor(dropout_p * (1 << 24) + 0.5));  // dropout.threshold
+  a.dropout_scale = dropout_p >= 1 ? 0.f : float(1.0 / (1.0 - dropout_p));
   vlk::MaskArgs& mk = a.mask;
   if (r.dense) {
     const Tensor& d = *r.dense;
@@ -227,7 +239,28 @@ Attention attn_args(const Args& in) {
   mk.qformer_queries = int(in.integer("qformer_queries")), mk.qformer_mode = int(qf_mode);
   mk.media_mode = int(media_mode), mk.latents_per_media = int(lat);
   mk.window = int(in.integer("window"));
+  if (doc_start) mk.doc_start = doc_start->data_ptr<int32_t>(), mk.doc_end = doc_end->data_ptr<int32_t>();
   return r;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Flash-decoding's split of the keys (vlkernels/attention/triton.py: decode_splits, same rule): a
+// few query rows (Lq <= 16) over many keys, when the query rows alone leave the GPU idle (fewer
+// than two programs per SM); splits of a multiple of 128 keys, at least 256 (emulation: 64 and
+// 128, four splits wanted, as the Triton interpreter).
+void decode_splits(vlk::AttnArgs& a, int sms) {
+#ifdef VLK_EMULATE
+  const int64_t unit = 64, least = 128, target = 4;
+  (void)sms;
+#else
+  const int64_t unit = 128, least = 256;
+  const int64_t target = ceil_div(2 * int64_t(sms), int64_t(a.B) * a.H * ceil_div(a.Lq, 16));
+#endif
+  if (a.Lq > 16 || a.Lk < 2 * least || target < 2) return;
+  const int64_t per_split = std::max(least, ceil_div(ceil_div(a.Lk, target), unit) * unit);
+  const int64_t splits = ceil_div(a.Lk, per_split);
+  if (splits > 1) a.splits = int(splits), a.keys_per_split = int(per_split);
 }
 
 void attention_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
@@ -240,6 +273,14 @@ void attention_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
   a.o = out.data_ptr();
   strides4(a.so, out);
   a.lse = lse.data_ptr<float>();
+  Tensor o_partial, lse_partial;
+  decode_splits(a, multiprocessors(r.q));
+  if (a.splits > 1) {
+    const auto f32 = r.q.options().dtype(at::kFloat);
+    o_partial = poisoned(at::empty({a.splits, a.B, a.H, a.Lq, a.D}, f32));
+    lse_partial = poisoned(at::empty({a.splits, a.B, a.H, a.Lq}, f32));
+    a.o_partial = o_partial.data_ptr<float>(), a.lse_partial = lse_partial.data_ptr<float>();
+  }
   Launch l(r.q);
   l.check(op, vlk::attention_fwd(a, dtype_of(op, "q", r.q), l.stream));
   in.done(out, lse);

@@ -21,6 +21,7 @@ struct MaskArgs {
   int qformer_queries = 0, qformer_mode = 0;  // 0 bidirectional, 1 multimodal causal, 2 unimodal
   int media_mode = 0, latents_per_media = 1;  // 0 none, 1 immediate, 2 all previous
   int window = 0;                             // sliding window, 0: none
+  const int32_t *doc_start = nullptr, *doc_end = nullptr;  // [B, Lq] contiguous: document key interval
 };
 
 // q [Bq, H, Lq, D] (Bq = B or 1: sq[0] is 0 for shared queries), k, v [B, Hk, Lk, D], out and
@@ -37,6 +38,17 @@ struct AttnArgs {
   int B = 0, H = 0, Hk = 0, Lq = 0, Lk = 0, D = 0;
   int dq_chunks = 1, b_per_chunk = 1;
   float scale = 1.f;
+  float softcap = 0.f;  // > 0: scores capped to softcap * tanh(s / softcap)
+  // attention dropout (vlkernels/attention/dropout.py): keep iff Philox's top 24 bits >= threshold
+  bool dropout = false;
+  uint64_t seed = 0;
+  int dropout_threshold = 0;
+  float dropout_scale = 1.f;
+  // flash-decoding: the forward's keys in `splits` runs of keys_per_split (a multiple of the key
+  // tile); each writes an fp32 partial output [splits, B, H, Lq, D] and lse [splits, B, H, Lq]
+  // (log2, -inf: no key), which a second kernel combines into o and lse
+  int splits = 1, keys_per_split = 0;
+  float *o_partial = nullptr, *lse_partial = nullptr;
   MaskArgs mask;
 };
 

@@ -147,6 +147,7 @@ def test_cuda_kernels_within_their_spill_budget():
     families = {name.split("<")[0] for name in kernels}
     assert families == {
         "attn_fwd_kernel",
+        "attn_combine_kernel",
         "attn_delta_kernel",
         "attn_dq_kernel",
         "attn_dkdv_kernel",

@@ -249,15 +249,8 @@ def test_each_backend_allows_what_to_dense_allows(backend):
 
 
 def test_document_mask_on_each_backend(backend):
-    """Packed sequences: each backend's rule against to_dense (the CUDA C++ kernels say they
-    cannot)."""
-    import vlkernels
-
+    """Packed sequences: each backend's rule against to_dense."""
     for name, Lq, Lk, m in DOC_CASES:
-        if backend == "cuda":
-            with pytest.raises(vlkernels.BackendUnavailableError, match="no document mask"):
-                _attended(backend, m, Lq, Lk)
-            continue
         want = _to(m, DEVICE).to_dense(3, Lq, Lk).expand(3, 2, Lq, Lk)
         assert torch.equal(_attended(backend, m, Lq, Lk), want), name
 

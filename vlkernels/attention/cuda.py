@@ -42,12 +42,6 @@ def _limits(a: A.AttentionArgs) -> list[str]:
         reasons.append(f"the CUDA C++ kernels take head dims that are multiples of 8 in [16, 256], got {D}")
     if a.mask.bias is not None:
         reasons.append("the CUDA C++ kernels take no float bias (a float attn_mask)")
-    if a.mask.doc_start is not None:
-        reasons.append("the CUDA C++ kernels take no document mask")
-    if a.softcap > 0:
-        reasons.append("the CUDA C++ kernels take no logit soft-capping")
-    if a.dropout_p > 0:
-        reasons.append("the CUDA C++ kernels have no attention dropout")
     return reasons
 
 

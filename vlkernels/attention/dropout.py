@@ -12,8 +12,9 @@ _M32 = 0xFFFFFFFF
 
 
 def threshold(p: float) -> int:
-    """Entries whose 24-bit draw is below this are dropped: round(p · 2²⁴)."""
-    return round(p * (1 << 24))
+    """Entries whose 24-bit draw is below this are dropped: floor(p · 2²⁴ + 1/2) (the C++ launcher
+    computes the same)."""
+    return int(p * (1 << 24) + 0.5)
 
 
 def scale(p: float) -> float:
