@@ -645,3 +645,17 @@ def test_dropout_low_precision_two_x_rule(dtype):
     lowps = (lowp, *torch.autograd.grad(lowp, (q, k, v), do))
     for name, got, r, lp in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, lowps, strict=True):
         check_against_reference(f"dropout {name}", got, r, lp, dtype, "attention", "triton")
+
+
+def test_dropout_rows_with_nothing_to_attend_stay_zero(backend):
+    """Dropout on rows with no allowed key (a batch entry padded away entirely): 0 out, 0 gradient."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    mask = masks.causal() & masks.key_padding(torch.tensor([40, 0], device=DEVICE))
+    with launched(backend, "attention"):
+        out = vlkernels.attention(q, k, v, mask, dropout_p=0.2, seed=3, backend=backend)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert (
+        torch.all(out[1] == 0) and torch.all(dq[1] == 0) and torch.all(dk[1] == 0) and torch.all(dv[1] == 0)
+    )
+    assert torch.isfinite(out).all() and out[0].abs().sum() > 0
