@@ -441,8 +441,8 @@ def test_packed_documents_equal_the_padded_batch(backend):
 
 def test_torch_backend_reuses_a_mask_only_while_its_tensors_are_unchanged():
     """The torch backend keeps the additive masks it built for the next calls (the backward, the
-    other layers): the same mask object reuses one; lengths changed in place, or another mask
-    with equal values, get masks built from their own values."""
+    other layers): the same mask object reuses one; lengths changed in place get a mask built
+    from their new values; a mask above the size limit is not kept."""
     from vlkernels.attention import torch as torch_backend
 
     g = torch.Generator().manual_seed(5)
@@ -450,7 +450,7 @@ def test_torch_backend_reuses_a_mask_only_while_its_tensors_are_unchanged():
     lengths = torch.tensor([20, 7])
     m = masks.causal() & masks.key_padding(lengths)
     calls = []
-    build = torch_backend._additive
+    build, limit = torch_backend._additive, torch_backend._RECENT_BYTES
     try:
         torch_backend._additive = lambda a: calls.append(1) or build(a)
         first = vlkernels.attention(q, k, v, m, backend="torch")
@@ -459,8 +459,13 @@ def test_torch_backend_reuses_a_mask_only_while_its_tensors_are_unchanged():
         lengths[1] = 3  # in place: the version counter moves
         changed = vlkernels.attention(q, k, v, m, backend="torch")
         assert len(calls) == 2
+        torch_backend._RECENT_MASKS.clear()
+        torch_backend._RECENT_BYTES = 100  # this mask: 2 x 20 x 20 fp32, 3200 B
+        vlkernels.attention(q, k, v, m, backend="torch")
+        vlkernels.attention(q, k, v, m, backend="torch")
+        assert len(calls) == 4  # too large to keep: built each time
     finally:
-        torch_backend._additive = build
+        torch_backend._additive, torch_backend._RECENT_BYTES = build, limit
     ref = attention_ref(q.double(), k.double(), v.double(), m.to_dense(2, 20, 20))
     torch.testing.assert_close(changed.double(), ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(changed[1], first[1])

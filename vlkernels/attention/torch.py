@@ -50,6 +50,7 @@ def _per_query_head(a: A.AttentionArgs):
 
 _RECENT_MASKS: list = []  # [(key, tensors the key names, result)], newest last
 _RECENT_MAX = 2
+_RECENT_BYTES = 64 << 20  # a larger mask is rebuilt rather than kept between calls
 
 
 def _mask_key(a: A.AttentionArgs):
@@ -65,8 +66,8 @@ def _mask_key(a: A.AttentionArgs):
 
 def _additive_recent(a: A.AttentionArgs):
     """``_additive``, reusing the result for the same mask (the backward of a call, the other
-    layers of a model): the last two results are kept, with the tensors their keys name, so an id
-    in a key cannot be reused by another tensor while it is kept."""
+    layers of a model): the last two results up to _RECENT_BYTES each are kept, with the tensors
+    their keys name, so an id in a key cannot be reused by another tensor while it is kept."""
     if torch.compiler.is_compiling():  # traced once into the graph: nothing to keep
         return _additive(a)
     key, tensors = _mask_key(a)
@@ -76,6 +77,9 @@ def _additive_recent(a: A.AttentionArgs):
         if k == key:
             return result
     result = _additive(a)
+    add = result[0]
+    if add is not None and add.numel() * add.element_size() > _RECENT_BYTES:
+        return result
     _RECENT_MASKS.append((key, tensors, result))
     del _RECENT_MASKS[:-_RECENT_MAX]
     return result
