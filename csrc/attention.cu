@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, col = n0 + j * 8 + c_col(e);
         const bool ok = allowed(a.mask, b, h, m0 + r0 + c_row(e), col, lo[r], hi[r]);
-        float dcap;
+        float dcap = 1.f;  // (masked elements: score is not called)
         s[j][e] = ok ? score(a, s[j][e], dcap) : NEG_INF;
         mx[r] = fmaxf(mx[r], s[j][e]);
       }
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
           const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
-          float dcap;
+          float dcap = 1.f;  // (masked elements: score is not called)
           const float pe = ok ? exp2f(score(a, p[j][e], dcap) - lse[r]) : 0.f;
           p[j][e] = pe * dcap * (dp[j][e] * keep(a, b, h, row, col) - delta[r]);  // dS
         }
@@ -416,7 +416,7 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
         for (int e = 0; e < 4; ++e) {
           const int qi = j * 8 + c_col(e), key = n0 + r0 + c_row(e);
           const bool ok = allowed(a.mask, b, h, m0 + qi, key, lo_s[qi], hi_s[qi]);
-          float dcap;
+          float dcap = 1.f;  // (masked elements: score is not called)
           const float p = ok ? exp2f(score(a, pt[j][e], dcap) - lse_s[qi]) : 0.f;
           dpt[j][e] = p * keep(a, b, h, m0 + qi, key);  // P^T after dropout, for dV
           pt[j][e] = p * dcap;                          // P^T times the cap's derivative, for dS
