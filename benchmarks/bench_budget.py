@@ -37,6 +37,7 @@ RESULTS = pathlib.Path(__file__).parent / "results" / "budget.csv"
 PEAK_FLOPS = 790e12  # bf16 dense GEMM, measured on the lent H100 (../shared/NOTES.md)
 PEAK_BYTES = 3.0e12  # device-to-device copy, same source
 CPU = torch.device("cpu")
+DECODE_KEYS = (256, 1024, 4096, 8192)  # cached keys of the decoding workloads
 
 
 @dataclasses.dataclass
@@ -139,7 +140,7 @@ def _attention_workloads() -> list[Workload]:
     add("coca_pooler_hd96", (128, 1, 8, 8, 256, 576, 96), lambda d: None)
     prefix = 256 + torch.randint(8, 33, (16,), generator=g)
     add("pali_prefix_lm", (16, 16, 8, 1, 320, 320, 256), lambda d: masks.prefix_lm(prefix.to(d)))
-    for Lk in (256, 1024, 4096, 8192):  # decoding one token over a KV cache (32 heads, 8 KV heads)
+    for Lk in DECODE_KEYS:  # decoding one token over a KV cache (32 heads, 8 KV heads)
         add(f"decode_Lk{Lk}", (8, 8, 32, 8, 1, Lk, 128), lambda d: None)
     return out
 
@@ -705,46 +706,19 @@ BUDGETS = {
         host_us_bwd=187,
         spill_bytes=360,
     ),
-    "decode_Lk256": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
-        launches_fwd=1,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=16.0,
-        flops_ratio_bwd=22.4,
-        host_us_fwd=121,
-        host_us_bwd=150,
-        spill_bytes=0,
-    ),
-    "decode_Lk1024": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
-        launches_fwd=2,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=16.0,
-        flops_ratio_bwd=22.4,
-        host_us_fwd=121,
-        host_us_bwd=150,
-        spill_bytes=0,
-    ),
-    "decode_Lk4096": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
-        launches_fwd=2,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=16.0,
-        flops_ratio_bwd=22.4,
-        host_us_fwd=121,
-        host_us_bwd=150,
-        spill_bytes=0,
-    ),
-    "decode_Lk8192": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
-        launches_fwd=2,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=16.0,
-        flops_ratio_bwd=22.4,
-        host_us_fwd=121,
-        host_us_bwd=150,
-        spill_bytes=0,
-    ),
+    **{
+        f"decode_Lk{Lk}": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
+            launches_fwd=1 if Lk == 256 else 2,  # from 1024 keys on: split forward + combine
+            launches_bwd=3,
+            host_syncs=0,
+            flops_ratio_fwd=16.0,
+            flops_ratio_bwd=22.4,
+            host_us_fwd=121,
+            host_us_bwd=150,
+            spill_bytes=0,
+        )
+        for Lk in DECODE_KEYS
+    },
     "contrastive_clip_N32k": dict(
         launches_fwd=2,
         launches_bwd=3,
