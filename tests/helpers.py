@@ -180,3 +180,36 @@ def use_cuda_backend(monkeypatch) -> str:
         pytest.skip(_EMU["why"])
     monkeypatch.setattr(_extension, "get", lambda: EMULATED)
     return EMULATED.ns
+
+
+def tiny_idefics():
+    """transformers' IdeficsForVisionText2Text at test size (hidden 64, 2 layers, cross-attention
+    in each, 16-pixel images), its tanh gates opened to 0.5 so that the cross-attention matters."""
+    import transformers
+
+    model = transformers.IdeficsForVisionText2Text(
+        transformers.IdeficsConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=120,
+            additional_vocab_size=2,
+            alpha_initializer="zeros",  # ("normal" with alpha_type="float" crashes)
+            cross_layer_interval=1,
+            vision_config=dict(
+                embed_dim=32,
+                image_size=16,
+                patch_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+            ),
+            perceiver_config=dict(use_resampler=False),
+        )
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "alpha" in name:
+                p.fill_(0.5)
+    return model

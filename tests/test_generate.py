@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, assert_launched
+from helpers import DEVICE, assert_launched, tiny_idefics
 
 import vlkernels
 from vlkernels.attention import triton as attn_triton
@@ -111,31 +111,7 @@ def test_generate_paligemma_with_a_long_prompt_splits_the_keys():
 
 def test_generate_idefics():
     torch.manual_seed(0)
-    model = T.IdeficsForVisionText2Text(
-        T.IdeficsConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=120,
-            additional_vocab_size=2,
-            alpha_initializer="zeros",
-            cross_layer_interval=1,
-            vision_config=dict(
-                embed_dim=32,
-                image_size=16,
-                patch_size=8,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=64,
-            ),
-            perceiver_config=dict(use_resampler=False),
-        )
-    )
-    with torch.no_grad():  # open the tanh gates so that the cross-attention matters
-        for name, p in model.named_parameters():
-            if "alpha" in name:
-                p.fill_(0.5)
+    model = tiny_idefics()
     ids = torch.randint(5, 99, (2, 7), device=DEVICE)
     inputs = dict(
         input_ids=ids,

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, assert_launched, launched
+from helpers import DEVICE, assert_launched, launched, tiny_idefics
 
 import vlkernels
 from vlkernels import masks
@@ -207,31 +207,7 @@ def test_patch_hf_blip_flava_idefics_outputs_and_gradients():
         flava, lambda m: m(input_ids=ids, pixel_values=pix, attention_mask=am).multimodal_embeddings
     )
 
-    idefics = T.IdeficsForVisionText2Text(
-        T.IdeficsConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=120,
-            additional_vocab_size=2,
-            alpha_initializer="zeros",
-            cross_layer_interval=1,
-            vision_config=dict(
-                embed_dim=32,
-                image_size=16,
-                patch_size=8,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=64,
-            ),
-            perceiver_config=dict(use_resampler=False),
-        )
-    )
-    with torch.no_grad():  # open the tanh gates so that the cross-attention matters
-        for name, p in idefics.named_parameters():
-            if "alpha" in name:
-                p.fill_(0.5)
+    idefics = tiny_idefics()
     ids9 = torch.randint(5, 99, (2, 9), device=DEVICE)
     _compare_patched(
         idefics,
