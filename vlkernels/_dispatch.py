@@ -69,8 +69,14 @@ def autocast_inputs(*tensors):
 
 
 def no_autocast(like: torch.Tensor):
-    """Around a backend's forward or backward: it computes in its own precision."""
-    return torch.autocast(like.device.type, enabled=False)
+    """Around a backend's forward or backward: it computes in its own precision (autocast off for
+    ``like``'s device, when it is on)."""
+    device = like.device.type
+    return (
+        torch.autocast(device, enabled=False)
+        if torch.is_autocast_enabled(device)
+        else contextlib.nullcontext()
+    )
 
 
 def device_reasons(backend: str, device: torch.device) -> list[str]:

@@ -2,8 +2,10 @@
 tuples, and the op schemas (Triton and C++), fake kernels and launchers derive from them.
 
 Shapes: q [Bq, H, Lq, D] (Bq = B, or 1 for queries shared by the batch), k and v [B, Hk, Lk, D],
-out and grad_out [B, H, Lq, D], lse [B, H, Lq] fp32 (log2 units, +inf for a row with no allowed
-key). The output's memory is laid out as [B, Lq, H, D], so merging heads is free.
+out and grad_out [B, H, Lq, D], lse [B, H, Lq] fp32: the rows' log-sum-exp, which the backward of
+the backend that computed it takes back (the kernels: log2 units, +inf for a row with no allowed
+key; the torch backend on CPU: PyTorch's CPU kernel's, natural log, 0 for such a row). The
+output's memory is laid out as [B, Lq, H, D], so merging heads is free.
 """
 
 from __future__ import annotations

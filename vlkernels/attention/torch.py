@@ -1,11 +1,13 @@
-"""The PyTorch backend of attention, for any device and mask. Same outputs as the kernels: out and
-the log2 log-sum-exp, 0 and +inf for rows with no allowed key.
+"""The PyTorch backend of attention, for any device and mask: out (0 for rows with no allowed key)
+and the row log-sum-exp its backward takes back.
 
 On CPU it runs PyTorch's own fused CPU attention (the kernel behind SDPA there), forward and
 backward, with the mask as one additive float [B or 1, H or 1, Lq, Lk] tensor (built once for a
 mask and reused while its tensors are unchanged); its output keeps SDPA's [B, H, Lq, D] memory
-layout. Elsewhere, and with soft-capping or dropout: the
-kernels' algorithm in PyTorch operations (fp32 arithmetic; materialises the [B, H, Lq, Lk] scores)."""
+layout, its lse is that kernel's own (natural log, 0 for a row with no allowed key, which its
+backward takes as it is). Elsewhere, and with soft-capping or dropout: the kernels' algorithm in
+PyTorch operations (fp32 arithmetic; materialises the [B, H, Lq, Lk] scores; the kernels' log2
+lse, +inf for a row with no allowed key)."""
 
 from __future__ import annotations
 
@@ -39,13 +41,12 @@ def _scores(a: A.AttentionArgs):
 
 
 def _per_query_head(a: A.AttentionArgs):
-    """q, k, v with k and v repeated per query head and q expanded over the batch (views)."""
-    B, Hk = a.k.shape[:2]
-    H = a.q.shape[1]
-    k, v = a.k, a.v
-    if H != Hk:  # grouped keys: each key head serves H // Hk query heads
-        k, v = (t.repeat_interleave(H // Hk, dim=1) for t in (k, v))
-    return a.q.expand(B, *a.q.shape[1:]), k, v
+    """q, k, v with k and v repeated per query head and q expanded over the batch (a view)."""
+    q, k, v = a.q, a.k, a.v
+    B, Hk = k.shape[:2]
+    if q.shape[1] != Hk:  # grouped keys: each key head serves H // Hk query heads
+        k, v = (t.repeat_interleave(q.shape[1] // Hk, dim=1) for t in (k, v))
+    return (q if q.shape[0] == B else q.expand(B, *q.shape[1:])), k, v
 
 
 _RECENT_MASKS: list = []  # [(key, tensors the key names, result)], newest last
@@ -56,12 +57,16 @@ _RECENT_BYTES = 64 << 20  # a larger mask is rebuilt rather than kept between ca
 def _mask_key(a: A.AttentionArgs):
     """What ``_additive``'s result depends on: the sizes, the dtype, the mask's integers and the
     identity and version of each of its tensors (None when a tensor has no version counter)."""
-    tensors = [t for t in a.mask if isinstance(t, torch.Tensor)]
-    if any(t.is_inference() for t in tensors):
-        return None, tensors
-    scalars = tuple(x for x in a.mask if not isinstance(x, torch.Tensor))
-    ids = tuple((id(t), t._version) if isinstance(t, torch.Tensor) else None for t in a.mask)
-    return (a.q.shape[2], a.k.shape[2], a.q.dtype, a.q.device, scalars, ids), tensors
+    tensors, key = [], [a.q.shape[2], a.k.shape[2], a.q.dtype, a.q.device]
+    for x in a.mask:
+        if isinstance(x, torch.Tensor):
+            if x.is_inference():
+                return None, tensors
+            tensors.append(x)
+            key.append((id(x), x._version))
+        else:
+            key.append(x)
+    return tuple(key), tensors
 
 
 def _additive_recent(a: A.AttentionArgs):
@@ -77,59 +82,40 @@ def _additive_recent(a: A.AttentionArgs):
         if k == key:
             return result
     result = _additive(a)
-    add = result[0]
-    if add is not None and add.numel() * add.element_size() > _RECENT_BYTES:
+    if result is not None and result.numel() * result.element_size() > _RECENT_BYTES:
         return result
     _RECENT_MASKS.append((key, tensors, result))
     del _RECENT_MASKS[:-_RECENT_MAX]
     return result
 
 
-def _additive(a: A.AttentionArgs):
-    """(the mask as the additive float tensor SDPA's CPU kernel takes, or None; rows with no
-    allowed key, bool broadcastable to [B, H, Lq], or None)."""
+def _additive(a: A.AttentionArgs) -> torch.Tensor | None:
+    """The mask as the additive float tensor SDPA's CPU kernel takes (-inf = not allowed), or None."""
     m, (Lq, Lk) = a.mask, (a.q.shape[2], a.k.shape[2])
     if not m.restricts() and m.bias is None:
-        return None, None
+        return None
     if not m.restricts():
         add = m.bias.to(a.q.dtype)
-        add = add.expand(*add.shape[:-2], Lq, Lk) if add.dim() >= 2 else add.expand(Lq, Lk)
-        return add, _or_none(~(add > float("-inf")).any(-1))
-    lo, hi = m.intervals(Lq, Lk, a.q.device)
+        return add.expand(*add.shape[:-2], Lq, Lk) if add.dim() >= 2 else add.expand(Lq, Lk)
     zero = torch.zeros((), dtype=a.q.dtype, device=a.q.device)
-    add = torch.where(m.allowed(Lq, Lk, a.q.device, (lo, hi)), zero, float("-inf"))
-    if m.bias is None and m.dense_mask is None:  # an empty interval is an empty row
-        return add, _or_none((lo >= hi)[:, None])
-    if m.bias is not None:
-        add = add + m.bias.to(a.q.dtype)
-    return add, _or_none(~(add > float("-inf")).any(-1))
-
-
-def _or_none(empty: torch.Tensor) -> torch.Tensor | None:
-    """The empty-row flags, or None when no row is empty (a host check: this path runs on CPU;
-    traced, the flags)."""
-    return empty if torch.compiler.is_compiling() or bool(empty.any()) else None
+    add = torch.where(m.allowed(Lq, Lk, a.q.device), zero, float("-inf"))
+    return add if m.bias is None else add + m.bias.to(a.q.dtype)
 
 
 def _cpu_forward(a: A.AttentionArgs):
+    """PyTorch's CPU kernel: out in SDPA's layout (a copy to [B, Lq, H, D] costs more than it
+    saves), its own lse (rows with no allowed key: out 0, lse 0)."""
     q, k, v = _per_query_head(a)
-    add, empty = _additive_recent(a)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=add, scale=a.scale
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=_additive_recent(a), scale=a.scale
     )
-    lse = lse.mul_(LOG2E)  # the kernel's own new tensor
-    if empty is not None:
-        lse.masked_fill_(empty.expand(lse.shape), float("inf"))
-    return out, lse  # SDPA's layout: a copy to [B, Lq, H, D] costs more than it saves
 
 
 def _cpu_backward(g: A.AttentionGradArgs):
     a = g.fwd
     q, k, v = _per_query_head(a)
-    add, _ = _additive_recent(a)
-    lse = (g.lse / LOG2E).nan_to_num(posinf=0.0)  # the kernel's convention for empty rows
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        g.grad_out, q, k, v, g.out, lse, 0.0, False, attn_mask=add, scale=a.scale
+        g.grad_out, q, k, v, g.out, g.lse, 0.0, False, attn_mask=_additive_recent(a), scale=a.scale
     )
     return _group_sum(dq, a.q), _group_sum(dk, a.k), _group_sum(dv, a.v)
 
@@ -167,7 +153,8 @@ def _score_grad(g: A.AttentionGradArgs):
     """(dLoss/dscores [B, H, Lq, Lk] fp32: of the scores after the cap (what the bias is added
     to), the cap's derivative, the probabilities after dropout, do, q, k)."""
     s, dcap, q, k, v = _scores(g.fwd)
-    p = torch.exp(s - (g.lse / LOG2E)[..., None])  # 0 where masked and in rows with no key
+    lse = g.lse if _fused_cpu(g.fwd) else g.lse / LOG2E  # natural log (module docstring)
+    p = torch.exp(s - lse[..., None])  # 0 where masked and in rows with no key
     do = g.grad_out.float()
     dp = torch.matmul(do, v.transpose(-1, -2)) * _dropout_factor(g.fwd)
     delta = (p * dp).sum(-1, keepdim=True)  # = rowsum(o · do), without the output's rounding
