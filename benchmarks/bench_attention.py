@@ -10,6 +10,7 @@ cannot run a case is skipped with a note.
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 import vlkernels
 from vlkernels import masks
 from vlkernels.reference import attention_ref
+
+OURS_CPU = "vlkernels-torch"  # on CPU without the interpreter: the torch backend
 
 
 @dataclasses.dataclass
@@ -160,7 +163,7 @@ def providers(device) -> dict[str, Callable | str]:
     }
     if _cpu_timing(device):
         out["vlkernels-triton"] = "needs a GPU or TRITON_INTERPRET=1 (untimed)"
-        out["vlkernels-torch"] = lambda q, k, v, m, dense: vlkernels.attention(q, k, v, m, backend="torch")
+        out[OURS_CPU] = lambda q, k, v, m, dense: vlkernels.attention(q, k, v, m, backend="torch")
     if device.type != "cuda":
         out["flex-attention"] = "needs a GPU (compiled)"
         out["xformers"] = "needs a GPU"
@@ -242,9 +245,18 @@ def _inputs(case: Case, ci: int, device, dtype):
     return q, k, v, mask, dense.expand(case.B, 1, case.Lq, case.Lk)
 
 
+def _quantiles(t: list[float]) -> tuple[float, float, float]:
+    t = sorted(t)
+    pick = lambda f: t[round(f * (len(t) - 1))]
+    return pick(0.2), pick(0.5), pick(0.8)
+
+
 def _measure_cpu(fns: dict, q, k, v, mask, dense, quick) -> dict[str, list[tuple[str, str, tuple]]]:
-    """Per provider, as ``_measure``: the providers' calls alternate (round-robin over 3 or 21
-    rounds after one untimed call each), so drift of a shared CPU reaches all of them alike."""
+    """Per provider, as ``_measure``: the providers' calls alternate (3 or 42 rounds after one
+    untimed call each, in an order shuffled every round: who runs after whom changes the caches),
+    so drift of a shared CPU reaches all of them alike. With them, per peer and mode,
+    ``OURS_CPU``'s time over the peer's in the same round (metric ``x_<peer>``, quantiles over the
+    rounds): the paired ratio, which that drift cancels out of."""
     from benchmarks.common import cpu_peak_mib
 
     do = torch.randn(k.shape[0], q.shape[1], q.shape[2], q.shape[3])
@@ -260,20 +272,22 @@ def _measure_cpu(fns: dict, q, k, v, mask, dense, quick) -> dict[str, list[tuple
     for mode in ("forward", "backward", "full"):
         for name in calls:
             calls[name][mode]()
-        for _ in range(3 if quick else 21):
-            for name in calls:
+        names, order = list(calls), random.Random(0)
+        for _ in range(3 if quick else 42):
+            order.shuffle(names)
+            for name in names:
                 t0 = time.perf_counter()
                 calls[name][mode]()
                 times[name, mode].append((time.perf_counter() - t0) * 1e3)
     res = {}
     for name in calls:
-        res[name] = []
-        for mode in ("forward", "backward", "full"):
-            t = sorted(times[name, mode])
-            pick = lambda f, t=t: t[round(f * (len(t) - 1))]
-            res[name].append((mode, "ms", (pick(0.2), pick(0.5), pick(0.8))))
+        res[name] = [(mode, "ms", _quantiles(times[name, mode])) for mode in ("forward", "backward", "full")]
         mem = cpu_peak_mib(calls[name]["full"])
         res[name].append(("full", "peak_MiB", (mem, mem, mem)))
+    for peer in [n for n in calls if n != OURS_CPU] if OURS_CPU in calls else []:
+        for mode in ("forward", "backward", "full"):
+            paired = [a / b for a, b in zip(times[OURS_CPU, mode], times[peer, mode], strict=True)]
+            res[OURS_CPU].append((mode, f"x_{peer}", _quantiles(paired)))
     return res
 
 

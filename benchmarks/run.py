@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     ours = {
         (r["op"], r["shape"], r["mode"], r["metric"]): r["p50"]
         for r in measured
-        if r["provider"].startswith("vlkernels")
+        if r["provider"].startswith("vlkernels") and not r["metric"].startswith("x_")  # x_: paired ratios
     }
     print(f"{'op':<22} {'shape':<26} {'provider':<17} {'mode':<8} {'metric':<9} {'p50':>10} {'/ ours':>7}")
     for r in measured:

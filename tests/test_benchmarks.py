@@ -32,7 +32,8 @@ def test_model_step_benchmark_and_plots_run(tmp_path):
 
 def test_cpu_attention_timing_alternates_providers_and_measures_memory():
     """The CPU path of the attention benchmark (what runs without a GPU or the interpreter): every
-    provider timed in each mode, the peak memory from the CPU allocator's events."""
+    provider timed in each mode, the peak memory from the CPU allocator's events, and vlkernels'
+    time over each peer's in the same round (paired ratios)."""
     import torch
 
     from vlkernels import masks
@@ -40,15 +41,17 @@ def test_cpu_attention_timing_alternates_providers_and_measures_memory():
     case = bench_attention.Case("t", 2, 2, 3, 40, 40, 16, lambda d: masks.causal())
     q, k, v, mask, dense = bench_attention._inputs(case, 1, torch.device("cpu"), torch.float32)
     fns = {
-        "vlkernels-torch": lambda q, k, v, m, d: bench_attention.vlkernels.attention(
+        bench_attention.OURS_CPU: lambda q, k, v, m, d: bench_attention.vlkernels.attention(
             q, k, v, m, backend="torch"
         ),
         "sdpa": lambda q, k, v, m, d: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=d),
     }
     res = bench_attention._measure_cpu(fns, q, k, v, mask, dense, quick=True)
+    modes = ("forward", "backward", "full")
     for name in fns:
         got = {(mode, metric): p50 for mode, metric, (_, p50, _) in res[name]}
-        assert set(got) == {("forward", "ms"), ("backward", "ms"), ("full", "ms"), ("full", "peak_MiB")}
+        paired = {(mode, "x_sdpa") for mode in modes} if name == bench_attention.OURS_CPU else set()
+        assert set(got) == {(m, "ms") for m in modes} | {("full", "peak_MiB")} | paired
         assert all(t > 0 for t in got.values())  # 2 x 3 x 40 x 16 fp32 gradients alone are 45 KiB
 
 
