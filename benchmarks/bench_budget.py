@@ -803,12 +803,15 @@ def missed_targets(w: Workload, values: dict) -> list[str]:
 
 # Spill (stack) bytes of the CUDA kernels that spill; every other kernel: 0. Head dim 256 keeps
 # two 64x256 fp32 accumulators per block in dk/dv; the contrastive backward keeps 32 B of indices.
-CUDA_SPILL_BUDGETS = {
-    "attn_dkdv_kernel<float, 256>": 896,  # 816 before soft-capping and dropout
-    "attn_dkdv_kernel<bf16, 128>": 8,  # 0 before soft-capping and dropout (their runtime branches)
-    "attn_dkdv_kernel<fp16, 128>": 8,
-    "attn_dkdv_kernel<bf16, 256>": 440,
-    "attn_dkdv_kernel<fp16, 256>": 440,
+CUDA_SPILL_BUDGETS = {  # the attention kernels' last argument: soft-capping and dropout compiled in
+    "attn_dkdv_kernel<float, 256, false>": 816,
+    "attn_dkdv_kernel<float, 256, true>": 896,
+    "attn_dkdv_kernel<bf16, 128, true>": 8,
+    "attn_dkdv_kernel<fp16, 128, true>": 8,
+    "attn_dkdv_kernel<bf16, 256, false>": 440,
+    "attn_dkdv_kernel<fp16, 256, false>": 440,
+    "attn_dkdv_kernel<bf16, 256, true>": 400,
+    "attn_dkdv_kernel<fp16, 256, true>": 400,
     "ctr_bwd_kernel<float>": 32,
     "ctr_bwd_kernel<bf16>": 32,
     "ctr_bwd_kernel<fp16>": 32,

@@ -68,9 +68,11 @@ __device__ __forceinline__ bool allowed(const MaskArgs& m, int64_t b, int h, int
 }
 
 // A score in log2 units from q·k: scaled, then capped (softcap > 0: softcap * tanh(s / softcap),
-// Gemma 2); dcap = the cap's derivative (1 without a cap).
+// Gemma 2); dcap = the cap's derivative (1 without a cap). X: the kernel was instantiated for
+// soft-capping or dropout (extras()); without, neither is compiled in.
+template <bool X>
 __device__ __forceinline__ float score(const AttnArgs& a, float qk, float& dcap) {
-  if (a.softcap > 0.f) {
+  if (X && a.softcap > 0.f) {
     const float t = tanhf(qk * a.scale / a.softcap);
     dcap = 1.f - t * t;
     return t * a.softcap * 1.4426950408889634f;
@@ -95,8 +97,9 @@ __device__ __forceinline__ uint32_t philox(uint64_t seed, uint32_t c0, uint32_t 
 }
 
 // Attention dropout's factor of probability (b, h, row, col): 1 / (1 - p) kept, 0 dropped, 1 off.
+template <bool X>
 __device__ __forceinline__ float keep(const AttnArgs& a, int64_t b, int h, int row, int col) {
-  if (!a.dropout) return 1.f;
+  if (!X || !a.dropout) return 1.f;
   const uint32_t r = philox(a.seed, uint32_t(col), uint32_t(row), uint32_t(b * a.H + h), 0u);
   return int(r >> 8) >= a.dropout_threshold ? a.dropout_scale : 0.f;
 }
@@ -127,7 +130,7 @@ __device__ __forceinline__ void range_of(const int* lo_s, const int* hi_s, int r
   }
 }
 
-template <typename T, int DP>
+template <typename T, int DP, bool X>
 __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec) {
   using C = Cfg<T, DP>;
   constexpr int BM = C::FWD_BM, BN = C::FWD_BN, LD = C::LD;
@@ -181,7 +184,7 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
         const int r = e >> 1, col = n0 + j * 8 + c_col(e);
         const bool ok = allowed(a.mask, b, h, m0 + r0 + c_row(e), col, lo[r], hi[r]);
         float dcap = 1.f;  // (masked elements: score is not called)
-        s[j][e] = ok ? score(a, s[j][e], dcap) : NEG_INF;
+        s[j][e] = ok ? score<X>(a, s[j][e], dcap) : NEG_INF;
         mx[r] = fmaxf(mx[r], s[j][e]);
       }
     float m_safe[2], alpha[2], rs[2] = {0.f, 0.f};
@@ -198,7 +201,7 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
       for (int e = 0; e < 4; ++e) {
         s[j][e] = exp2f(s[j][e] - m_safe[e >> 1]);
         rs[e >> 1] += s[j][e];
-        s[j][e] *= keep(a, b, h, m0 + r0 + c_row(e), n0 + j * 8 + c_col(e));  // after the sum: dropout
+        s[j][e] *= keep<X>(a, b, h, m0 + r0 + c_row(e), n0 + j * 8 + c_col(e));  // after the sum: dropout
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l_i[r] = l_i[r] * alpha[r] + quad_sum(rs[r]);
@@ -275,7 +278,7 @@ __global__ void __launch_bounds__(128) attn_delta_kernel(AttnArgs a) {
 
 // dq of one query tile, summed over the batch entries of chunk blockIdx.z (shared queries: into
 // dq_partial[chunk]; otherwise the chunk is one batch entry and dq is written directly).
-template <typename T, int DP>
+template <typename T, int DP, bool X>
 __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) {
   using C = Cfg<T, DP>;
   constexpr int BM = C::DQ_BM, BN = C::DQ_BN, LD = C::LD;
@@ -335,8 +338,8 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
           const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
           const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
           float dcap = 1.f;  // (masked elements: score is not called)
-          const float pe = ok ? exp2f(score(a, p[j][e], dcap) - lse[r]) : 0.f;
-          p[j][e] = pe * dcap * (dp[j][e] * keep(a, b, h, row, col) - delta[r]);  // dS
+          const float pe = ok ? exp2f(score<X>(a, p[j][e], dcap) - lse[r]) : 0.f;
+          p[j][e] = pe * dcap * (dp[j][e] * keep<X>(a, b, h, row, col) - delta[r]);  // dS
         }
       mm_pv<T, DP, BN / 16>(dq, p, Ks, LD);
     }
@@ -363,7 +366,7 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
 
 // dk, dv of one key tile (the warps' rows are keys): loops over the query heads that share it and
 // over the query tiles whose allowed intervals touch it.
-template <typename T, int DP>
+template <typename T, int DP, bool X>
 __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec) {
   using C = Cfg<T, DP>;
   constexpr int BN = C::KV_BN, BM = C::KV_BM, LD = C::LD;
@@ -417,8 +420,8 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
           const int qi = j * 8 + c_col(e), key = n0 + r0 + c_row(e);
           const bool ok = allowed(a.mask, b, h, m0 + qi, key, lo_s[qi], hi_s[qi]);
           float dcap = 1.f;  // (masked elements: score is not called)
-          const float p = ok ? exp2f(score(a, pt[j][e], dcap) - lse_s[qi]) : 0.f;
-          dpt[j][e] = p * keep(a, b, h, m0 + qi, key);  // P^T after dropout, for dV
+          const float p = ok ? exp2f(score<X>(a, pt[j][e], dcap) - lse_s[qi]) : 0.f;
+          dpt[j][e] = p * keep<X>(a, b, h, m0 + qi, key);  // P^T after dropout, for dV
           pt[j][e] = p * dcap;                          // P^T times the cap's derivative, for dS
         }
       mm_pv<T, DP, BM / 16>(dv, dpt, Os, LD);
@@ -432,7 +435,7 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = j * 8 + c_col(e);
-          const float z = keep(a, b, h, m0 + qi, n0 + r0 + c_row(e));
+          const float z = keep<X>(a, b, h, m0 + qi, n0 + r0 + c_row(e));
           dpt[j][e] = pt[j][e] * (dpt[j][e] * z - delta_s[qi]);  // dS^T
         }
       mm_pv<T, DP, BM / 16>(dk, dpt, Qs, LD);
@@ -476,11 +479,15 @@ void allow_smem(Kernel kernel, int bytes) {
 #endif
 }
 
-template <typename T, int DP>
+// Whether a call needs the kernels instantiated with soft-capping and dropout (X = true); the
+// others leave that code out (registers: it made dk/dv spill at head dim 128).
+bool extras(const AttnArgs& a) { return a.softcap > 0.f || a.dropout; }
+
+template <typename T, int DP, bool X>
 const char* fwd(const AttnArgs& a, void* stream) {
   using C = Cfg<T, DP>;
   const int smem = C::smem(C::FWD_BM + 2 * C::FWD_BN, C::FWD_BM);
-  auto kernel = attn_fwd_kernel<T, DP>;
+  auto kernel = attn_fwd_kernel<T, DP, X>;
   allow_smem(kernel, smem);
   dim3 grid(cdiv(a.Lq, C::FWD_BM) * a.splits, a.H, a.B);
   VLK_LAUNCH(kernel, grid, dim3(C::FWD_BM * 2), smem, stream, a, vec_flags<T>(a));
@@ -491,13 +498,13 @@ const char* fwd(const AttnArgs& a, void* stream) {
   VLK_CHECK_LAUNCH();
 }
 
-template <typename T, int DP>
+template <typename T, int DP, bool X>
 const char* bwd(const AttnArgs& a, void* stream) {
   using C = Cfg<T, DP>;
   const VecFlags vec = vec_flags<T>(a);
   auto delta = attn_delta_kernel<T>;
-  auto dkdv = attn_dkdv_kernel<T, DP>;
-  auto dq = attn_dq_kernel<T, DP>;
+  auto dkdv = attn_dkdv_kernel<T, DP, X>;
+  auto dq = attn_dq_kernel<T, DP, X>;
   VLK_LAUNCH(delta, dim3(cdiv(a.Lq, 4), a.H, a.B), dim3(128), 0, stream, a);
   const int smem_kv = C::smem(2 * C::KV_BN + 2 * C::KV_BM, C::KV_BM);
   allow_smem(dkdv, smem_kv);
@@ -510,21 +517,26 @@ const char* bwd(const AttnArgs& a, void* stream) {
   VLK_CHECK_LAUNCH();
 }
 
-template <typename T>
+template <typename T, bool X>
 const char* dispatch_dim(const AttnArgs& a, void* stream, bool forward) {
-  if (a.D <= 32) return forward ? fwd<T, 32>(a, stream) : bwd<T, 32>(a, stream);
-  if (a.D <= 64) return forward ? fwd<T, 64>(a, stream) : bwd<T, 64>(a, stream);
-  if (a.D <= 128) return forward ? fwd<T, 128>(a, stream) : bwd<T, 128>(a, stream);
-  return forward ? fwd<T, 256>(a, stream) : bwd<T, 256>(a, stream);
+  if (a.D <= 32) return forward ? fwd<T, 32, X>(a, stream) : bwd<T, 32, X>(a, stream);
+  if (a.D <= 64) return forward ? fwd<T, 64, X>(a, stream) : bwd<T, 64, X>(a, stream);
+  if (a.D <= 128) return forward ? fwd<T, 128, X>(a, stream) : bwd<T, 128, X>(a, stream);
+  return forward ? fwd<T, 256, X>(a, stream) : bwd<T, 256, X>(a, stream);
+}
+
+template <typename T>
+const char* dispatch(const AttnArgs& a, void* stream, bool forward) {
+  return extras(a) ? dispatch_dim<T, true>(a, stream, forward) : dispatch_dim<T, false>(a, stream, forward);
 }
 
 }  // namespace
 
 const char* attention_fwd(const AttnArgs& a, DType dt, void* stream) {
-  return with_dtype(dt, [&](auto x) { return dispatch_dim<decltype(x)>(a, stream, true); });
+  return with_dtype(dt, [&](auto x) { return dispatch<decltype(x)>(a, stream, true); });
 }
 const char* attention_bwd(const AttnArgs& a, DType dt, void* stream) {
-  return with_dtype(dt, [&](auto x) { return dispatch_dim<decltype(x)>(a, stream, false); });
+  return with_dtype(dt, [&](auto x) { return dispatch<decltype(x)>(a, stream, false); });
 }
 
 }  // namespace vlk
