@@ -213,3 +213,40 @@ def tiny_idefics():
             if "alpha" in name:
                 p.fill_(0.5)
     return model
+
+
+def tiny_paligemma(text_config):
+    """transformers' PaliGemmaForConditionalGeneration at test size: a one-layer SigLIP (hidden 32,
+    16-pixel images, 4 patches) and ``text_config`` (a Gemma or Gemma 2 config); image token 100."""
+    import transformers
+
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+    )
+    cfg = transformers.PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_index=100,
+        projection_dim=text_config.hidden_size,
+    )
+    return transformers.PaliGemmaForConditionalGeneration(cfg)
+
+
+def paligemma_inputs(batch: int, n_img: int, n_prompt: int, n_suffix: int) -> dict:
+    """Inputs of ``tiny_paligemma``: random ids after ``n_img`` image tokens, one image each, the
+    suffix marked by token_type_ids (causal; image + prompt form the bidirectional prefix)."""
+    ids = torch.randint(0, 99, (batch, n_img + n_prompt + n_suffix), device=DEVICE)
+    ids[:, :n_img] = 100
+    token_type = torch.zeros_like(ids)
+    token_type[:, n_img + n_prompt :] = 1
+    return dict(
+        input_ids=ids,
+        pixel_values=torch.randn(batch, 3, 16, 16, device=DEVICE),
+        token_type_ids=token_type,
+        attention_mask=torch.ones_like(ids),
+    )

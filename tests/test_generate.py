@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, assert_launched, tiny_idefics
+from helpers import DEVICE, assert_launched, paligemma_inputs, tiny_idefics, tiny_paligemma
 
 import vlkernels
 from vlkernels.attention import triton as attn_triton
@@ -78,14 +78,6 @@ def test_generate_paligemma_with_a_long_prompt_splits_the_keys():
     """Prompt of 280 tokens: every decoding step's single query row attends over more than 256
     cached keys, which the forward splits across programs."""
     torch.manual_seed(0)
-    vision = T.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=8,
-    )
     text = T.GemmaConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -95,17 +87,8 @@ def test_generate_paligemma_with_a_long_prompt_splits_the_keys():
         head_dim=16,
         vocab_size=120,
     )
-    cfg = T.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=100, projection_dim=32)
-    model = T.PaliGemmaForConditionalGeneration(cfg)
-    n_img, n_prompt = 4, 276
-    ids = torch.randint(0, 99, (1, n_img + n_prompt), device=DEVICE)
-    ids[:, :n_img] = 100
-    inputs = dict(
-        input_ids=ids,
-        pixel_values=torch.randn(1, 3, 16, 16, device=DEVICE),
-        attention_mask=torch.ones_like(ids),
-        token_type_ids=torch.zeros_like(ids),
-    )
+    model = tiny_paligemma(text)
+    inputs = paligemma_inputs(1, n_img=4, n_prompt=276, n_suffix=0)
     _same_tokens(model, inputs, 4, decode_split=DEVICE == "cpu")
 
 

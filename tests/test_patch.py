@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, assert_launched, launched, tiny_idefics
+from helpers import DEVICE, assert_launched, launched, paligemma_inputs, tiny_idefics, tiny_paligemma
 
 import vlkernels
 from vlkernels import masks
@@ -128,14 +128,6 @@ def test_patch_paligemma_prefix_lm(monkeypatch):
 
     patch_mod = importlib.import_module("vlkernels.patch")
     torch.manual_seed(0)
-    vision = transformers.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=8,
-    )
     text = transformers.GemmaConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -145,21 +137,10 @@ def test_patch_paligemma_prefix_lm(monkeypatch):
         head_dim=16,
         vocab_size=120,
     )
-    cfg = transformers.PaliGemmaConfig(
-        vision_config=vision, text_config=text, image_token_index=100, projection_dim=64
-    )
-    ref = transformers.PaliGemmaForConditionalGeneration(cfg)
-    n_img, n_prompt, n_suffix = 4, 6, 5
-    ids = torch.randint(0, 99, (2, n_img + n_prompt + n_suffix), device=DEVICE)
-    ids[:, :n_img] = 100
-    token_type = torch.zeros_like(ids)
-    token_type[:, n_img + n_prompt :] = 1  # suffix: causal; image + prompt: bidirectional prefix
-    kw = dict(
-        input_ids=ids,
-        pixel_values=torch.randn(2, 3, 16, 16, device=DEVICE),
-        token_type_ids=token_type,
-        attention_mask=torch.ones_like(ids),
-    )
+    ref = tiny_paligemma(text)
+    n_img, n_prompt = 4, 6
+    kw = paligemma_inputs(2, n_img, n_prompt, n_suffix=5)
+    ids = kw["input_ids"]
     seen = []
     original = patch_mod.hf_attention_forward
 
@@ -280,14 +261,6 @@ def test_patch_paligemma2_softcap_and_sliding_window(monkeypatch):
 
     patch_mod = importlib.import_module("vlkernels.patch")
     torch.manual_seed(0)
-    vision = transformers.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=8,
-    )
     text = transformers.Gemma2Config(
         hidden_size=64,
         intermediate_size=128,
@@ -300,21 +273,8 @@ def test_patch_paligemma2_softcap_and_sliding_window(monkeypatch):
         attn_logit_softcapping=2.0,
         query_pre_attn_scalar=16,
     )
-    cfg = transformers.PaliGemmaConfig(
-        vision_config=vision, text_config=text, image_token_index=100, projection_dim=64
-    )
-    ref = transformers.PaliGemmaForConditionalGeneration(cfg)
-    n_img, n_prompt, n_suffix = 4, 6, 9
-    ids = torch.randint(0, 99, (2, n_img + n_prompt + n_suffix), device=DEVICE)
-    ids[:, :n_img] = 100
-    token_type = torch.zeros_like(ids)
-    token_type[:, n_img + n_prompt :] = 1
-    kw = dict(
-        input_ids=ids,
-        pixel_values=torch.randn(2, 3, 16, 16, device=DEVICE),
-        token_type_ids=token_type,
-        attention_mask=torch.ones_like(ids),
-    )
+    ref = tiny_paligemma(text)
+    kw = paligemma_inputs(2, n_img=4, n_prompt=6, n_suffix=9)
     caps = []
     original = patch_mod.hf_attention_forward
 
