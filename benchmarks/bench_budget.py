@@ -363,7 +363,10 @@ def _attention_flops(launch, mask) -> int:
     lo, hi = _intervals(mask, B, Lq, Lk)
     if name == "_attn_fwd":  # S = QKᵀ, O += PV
         per_split = a["KEYS_PER_SPLIT"] if a["SPLIT"] else None
-        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk, per_split).sum()) * 2 * tile
+        heads = H
+        if a["PACK"]:  # a program's rows: the query rows of each head of a group, head-major
+            lo, hi, heads = lo.repeat(1, a["GROUP"]), hi.repeat(1, a["GROUP"]), H // a["GROUP"]
+        return heads * int(_key_tiles_visited(lo, hi, BM, BN, Lk, per_split).sum()) * 2 * tile
     if name == "_attn_bwd_dq":  # S, dP = dO Vᵀ, dQ += dS K; FUSED: dV and dK too
         return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * (5 if a["FUSED"] else 3) * tile
     if name == "_attn_bwd_dkdv" and a["FUSED"]:  # every query tile: S, dV, dP, dK, dQ
@@ -707,11 +710,12 @@ BUDGETS = {
         spill_bytes=360,
     ),
     **{
-        f"decode_Lk{Lk}": dict(  # one query row in a 16-row tile: 16x the useful MMA FLOPs (bytes bound)
+        f"decode_Lk{Lk}": dict(  # the 4 query heads of a key head share a 16-row tile: 4x the useful
+            # MMA FLOPs forward (bytes bound); the backward (training on one row) keeps a head per tile
             launches_fwd=1 if Lk == 256 else 2,  # from 1024 keys on: split forward + combine
             launches_bwd=3,
             host_syncs=0,
-            flops_ratio_fwd=16.0,
+            flops_ratio_fwd=4.0,
             flops_ratio_bwd=22.4,
             host_us_fwd=121,
             host_us_bwd=150,

@@ -245,7 +245,8 @@ Attention attn_args(const Args& in) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Flash-decoding's split of the keys (vlkernels/attention/triton.py: decode_splits, same rule): a
+// Flash-decoding's split of the keys (vlkernels/attention/triton.py: decode_splits, same rule with
+// group 1: these kernels give each query head its own programs, they do not pack a group's): a
 // few query rows (Lq <= 16) over many keys, when the query rows alone leave the GPU idle (fewer
 // than two programs per SM); splits of a multiple of 128 keys, at least 256 (emulation: 64 and
 // 128, four splits wanted, as the Triton interpreter).

@@ -551,13 +551,56 @@ def test_decoding_low_precision_two_x_rule_with_softcap(dtype):
         run_case((2, 2, 4, 1, 1, 600, 64), "key_padding", dtype, "triton", softcap=5.0)
 
 
+PACKED_CASES = [  # (B, Bq, H, Hk, Lq, Lk, D), mask: grouped keys, a few query rows
+    ((2, 2, 6, 2, 5, 70, 24), "causal&key_padding"),  # 3 heads x 5 rows in one tile
+    ((2, 1, 8, 1, 7, 45, 16), "dense"),  # 56 rows: a tile boundary inside a head; shared queries
+    ((3, 3, 4, 2, 3, 300, 40), "prefix_lm&pad"),  # split keys too
+    ((2, 2, 4, 2, 16, 64, 16), "media_immediate"),
+]
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: f"{c[1]}-G{c[0][2] // c[0][3]}-Lq{c[0][4]}")
+def test_grouped_query_decoding_packs_the_heads(case):
+    """With grouped keys and a few query rows the forward packs the query heads of a key head into
+    one program's rows (each key head's K and V read once): out and gradients (the backward takes
+    the packed forward's lse) against float64, every mask kind's per-row bounds."""
+    shape, mask_name = case
+    with assert_launched("attention_fwd_packed"):
+        run_case(shape, mask_name, torch.float32, "triton")
+
+
+def test_packed_decoding_per_head_bias_and_dropout():
+    """The per-row heads of a packed tile address a per-head float bias and draw each head's own
+    dropout bits: out and gradients against the float64 reference with the same keep mask."""
+    B, H, Hk, Lq, Lk, D = 2, 6, 2, 3, 50, 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, H, Lq, D, generator=g).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(B, Hk, Lk, D, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    bias = (torch.randn(1, H, Lq, Lk, generator=g) * 2).to(DEVICE).requires_grad_()
+    do = torch.randn(B, H, Lq, D, generator=g).to(DEVICE)
+    inputs = (q, k, v, bias)
+    with assert_launched("attention_fwd_packed"):
+        out = vlkernels.attention(q, k, v, bias, dropout_p=0.3, seed=11, backend="triton")
+        grads = torch.autograd.grad(out, inputs, do)
+    keep = vlkernels.attention_dropout_mask(q, k, 0.3, 11)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = attention_ref(*ref_in, dropout_keep=keep, dropout_p=0.3)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.double())
+    for name, got, want in zip(
+        ("out", "dq", "dk", "dv", "dbias"), (out, *grads), (ref, *ref_grads), strict=True
+    ):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_decode_split_rule():
-    from vlkernels.attention.triton import decode_splits
+    from vlkernels.attention.triton import decode_splits, packs
 
     cpu = torch.device("cpu")
     assert decode_splits(2, 4, 1, 1000, cpu) == (4, 256)  # 4 splits of a multiple of 64 keys
     assert decode_splits(2, 4, 17, 1000, cpu) == (1, 1000)  # more than 16 query rows: one pass
     assert decode_splits(2, 4, 1, 200, cpu) == (1, 200)  # too few keys to split
+    assert packs(4, 2, 16) and not packs(4, 2, 17) and not packs(4, 4, 1)
+    assert decode_splits(2, 8, 1, 1000, cpu, group=4) == (4, 256)
 
 
 DROPOUT_CASES = [  # (B, Bq, H, Hk, Lq, Lk, D), mask: each backward path, shared queries, decoding

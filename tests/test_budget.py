@@ -55,7 +55,7 @@ def _attention_cases():
         ),
         ("window, one query tile", (2, 2, 3, 3, 30, 80, 16), masks.causal() & masks.sliding_window(10)),
         (  # decoding: the keys split across programs (flash-decoding), then combined
-            "decode, split keys",
+            "decode: grouped heads packed, split keys",
             (3, 3, 4, 2, 2, 300, 16),
             masks.key_padding(torch.tensor([300, 77, 0])),
         ),

@@ -75,8 +75,8 @@ def _mask_key(m: MaskArgs) -> str:
 
 @triton.jit
 def _block(P, stride, b, h, rows, cols):
-    """Pointers to P[b, h, rows, cols], [len(rows), len(cols)]."""
-    return P + b * stride[0] + h * stride[1] + rows[:, None] * stride[2] + cols[None, :] * stride[3]
+    """Pointers to P[b, h, rows, cols], [len(rows), len(cols)]; ``h`` one head or one per row."""
+    return P + b * stride[0] + (h * stride[1] + rows * stride[2])[:, None] + cols[None, :] * stride[3]
 
 
 @triton.jit
@@ -176,7 +176,7 @@ def _keep(drop, b, h, H, offs_m, offs_n, DROPOUT: tl.constexpr):
     if DROPOUT:  # (one return: the compiler wants one type per function)
         seed, thresh, scale = drop
         zero = offs_m[:, None] * 0 + offs_n[None, :] * 0
-        bh = (b * H + h).to(tl.int32)
+        bh = (b * H + h + offs_m * 0).to(tl.int32)[:, None]  # one head or one per row
         r, _, _, _ = tl.philox(seed, offs_n[None, :] + zero, offs_m[:, None] + zero, bh + zero, zero)
         z = tl.where((r >> 8).to(tl.int32) >= thresh, scale, 0.0)
     return z
@@ -206,6 +206,21 @@ def _query_tile(H, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     h = outer_h % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     return outer_h // H, h, h // GROUP, offs_m, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _packed_query_tile(H, GROUP, Lq, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The query tile of a program of the packed forward (grouped keys, a few query rows: axis 1
+    is outer * (H // GROUP) + key head): its rows are the (head, query row) pairs of the GROUP
+    query heads of one key head, head-major, so that they read the key head's K and V once.
+    (outer, the rows' heads, key head, the rows' query rows (Lq past GROUP·Lq), feature columns)."""
+    Hk = H // GROUP
+    outer_hk = tl.program_id(1).to(tl.int64)
+    hk = outer_hk % Hk
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = hk * GROUP + tl.minimum(rows // Lq, GROUP - 1)
+    offs_m = tl.where(rows < GROUP * Lq, rows % Lq, Lq)
+    return outer_hk // Hk, h, hk, offs_m, tl.arange(0, BLOCK_D)
 
 
 @triton.jit
@@ -274,19 +289,23 @@ def _bwd_prune(block: str, length: str):
     return prune
 
 
-@autotuned(_FWD_CONFIGS, [*_KEY, "SPLIT"], _INTERPRET_CONFIG, prune=_fit)
+@autotuned(_FWD_CONFIGS, [*_KEY, "SPLIT", "PACK"], _INTERPRET_CONFIG, prune=_fit)
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, drop, KEYS_PER_SPLIT,
     so_split, LQ_KEY, LK_KEY, MASK_KEY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    CAP: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAP: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile over its allowed keys. SPLIT (flash-decoding: few queries, many keys): axis 2
     is a split of KEYS_PER_SPLIT keys (a multiple of BLOCK_N); the program writes its fp32 partial
     output (normalised over its keys) at O + split · so_split and its partial lse (log2; -inf for
-    none) at LSE + split · B·H·Lq, for _attn_fwd_combine."""
-    b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
+    none) at LSE + split · B·H·Lq, for _attn_fwd_combine. PACK: the tile's rows are the query rows
+    of the GROUP heads that share a key head (``_packed_query_tile``)."""
+    if PACK:
+        b, h, hk, offs_m, offs_d = _packed_query_tile(H, GROUP, Lq, BLOCK_M, BLOCK_D)
+    else:
+        b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
     n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
     n_end = tl.max(hi, axis=0)
@@ -295,7 +314,7 @@ def _attn_fwd(
         n_start = tl.maximum(n_start, split * KEYS_PER_SPLIT)
         n_end = tl.minimum(n_end, split * KEYS_PER_SPLIT + KEYS_PER_SPLIT)
         O += split.to(tl.int64) * so_split
-        LSE += split.to(tl.int64) * (tl.num_programs(1) * Lq)
+        LSE += split.to(tl.int64) * (tl.num_programs(1) * (GROUP if PACK else 1) * Lq)  # B·H·Lq
 
     d_ok = offs_d < D
     q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
@@ -582,14 +601,22 @@ def _launch_args(a: A.AttentionArgs) -> _Launch:
     )
 
 
-def decode_splits(B: int, H: int, Lq: int, Lk: int, device: torch.device) -> tuple[int, int]:
+def packs(H: int, Hk: int, Lq: int) -> bool:
+    """Whether the forward packs the query heads that share a key head into one program's rows
+    (``_packed_query_tile``): grouped keys and at most 16 query rows (decoding), where one head's
+    rows would leave most of a tile empty and each query head would read its K and V again."""
+    return H > Hk and Lq <= 16
+
+
+def decode_splits(B: int, H: int, Lq: int, Lk: int, device: torch.device, group: int = 1) -> tuple[int, int]:
     """(splits, keys per split) of the forward: flash-decoding's split of the keys across programs
     when a few query rows (decoding: Lq <= 16) would leave the GPU idle (fewer than two programs
-    per SM) over many keys; (1, Lk) otherwise. A split holds a multiple of 128 keys (of 64 under
-    the interpreter: its tiles are 32 wide), at least 256 (128)."""
+    per SM) over many keys; (1, Lk) otherwise. ``group``: query heads packed per program. A split
+    holds a multiple of 128 keys (of 64 under the interpreter: its tiles are 32 wide), at least 256
+    (128)."""
     interp = device.type != "cuda"
     unit, least = (64, 128) if interp else (128, 256)
-    programs = B * H * triton.cdiv(Lq, 16)
+    programs = B * (H // group) * triton.cdiv(group * Lq, 16)
     if interp:
         target = 4  # no device: enough splits to exercise the combine
     else:
@@ -602,23 +629,26 @@ def decode_splits(B: int, H: int, Lq: int, Lk: int, device: torch.device) -> tup
 
 
 def _forward(a: A.AttentionArgs):
-    B, _, Lk, D = a.k.shape
+    B, Hk, Lk, D = a.k.shape
     H, Lq = a.q.shape[1], a.q.shape[2]
     out = poisoned(a.q.new_empty((B, Lq, H, D))).transpose(1, 2)
     lse = poisoned(a.q.new_empty((B, H, Lq), dtype=torch.float32))
     L = _launch_args(a)
-    splits, per_split = decode_splits(B, H, Lq, Lk, a.q.device)
+    pack = packs(H, Hk, Lq)
+    group = H // Hk if pack else 1  # query heads per program
+    rows = group * Lq  # of a program's query tiles
+    splits, per_split = decode_splits(B, H, Lq, Lk, a.q.device, group)
     o, o_lse, so_split = out, lse, 0
     if splits > 1:  # partials, then the combine
         o = poisoned(a.q.new_empty((splits, B, H, Lq, D), dtype=torch.float32))
         o_lse = poisoned(a.q.new_empty((splits, B * H * Lq), dtype=torch.float32))
         so_split = o.stride(0)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, splits)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), B * H // group, splits)
     # fmt: off
     _attn_fwd[grid](
         a.q, a.k, a.v, o, o_lse, L.sq, L.sk, L.sv, o.stride()[-4:], L.mask, H, Lq=Lq, Lk=Lk, D=D,
         qk_scale=a.scale * LOG2E, softcap=a.softcap, drop=L.drop, KEYS_PER_SPLIT=per_split, so_split=so_split,
-        SPLIT=splits > 1, **L.consts,
+        SPLIT=splits > 1, PACK=pack, **{**L.consts, "LQ_KEY": next_pow2(rows)},
     )
     if splits > 1:
         _attn_fwd_combine[(triton.cdiv(Lq, 16), B * H)](
@@ -628,6 +658,7 @@ def _forward(a: A.AttentionArgs):
         LAUNCHES["attention_fwd_split"] += 1
     # fmt: on
     LAUNCHES["attention_fwd"] += 1
+    LAUNCHES["attention_fwd_packed"] += pack
     return out, lse
 
 
