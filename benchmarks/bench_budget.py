@@ -471,8 +471,11 @@ def host_us(w: Workload, repeats: int = 200) -> tuple[float, float]:
     from vlkernels import _dispatch
 
     inp = _host_inputs(w)
-    saved = _dispatch.device_reasons
+    saved, threads = _dispatch.device_reasons, torch.get_num_threads()
     _dispatch.device_reasons = lambda backend, device: []  # CPU tensors, as if they were CUDA ones
+    # One thread for the path's own small CPU ops (allocations, fills): on a GPU they are launches,
+    # and a thread pool waiting for a core that another process holds added milliseconds.
+    torch.set_num_threads(1)
     try:
         with static.host_launch_path():
             names = call(w, inp)[1]
@@ -489,6 +492,7 @@ def host_us(w: Workload, repeats: int = 200) -> tuple[float, float]:
                 bwd.append(t2 - t1)
     finally:
         _dispatch.device_reasons = saved
+        torch.set_num_threads(threads)
     return _median_us(fwd[1:]), _median_us(bwd[1:])
 
 
