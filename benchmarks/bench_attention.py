@@ -257,7 +257,7 @@ def _measure_cpu(fns: dict, q, k, v, mask, dense, quick) -> dict[str, list[tuple
     so drift of a shared CPU reaches all of them alike. With them, per peer and mode,
     ``OURS_CPU``'s time over the peer's in the same round (metric ``x_<peer>``, quantiles over the
     rounds): the paired ratio, which that drift cancels out of."""
-    from benchmarks.common import cpu_peak_mib
+    from benchmarks.common import PAIRED, cpu_peak_mib
 
     do = torch.randn(k.shape[0], q.shape[1], q.shape[2], q.shape[3])
     calls = {}
@@ -287,7 +287,7 @@ def _measure_cpu(fns: dict, q, k, v, mask, dense, quick) -> dict[str, list[tuple
     for peer in [n for n in calls if n != OURS_CPU] if OURS_CPU in calls else []:
         for mode in ("forward", "backward", "full"):
             paired = [a / b for a, b in zip(times[OURS_CPU, mode], times[peer, mode], strict=True)]
-            res[OURS_CPU].append((mode, f"x_{peer}", _quantiles(paired)))
+            res[OURS_CPU].append((mode, f"{PAIRED}{peer}", _quantiles(paired)))
     return res
 
 

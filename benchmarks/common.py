@@ -14,6 +14,7 @@ import time
 import torch
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "results.csv"
+PAIRED = "x_"  # metric prefix of a paired per-round ratio (metric x_<peer>: vlkernels / <peer>)
 FIELDS = [
     "op",
     "provider",

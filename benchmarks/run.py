@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:], "--quick"], env)
 
-    from benchmarks.common import RESULTS, append_rows
+    from benchmarks.common import PAIRED, RESULTS, append_rows
 
     module = importlib.import_module(f"benchmarks.bench_{args.op}")
     rows = module.run(args.quick, progress=lambda s: print(s, flush=True))
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     ours = {
         (r["op"], r["shape"], r["mode"], r["metric"]): r["p50"]
         for r in measured
-        if r["provider"].startswith("vlkernels") and not r["metric"].startswith("x_")  # x_: paired ratios
+        if r["provider"].startswith("vlkernels") and not r["metric"].startswith(PAIRED)
     }
     print(f"{'op':<22} {'shape':<26} {'provider':<17} {'mode':<8} {'metric':<9} {'p50':>10} {'/ ours':>7}")
     for r in measured:

@@ -3,6 +3,7 @@
 from helpers import ON_GPU, assert_launched
 
 from benchmarks import bench_attention
+from benchmarks.common import PAIRED
 
 
 def test_attention_benchmark_quick_runs_every_provider():
@@ -50,7 +51,7 @@ def test_cpu_attention_timing_alternates_providers_and_measures_memory():
     modes = ("forward", "backward", "full")
     for name in fns:
         got = {(mode, metric): p50 for mode, metric, (_, p50, _) in res[name]}
-        paired = {(mode, "x_sdpa") for mode in modes} if name == bench_attention.OURS_CPU else set()
+        paired = {(mode, f"{PAIRED}sdpa") for mode in modes} if name == bench_attention.OURS_CPU else set()
         assert set(got) == {(m, "ms") for m in modes} | {("full", "peak_MiB")} | paired
         assert all(t > 0 for t in got.values())  # 2 x 3 x 40 x 16 fp32 gradients alone are 45 KiB
 
