@@ -601,27 +601,30 @@ def _launch_args(a: A.AttentionArgs) -> _Launch:
     )
 
 
+DECODE_ROWS = 16  # at most this many query rows is decoding: the height of its tiles (_FWD_CONFIGS)
+
+
 def packs(H: int, Hk: int, Lq: int) -> bool:
     """Whether the forward packs the query heads that share a key head into one program's rows
-    (``_packed_query_tile``): grouped keys and at most 16 query rows (decoding), where one head's
+    (``_packed_query_tile``): grouped keys and at most DECODE_ROWS query rows, where one head's
     rows would leave most of a tile empty and each query head would read its K and V again."""
-    return H > Hk and Lq <= 16
+    return H > Hk and Lq <= DECODE_ROWS
 
 
 def decode_splits(B: int, H: int, Lq: int, Lk: int, device: torch.device, group: int = 1) -> tuple[int, int]:
     """(splits, keys per split) of the forward: flash-decoding's split of the keys across programs
-    when a few query rows (decoding: Lq <= 16) would leave the GPU idle (fewer than two programs
+    when a few query rows (Lq <= DECODE_ROWS) would leave the GPU idle (fewer than two programs
     per SM) over many keys; (1, Lk) otherwise. ``group``: query heads packed per program. A split
     holds a multiple of 128 keys (of 64 under the interpreter: its tiles are 32 wide), at least 256
     (128)."""
     interp = device.type != "cuda"
     unit, least = (64, 128) if interp else (128, 256)
-    programs = B * (H // group) * triton.cdiv(group * Lq, 16)
+    programs = B * (H // group) * triton.cdiv(group * Lq, DECODE_ROWS)
     if interp:
         target = 4  # no device: enough splits to exercise the combine
     else:
         target = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
-    if Lq > 16 or Lk < 2 * least or target < 2:
+    if Lq > DECODE_ROWS or Lk < 2 * least or target < 2:
         return 1, Lk
     per_split = max(least, triton.cdiv(triton.cdiv(Lk, target), unit) * unit)
     splits = triton.cdiv(Lk, per_split)
