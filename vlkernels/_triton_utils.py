@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import os
 
+import numpy as np
 import torch
 import triton
+import triton.language as tl
 
 from vlkernels._dispatch import interpreter_on
 
@@ -75,3 +77,33 @@ def poisoned(out: torch.Tensor) -> torch.Tensor:
     if os.environ.get("VLK_POISON", "0") == "1":
         out.fill_(float("nan"))
     return out
+
+
+def _interpreter_rounds_bf16_to_nearest_even() -> None:
+    """Triton's interpreter converts fp32 to bf16 by dropping the low 16 bits (rounding toward
+    zero: twice the error, and a bias) where a GPU rounds to nearest even (``x.to(tl.bfloat16)``
+    compiles to cvt.rn.bf16.f32); its conversion is replaced by the GPU's rounding, so that the
+    kernels run on CPU tensors compute what they compute on a GPU. Other conversions are left to
+    the interpreter (fp32 -> fp16 already rounds to nearest even through numpy)."""
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+    if getattr(convert, "rounds_to_nearest_even", False):
+        return
+
+    def to_nearest_even(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype != tl.float32 or output_dtype != tl.bfloat16:
+            return convert(input, input_dtype, output_dtype, rounding_mode)
+        bits = np.frombuffer(np.ascontiguousarray(input, dtype=np.float32).tobytes(), dtype=np.uint32)
+        wide = bits.astype(np.uint64)
+        rounded = (wide + 0x7FFF + ((wide >> 16) & 1)) >> 16  # overflows to inf as the GPU does
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        out = np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)  # NaN stays a (quiet) NaN
+        return out.reshape(np.shape(input))
+
+    to_nearest_even.rounds_to_nearest_even = True
+    interpreter._convert_float = to_nearest_even
+
+
+if interpreter_on():
+    _interpreter_rounds_bf16_to_nearest_even()
