@@ -439,10 +439,12 @@ def test_packed_documents_equal_the_padded_batch(backend):
         )
 
 
-def test_torch_backend_reuses_a_mask_only_while_its_tensors_are_unchanged():
+def test_torch_backend_reuses_a_mask_only_for_the_same_contents():
     """The torch backend keeps the additive masks it built for the next calls (the backward, the
-    other layers): the same mask object reuses one; lengths changed in place get a mask built
-    from their new values; a mask above the size limit is not kept."""
+    other layers): a mask of the same contents reuses one, even as another tensor; any change of
+    contents gets a mask built from the new values, whether or not it moves the tensor's version
+    counter (in place, through ``.data``, through a numpy array sharing the memory); a mask above
+    the size limit is not kept."""
     from vlkernels.attention import torch as torch_backend
 
     g = torch.Generator().manual_seed(5)
@@ -450,24 +452,42 @@ def test_torch_backend_reuses_a_mask_only_while_its_tensors_are_unchanged():
     lengths = torch.tensor([20, 7])
     m = masks.causal() & masks.key_padding(lengths)
     calls = []
-    build, limit = torch_backend._additive, torch_backend._RECENT_BYTES
+    build, limit = torch_backend._cpu_mask, torch_backend._RECENT_BYTES
+
+    def run(mask):
+        out = vlkernels.attention(q, k, v, mask, backend="torch")
+        ref = attention_ref(q.double(), k.double(), v.double(), mask.to_dense(2, 20, 20))
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        return out
+
     try:
-        torch_backend._additive = lambda a: calls.append(1) or build(a)
-        first = vlkernels.attention(q, k, v, m, backend="torch")
-        again = vlkernels.attention(q, k, v, m, backend="torch")
-        assert len(calls) == 1 and torch.equal(first, again)
+        torch_backend._cpu_mask = lambda a: calls.append(1) or build(a)
+        torch_backend._RECENT_MASKS.clear()
+        first = run(m)
+        run(m)
+        run(masks.causal() & masks.key_padding(lengths.clone()))  # another tensor, same contents
+        assert len(calls) == 1
         lengths[1] = 3  # in place: the version counter moves
-        changed = vlkernels.attention(q, k, v, m, backend="torch")
-        assert len(calls) == 2
+        run(m)
+        lengths.data[1] = 5  # through .data: the version counter does not move
+        run(m)
+        lengths.numpy()[1] = 9  # through a numpy array sharing the memory: neither does it
+        changed = run(m)
+        assert len(calls) == 4
+        dense = torch.rand(2, 1, 20, 20, generator=g) > 0.5
+        vlkernels.attention(q, k, v, dense, backend="torch")
+        dense.data[0, 0, 0] = ~dense[0, 0, 0]
+        out = vlkernels.attention(q, k, v, dense, backend="torch")
+        ref = attention_ref(q.double(), k.double(), v.double(), dense)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 6
         torch_backend._RECENT_MASKS.clear()
         torch_backend._RECENT_BYTES = 100  # this mask: 2 x 20 x 20 fp32, 3200 B
-        vlkernels.attention(q, k, v, m, backend="torch")
-        vlkernels.attention(q, k, v, m, backend="torch")
-        assert len(calls) == 4  # too large to keep: built each time
+        run(m)
+        run(m)
+        assert len(calls) == 8  # too large to keep: built each time
     finally:
-        torch_backend._additive, torch_backend._RECENT_BYTES = build, limit
-    ref = attention_ref(q.double(), k.double(), v.double(), m.to_dense(2, 20, 20))
-    torch.testing.assert_close(changed.double(), ref, atol=1e-5, rtol=1e-5)
+        torch_backend._cpu_mask, torch_backend._RECENT_BYTES = build, limit
     assert not torch.allclose(changed[1], first[1])
 
 
@@ -523,6 +543,12 @@ def test_varlen_bad_inputs():
         masks.varlen(torch.tensor([0]), 4)
     with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
         masks.varlen(torch.tensor([0, 3]), 0)
+    for cu in ([1, 3, 5], [0, 4, 2, 6], [0, 3, 9]):  # not from 0, not ascending, past seq_len
+        with pytest.raises(
+            ValueError, match=r"cu_seqlens must be non-decreasing from 0 to at most seq_len=8"
+        ):
+            masks.varlen(torch.tensor(cu), 8)
+    masks.varlen(torch.tensor([0, 3, 3, 8]), 8)  # an empty sequence is a sequence
 
 
 DECODE_CASES = [  # (B, Bq, H, Hk, Lq, Lk, D), mask: a few query rows over many keys

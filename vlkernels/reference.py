@@ -20,8 +20,9 @@ def attention_ref(
     """Masked attention, eager. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D] -> [B, H, Lq, D].
 
     ``mask``: None, bool broadcastable to [B, H, Lq, Lk] (True = may attend), float (added to the
-    scaled scores; -inf = may not attend) or a ``Mask``. Rows with no allowed key give 0 and pass
-    0 gradient. ``upcast`` computes in float64. ``softcap``: the scaled scores become softcap ·
+    scaled scores in the wider of the two dtypes, as FlashAttention's reference adds its fp32
+    ALiBi bias; -inf = may not attend) or a ``Mask``. Rows with no allowed key give 0 and pass 0
+    gradient. ``upcast`` computes in float64. ``softcap``: the scaled scores become softcap ·
     tanh(scores / softcap) before a float mask is added (Gemma 2). ``dropout_keep``: bool
     [B, H, Lq, Lk], the probabilities kept by attention dropout (scaled by 1 / (1 - dropout_p)).
     """
@@ -38,8 +39,7 @@ def attention_ref(
     if softcap:
         s = torch.tanh(s / softcap) * softcap
     if mask is not None and not isinstance(mask, Mask) and mask.dtype.is_floating_point:
-        s = s + mask.to(s.dtype)
-        mask = s > float("-inf")
+        s, mask = s + mask, mask != float("-inf")
     if mask is not None:
         allowed = mask.to_dense(B, Lq, Lk) if isinstance(mask, Mask) else mask
         allowed = allowed.expand(B, H, Lq, Lk)
@@ -50,7 +50,7 @@ def attention_ref(
         p = torch.softmax(s, dim=-1)
     if dropout_keep is not None:
         p = p * dropout_keep / (1.0 - dropout_p)
-    out = torch.matmul(p, v)
+    out = torch.matmul(p.to(v.dtype), v)
     return out if upcast else out.to(dtype)
 
 
