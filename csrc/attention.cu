@@ -2,7 +2,9 @@
 // fp32 inputs use exact FMA products). Semantics are those of vlkernels/attention/ (the arguments
 // in args.py, the mask as masks.MaskArgs): per query row an allowed key interval [lo, hi) from the
 // analytic mask (row_bounds) and a dense bool mask on top, key tiles outside the union of a
-// block's intervals skipped, rows with nothing to attend give 0 and lse = +inf, lse in log2 units.
+// block's intervals skipped and keys outside it never read (so a key no row may attend, NaN after
+// the valid length of a KV buffer, reaches no result), rows with nothing to attend give 0 and
+// lse = +inf, lse in log2 units.
 //
 // Each warp owns 16 rows of a tile (queries forward and for dq, keys for dk/dv); the tiles it
 // multiplies sit in shared memory, row stride LD = DP + pad (DP: the head dim rounded up to 32,
@@ -51,9 +53,9 @@ __device__ __forceinline__ void row_bounds(const MaskArgs& m, int64_t b, int row
     if (m.media_mode == 1) lo = max(lo, (t - 1) * m.latents_per_media);
   }
   if (m.window > 0) lo = max(lo, row + (Lk - Lq) - m.window + 1);
-  if (m.doc_start && row < Lq) {  // the query's document: [start, end) of its run of equal ids
-    lo = max(lo, m.doc_start[b * Lq + row]);
-    hi = min(hi, m.doc_end[b * Lq + row]);
+  if (m.row_lo && row < Lq) {  // per-row bounds: a document's run, a dense mask's span
+    lo = max(lo, m.row_lo[b * Lq + row]);
+    hi = min(hi, m.row_hi[b * Lq + row]);
   }
   if (row >= Lq || lo >= hi) {
     lo = Lk;
@@ -166,8 +168,8 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
 
   for (int n0 = max((blo / BN) * BN, k_lo); n0 < min(bhi, k_hi); n0 += BN) {
     __syncthreads();
-    load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, a.Lk - n0, a.D, vec.k);
-    load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, a.Lk - n0, a.D, vec.v);
+    load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
+    load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
     __syncthreads();
     if (n0 >= whi || n0 + BN <= wlo) continue;  // nothing of this tile for this warp's rows
 
@@ -319,8 +321,8 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
 
     for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
       __syncthreads();
-      load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, a.Lk - n0, a.D, vec.k);
-      load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, a.Lk - n0, a.D, vec.v);
+      load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
+      load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
       __syncthreads();
       if (n0 >= whi || n0 + BN <= wlo) continue;
 
@@ -384,10 +386,19 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
   const int64_t b = blockIdx.z;
   const int G = a.H / a.Hk;
   const int r0 = warp_id() * 16, g = lane_id() >> 2;
+  int klo = INT32_MAX, khi = 0;  // the span of every row's interval: keys outside it are not read
+  for (int m0 = 0; m0 < a.Lq; m0 += BM) {
+    __syncthreads();
+    tile_rows(a, b, 0, m0, BM, lo_s, hi_s, nullptr, nullptr);
+    __syncthreads();
+    int tlo, thi;
+    range_of(lo_s, hi_s, 0, BM, tlo, thi);
+    klo = min(klo, tlo), khi = max(khi, thi);
+  }
   load_tile(Ks, LD, cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1] + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP,
-            a.Lk - n0, a.D, vec.k);
+            khi - n0, a.D, vec.k, klo - n0);
   load_tile(Vs, LD, cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1] + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP,
-            a.Lk - n0, a.D, vec.v);
+            khi - n0, a.D, vec.v, klo - n0);
   float dk[DP / 8][4], dv[DP / 8][4];
 #pragma unroll
   for (int dj = 0; dj < DP / 8; ++dj)

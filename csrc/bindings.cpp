@@ -168,8 +168,8 @@ Attention attn_args(const Args& in) {
   const Tensor &q = r.q, &k = r.k, &v = r.v;
   TORCH_CHECK(!in.opt_tensor("bias"), op, ": the CUDA C++ kernels take no float bias (a float attn_mask)");
   const optional<Tensor> key_lengths = in.opt_tensor("key_lengths"), prefix_lengths = in.opt_tensor("prefix_lengths"),
-                         text_to_media = in.opt_tensor("text_to_media"), doc_start = in.opt_tensor("doc_start"),
-                         doc_end = in.opt_tensor("doc_end");
+                         text_to_media = in.opt_tensor("text_to_media"), row_lo = in.opt_tensor("row_lo"),
+                         row_hi = in.opt_tensor("row_hi");
   const double softcap = in.real("softcap"), dropout_p = in.real("dropout_p");
   const int64_t seed = in.integer("seed");
   const int64_t qf_mode = in.integer("qformer_mode"), media_mode = in.integer("media_mode"),
@@ -196,9 +196,9 @@ Attention attn_args(const Args& in) {
   check_lengths(op, "key_lengths", key_lengths, q, {B});
   check_lengths(op, "prefix_lengths", prefix_lengths, q, {B});
   check_lengths(op, "text_to_media", text_to_media, q, {B, Lq});
-  TORCH_CHECK(bool(doc_start) == bool(doc_end), op, ": doc_start and doc_end come together");
-  check_lengths(op, "doc_start", doc_start, q, {B, Lq});
-  check_lengths(op, "doc_end", doc_end, q, {B, Lq});
+  TORCH_CHECK(bool(row_lo) == bool(row_hi), op, ": row_lo and row_hi come together");
+  check_lengths(op, "row_lo", row_lo, q, {B, Lq});
+  check_lengths(op, "row_hi", row_hi, q, {B, Lq});
   TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0, got ", softcap);
   TORCH_CHECK(dropout_p >= 0 && dropout_p <= 1, op, ": dropout_p must be in [0, 1], got ", dropout_p);
   TORCH_CHECK(seed >= 0, op, ": seed must be >= 0, got ", seed);
@@ -239,7 +239,7 @@ Attention attn_args(const Args& in) {
   mk.qformer_queries = int(in.integer("qformer_queries")), mk.qformer_mode = int(qf_mode);
   mk.media_mode = int(media_mode), mk.latents_per_media = int(lat);
   mk.window = int(in.integer("window"));
-  if (doc_start) mk.doc_start = doc_start->data_ptr<int32_t>(), mk.doc_end = doc_end->data_ptr<int32_t>();
+  if (row_lo) mk.row_lo = row_lo->data_ptr<int32_t>(), mk.row_hi = row_hi->data_ptr<int32_t>();
   return r;
 }
 

@@ -266,27 +266,30 @@ __device__ __forceinline__ void mm_pv(float (*o)[4], float (*p)[4], const T* Bs,
 
 // ---------------------------------------------------------------------------------------------
 // Tile loads: rows [0, nrows) x columns [0, ncols) of a strided global matrix into shared memory
-// (row stride ld), zero outside rows_valid x cols_valid. 16-byte vectors when `vec` (unit column
+// (row stride ld), zero outside rows [rows_from, rows_valid) x cols_valid (rows outside are not read). 16-byte vectors when `vec` (unit column
 // stride, 16-byte aligned rows, cols_valid a multiple of the vector): each thread issues its
 // loads of the tile before using any, so several are in flight.
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
 __device__ __forceinline__ void load_tile(T* s, int ld, const T* g, int64_t row_stride, int64_t col_stride,
-                                          int nrows, int ncols, int rows_valid, int cols_valid, bool vec) {
+                                          int nrows, int ncols, int rows_valid, int cols_valid, bool vec,
+                                          int rows_from = 0) {
   constexpr int V = 16 / sizeof(T);
   if (vec) {
     int per_row = ncols / V;
     for (int i = threadIdx.x; i < nrows * per_row; i += blockDim.x) {
       int r = i / per_row, c = (i % per_row) * V;
       uint4 val = make_uint4(0, 0, 0, 0);
-      if (r < rows_valid && c < cols_valid) val = *reinterpret_cast<const uint4*>(g + r * row_stride + c);
+      if (r >= rows_from && r < rows_valid && c < cols_valid)
+        val = *reinterpret_cast<const uint4*>(g + r * row_stride + c);
       *reinterpret_cast<uint4*>(s + r * ld + c) = val;
     }
   } else {
     for (int i = threadIdx.x; i < nrows * ncols; i += blockDim.x) {
       int r = i / ncols, c = i % ncols;
-      s[r * ld + c] = (r < rows_valid && c < cols_valid) ? g[r * row_stride + c * col_stride] : from_f<T>(0.f);
+      const bool ok = r >= rows_from && r < rows_valid && c < cols_valid;
+      s[r * ld + c] = ok ? g[r * row_stride + c * col_stride] : from_f<T>(0.f);
     }
   }
 }

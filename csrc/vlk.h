@@ -21,7 +21,7 @@ struct MaskArgs {
   int qformer_queries = 0, qformer_mode = 0;  // 0 bidirectional, 1 multimodal causal, 2 unimodal
   int media_mode = 0, latents_per_media = 1;  // 0 none, 1 immediate, 2 all previous
   int window = 0;                             // sliding window, 0: none
-  const int32_t *doc_start = nullptr, *doc_end = nullptr;  // [B, Lq] contiguous: document key interval
+  const int32_t *row_lo = nullptr, *row_hi = nullptr;  // [B, Lq] contiguous: per-row key bounds
 };
 
 // q [Bq, H, Lq, D] (Bq = B or 1: sq[0] is 0 for shared queries), k, v [B, Hk, Lk, D], out and

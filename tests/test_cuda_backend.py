@@ -46,10 +46,10 @@ def test_attention_op_checks_inputs_on_the_cpp_side(ns):
     with pytest.raises(RuntimeError, match=r"attention_fwd: the CUDA C\+\+ kernels take no float bias"):
         call(q, q, q, bias=torch.zeros(1, 1, 8, 8, device=DEVICE))
     starts = torch.zeros(1, 8, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(RuntimeError, match="attention_fwd: doc_start and doc_end come together"):
-        call(q, q, q, doc_start=starts)
-    with pytest.raises(RuntimeError, match="attention_fwd: doc_end must be int32, got Long"):
-        call(q, q, q, doc_start=starts, doc_end=starts.long() + 8)
+    with pytest.raises(RuntimeError, match="attention_fwd: row_lo and row_hi come together"):
+        call(q, q, q, row_lo=starts)
+    with pytest.raises(RuntimeError, match="attention_fwd: row_hi must be int32, got Long"):
+        call(q, q, q, row_lo=starts, row_hi=starts.long() + 8)
     with pytest.raises(RuntimeError, match=r"attention_fwd: softcap must be finite and >= 0, got -1"):
         op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, -1.0)))
     with pytest.raises(RuntimeError, match=r"attention_fwd: dropout_p must be in \[0, 1\], got 1.5"):

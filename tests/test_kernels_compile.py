@@ -74,8 +74,8 @@ def _launchers(arch_dtypes):
                         qformer_mode=1,
                         media_mode=2,
                         latents_per_media=16,
-                        doc_start=torch.empty(B, Lq, dtype=torch.int64, device=dev),
-                        doc_end=torch.empty(B, Lq, dtype=torch.int64, device=dev),
+                        row_lo=torch.empty(B, Lq, dtype=torch.int64, device=dev),
+                        row_hi=torch.empty(B, Lq, dtype=torch.int64, device=dev),
                     ),
                 }[variant]
                 on = variant == "all_on"  # soft-capping and dropout too

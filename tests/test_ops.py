@@ -64,12 +64,12 @@ def test_schemas_are_derived_from_the_declarations():
     assert _schema.schema(MaskArgs, "()") == (
         "(Tensor? dense_mask, Tensor? key_lengths, Tensor? prefix_lengths, Tensor? text_to_media, "
         "bool causal, int qformer_queries, int qformer_mode, int media_mode, int latents_per_media, "
-        "int window, Tensor? bias, Tensor? doc_start, Tensor? doc_end) -> ()"
+        "int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi) -> ()"
     )
     fwd = str(torch.ops.vlkernels.triton_attention_fwd.default._schema)
     assert fwd.startswith("vlkernels::triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? dense_mask,")
     assert fwd.endswith(
-        "int latents_per_media, int window, Tensor? bias, Tensor? doc_start, Tensor? doc_end, float scale, "
+        "int latents_per_media, int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi, float scale, "
         "float softcap, float dropout_p, int seed) "
         "-> (Tensor, Tensor)"
     )

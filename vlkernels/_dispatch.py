@@ -107,11 +107,15 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 class Backend:
     """One implementation of an op family: ``forward(args)`` and ``backward(grad_args)`` take the
     family's argument tuples (``vlkernels/<family>/args.py``); ``dtypes`` are the input dtypes it
-    computes."""
+    computes; ``prepare(args)`` (optional) adds what its kernels derive from the arguments once per
+    call, before the forward (the backward gets the same)."""
 
-    def __init__(self, name: str, forward, backward, dtypes: tuple = FLOATS, limits=None, **ops):
+    def __init__(
+        self, name: str, forward, backward, dtypes: tuple = FLOATS, limits=None, prepare=None, **ops
+    ):
         self.name, self.forward, self.backward, self.dtypes = name, forward, backward, dtypes
         self.limits = limits  # optional: args -> reasons specific to this backend's kernels
+        self.prepare = prepare or (lambda args: args)
         self.ops = ops  # the family's further ops (attention: bias_grad)
 
     def __repr__(self) -> str:

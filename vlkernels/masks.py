@@ -235,13 +235,20 @@ def document(seq_ids: torch.Tensor) -> Mask:
 def varlen(cu_seqlens: torch.Tensor, seq_len: int) -> Mask:
     """FlashAttention's varlen form of ``document``: sequences packed into one row of ``seq_len``
     tokens (batch 1, q/k/v [1, H, seq_len, D]), sequence s at [cu_seqlens[s], cu_seqlens[s + 1]);
-    ``cu_seqlens`` int [n + 1], ascending from 0. Tokens past cu_seqlens[-1] attend to nothing (0).
-    Built on the device, no host synchronisation."""
+    ``cu_seqlens`` int [n + 1], non-decreasing from 0 to at most seq_len. Tokens past
+    cu_seqlens[-1] attend to nothing (0). Built on the device, no host synchronisation: on CPU the
+    values are checked (ValueError), on a GPU they are not (reading them would synchronise)."""
     cu = _int_tensor("varlen: cu_seqlens", cu_seqlens, 1)
     if cu.numel() < 2:
         raise ValueError(f"varlen: cu_seqlens needs at least 2 entries (0 and the total), got {cu.numel()}")
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
         raise ValueError(f"varlen: seq_len must be an int >= 1, got {seq_len!r}")
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        if cu[0] != 0 or bool((cu[1:] < cu[:-1]).any()) or cu[-1] > seq_len:
+            raise ValueError(
+                f"varlen: cu_seqlens must be non-decreasing from 0 to at most seq_len={seq_len}, "
+                f"got {cu.tolist() if cu.numel() <= 16 else cu}"
+            )
     positions = torch.arange(seq_len, device=cu.device, dtype=cu.dtype)
     ids = torch.searchsorted(cu[1:].contiguous(), positions, right=True)
     return document(ids[None]) & key_padding(cu[-1:])
@@ -282,8 +289,10 @@ class MaskArgs(NamedTuple):
     window:            sliding window (0: none)
     bias:              float, broadcastable to [B, H, Lq, Lk]: added to the scaled scores (SDPA's
                        float attn_mask; -inf = may not attend)
-    doc_start:         int64 [B, L]: the first key of each query's document (document mask)
-    doc_end:           int64 [B, L]: one past its last key
+    row_lo:            int64 [B, Lq]: per query row, the first key it may attend (a document
+                       mask's run; for a dense mask or float bias, ``with_span``: its first
+                       allowed key over the heads)
+    row_hi:            int64 [B, Lq]: one past the last
     """
 
     dense_mask: torch.Tensor | None = None
@@ -297,12 +306,12 @@ class MaskArgs(NamedTuple):
     latents_per_media: int = 1
     window: int = 0
     bias: torch.Tensor | None = None
-    doc_start: torch.Tensor | None = None
-    doc_end: torch.Tensor | None = None
+    row_lo: torch.Tensor | None = None
+    row_hi: torch.Tensor | None = None
 
     def restricts(self) -> bool:
         """Whether any part besides the bias may disallow a key (False: ``allowed`` is all True)."""
-        tensors = (self.dense_mask, self.key_lengths, self.prefix_lengths, self.text_to_media, self.doc_start)
+        tensors = (self.dense_mask, self.key_lengths, self.prefix_lengths, self.text_to_media, self.row_lo)
         return any(t is not None for t in tensors) or bool(
             self.causal or self.qformer_mode or self.media_mode or self.window
         )
@@ -333,9 +342,9 @@ class MaskArgs(NamedTuple):
                 lo = torch.maximum(lo, (t - 1) * self.latents_per_media)
         if self.window:
             lo = torch.maximum(lo, i + (k_len - q_len) - self.window + 1)
-        if self.doc_start is not None:
-            lo = torch.maximum(lo, self.doc_start.long())
-            hi = torch.minimum(hi, self.doc_end.long())
+        if self.row_lo is not None:
+            lo = torch.maximum(lo, self.row_lo.long())
+            hi = torch.minimum(hi, self.row_hi.long())
         return lo, hi
 
     def allowed(self, q_len: int, k_len: int, device: torch.device, intervals=None) -> torch.Tensor:
@@ -347,6 +356,26 @@ class MaskArgs(NamedTuple):
         if self.dense_mask is not None:
             ok = ok & self.dense_mask
         return ok
+
+    def with_span(self, batch: int, q_len: int, k_len: int) -> MaskArgs:
+        """This mask with ``row_lo`` / ``row_hi`` set to the span of each query row's allowed keys
+        under its dense mask or float bias (-inf: not allowed), over the heads, for the kernels:
+        they skip the key tiles outside a tile's spans and never read the keys outside them (the
+        garbage after the valid length of a KV buffer, NaN included). Computed on the device,
+        without a host synchronisation; the mask itself is unchanged (the dense mask still applies
+        inside the span)."""
+        live = self.dense_mask if self.bias is None else self.bias != float("-inf")
+        if live is None:
+            return self
+        while live.dim() < 4:
+            live = live.unsqueeze(0)
+        live = live.expand(*live.shape[:3], k_len).any(1)  # [B or 1, Lq or 1, Lk]
+        some = live.any(-1)
+        first = live.view(torch.uint8).argmax(-1)  # argmax: the first of equal maxima
+        last = k_len - live.flip(-1).view(torch.uint8).argmax(-1)
+        lo = torch.where(some, first, k_len).expand(batch, q_len).contiguous()
+        hi = torch.where(some, last, 0).expand(batch, q_len).contiguous()
+        return self._replace(row_lo=lo, row_hi=hi)
 
 
 def _check_dense(mask, B, H, Lq, Lk, device) -> None:
@@ -386,7 +415,7 @@ def lower(mask, batch: int, heads: int, q_len: int, k_len: int, device: torch.de
 
     nq, mode = mask.qformer if mask.qformer is not None else (0, "bidirectional")
     t2m, lat, immediate = mask.media if mask.media is not None else (None, 1, None)
-    start, end = _runs(mask.documents) if mask.documents is not None else (None, None)
+    lo, hi = _runs(mask.documents) if mask.documents is not None else (None, None)
     return MaskArgs(
         key_lengths=flat(mask.key_lengths),
         prefix_lengths=flat(mask.prefix_lengths),
@@ -397,8 +426,8 @@ def lower(mask, batch: int, heads: int, q_len: int, k_len: int, device: torch.de
         media_mode=MEDIA_MODES[immediate],
         latents_per_media=lat,
         window=mask.window or 0,
-        doc_start=start,
-        doc_end=end,
+        row_lo=lo,
+        row_hi=hi,
     )
 
 

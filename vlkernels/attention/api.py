@@ -48,6 +48,8 @@ def _check_inputs(q, k, v, scale, softcap, dropout_p) -> None:
         raise ValueError(f"attention: batch and lengths must be >= 1, got q {_shape(q)}, k {_shape(k)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be a finite float, got {scale}")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"attention: softcap must be a float or None, got {type(softcap).__name__}")
@@ -55,6 +57,17 @@ def _check_inputs(q, k, v, scale, softcap, dropout_p) -> None:
             raise ValueError(f"attention: softcap must be a positive finite float, got {softcap}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p <= 1:
         raise ValueError(f"attention: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+
+
+def _distinct(q, k, v):
+    """q, k, v as three tensor objects: one tensor passed twice (``attention(q, mem, mem)``,
+    self-attention with q = k = v) becomes a view, which autograd and torch.compile take as a
+    separate input (Dynamo refuses one tensor twice in an autograd function's inputs)."""
+    if k is q:
+        k = k.view(k.shape)
+    if v is q or v is k:
+        v = v.view(v.shape)
+    return q, k, v
 
 
 def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, seed=None, backend=None):
@@ -73,7 +86,7 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
     Under autocast, q, k, v are cast to its lower-precision dtype first (as SDPA).
     """
     _check_inputs(q, k, v, scale, softcap, dropout_p)
-    q, k, v = _dispatch.autocast_inputs(q, k, v)
+    q, k, v = _distinct(*_dispatch.autocast_inputs(q, k, v))
     B, _, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
@@ -87,6 +100,7 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
         raise ValueError(f"attention: seed must be an int in [0, 2**63) or None, got {seed!r}")
     args = AttentionArgs(q, k, v, lowered, scale, softcap, dropout_p, seed)
     chosen = _dispatch.choose("attention", backend, args)
+    lowered = chosen.prepare(args).mask
     out, _ = AttentionFunction.apply(
         chosen.name, q, k, v, lowered, scale, softcap, dropout_p, seed, lowered.bias
     )

@@ -2,10 +2,12 @@
 tuples, and the op schemas (Triton and C++), fake kernels and launchers derive from them.
 
 Shapes: q [Bq, H, Lq, D] (Bq = B, or 1 for queries shared by the batch), k and v [B, Hk, Lk, D],
-out and grad_out [B, H, Lq, D], lse [B, H, Lq] fp32: the rows' log-sum-exp, which the backward of
-the backend that computed it takes back (the kernels: log2 units, +inf for a row with no allowed
-key; the torch backend on CPU: PyTorch's CPU kernel's, natural log, 0 for such a row). The
-output's memory is laid out as [B, Lq, H, D], so merging heads is free.
+out and grad_out [B, H, Lq, D], lse [B, H, Lq]: the rows' log-sum-exp, which the backward of the
+backend that computed it takes back, fp32 (the Triton kernels: [B, H, Lq, 2], log2 units, the
+pair (its rounding, the rest) that keeps a row's sum when a float bias of finfo.min swamps its
+scores, +inf for a row with no allowed key; the CUDA C++ kernels, which take no float bias: the
+rounding alone; the torch backend: natural log, on CPU PyTorch's CPU kernel's, 0 for such a row).
+The output's memory is laid out as [B, Lq, H, D], so merging heads is free.
 """
 
 from __future__ import annotations
@@ -47,16 +49,25 @@ class AttentionGradArgs(NamedTuple):
     fwd: AttentionArgs
 
 
+def with_span(a: AttentionArgs) -> AttentionArgs:
+    """The kernel backends' ``prepare``: a dense mask's or float bias's per-row span of allowed
+    keys (``MaskArgs.with_span``), so that they skip the key tiles outside it and never read the
+    keys outside it."""
+    B, Lk = a.k.shape[0], a.k.shape[2]
+    return a._replace(mask=a.mask.with_span(B, a.q.shape[2], Lk))
+
+
 FWD_RETURNS = "(Tensor, Tensor)"
 BWD_RETURNS = "(Tensor, Tensor, Tensor)"
 
 
-def fwd_fake(a: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs of the forward: out [B, H, Lq, D] stored as [B, Lq, H, D], lse [B, H, Lq] fp32."""
+def fwd_fake(a: AttentionArgs, lse_pair: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the forward: out [B, H, Lq, D] stored as [B, Lq, H, D], lse [B, H, Lq] fp32
+    (``lse_pair``: [B, H, Lq, 2])."""
     B, _, _, D = a.k.shape
     H, Lq = a.q.shape[1], a.q.shape[2]
     out = a.q.new_empty((B, Lq, H, D)).transpose(1, 2)
-    return out, a.q.new_empty((B, H, Lq), dtype=torch.float32)
+    return out, a.q.new_empty((B, H, Lq, 2) if lse_pair else (B, H, Lq), dtype=torch.float32)
 
 
 def bwd_fake(a: AttentionGradArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -45,4 +45,4 @@ def _limits(a: A.AttentionArgs) -> list[str]:
     return reasons
 
 
-BACKEND = _dispatch.Backend("cuda", _forward, _backward, limits=_limits)
+BACKEND = _dispatch.Backend("cuda", _forward, _backward, limits=_limits, prepare=A.with_span)

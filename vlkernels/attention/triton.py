@@ -10,6 +10,7 @@ the query tiles that touch a key tile) and apply a dense bool mask on top, eleme
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -113,10 +114,10 @@ def _row_bounds(offs_m, b, Lq, Lk, m):
             lo = tl.maximum(lo, (t - 1) * m.latents_per_media)
     if m.window > 0:
         lo = tl.maximum(lo, offs_m + (Lk - Lq) - m.window + 1)
-    if m.doc_start is not None:  # the query's document: [start, end) of its run of equal ids
+    if m.row_lo is not None:  # per-row bounds: a document's run, a dense mask's span
         row = b * Lq + offs_m
-        lo = tl.maximum(lo, _clamped(tl.load(m.doc_start + row, mask=offs_m < Lq, other=0), 0, Lk))
-        hi = tl.minimum(hi, _clamped(tl.load(m.doc_end + row, mask=offs_m < Lq, other=0), 0, Lk))
+        lo = tl.maximum(lo, _clamped(tl.load(m.row_lo + row, mask=offs_m < Lq, other=0), 0, Lk))
+        hi = tl.minimum(hi, _clamped(tl.load(m.row_hi + row, mask=offs_m < Lq, other=0), 0, Lk))
     empty = (offs_m >= Lq) | (lo >= hi)
     return tl.where(empty, Lk, lo), tl.where(empty, 0, hi)
 
@@ -155,17 +156,42 @@ def _scores(q, k, qk_scale, softcap, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION:
     if m.bias is not None:
         ptrs = _block(m.bias.ptr, m.bias.stride, b, h, offs_m, offs_n)
         ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-        s += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
+        bias = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        # log2 units; a finite bias stays finite (finfo.min · log2(e) would overflow to -inf)
+        finite = tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38)
+        s += tl.where(bias == float("-inf"), bias, finite)
     return s, dcap
+
+
+@triton.jit
+def _lse_pair(m, log2_l):
+    """A row's log-sum-exp m + log2_l (log2 units; m the row maximum) as the pair (its fp32
+    rounding hi, the rest lo = m + log2_l - hi). Only a float bias makes |m| so large (finfo.min
+    swamps the scores) that hi alone loses the row sum; hi - m is exact (the two are close)."""
+    hi = m + log2_l
+    return hi, (m - hi) + log2_l
+
+
+@triton.jit
+def _row_lse(LSE, row, ok):
+    """The log-sum-exp of some rows, stored as ``_lse_pair`` at LSE[2 · row] and LSE[2 · row + 1],
+    as (hi, 2^-lo): p = 2^(s - hi) · 2^-lo."""
+    hi = tl.load(LSE + 2 * row, mask=ok, other=0.0)
+    lo = tl.load(LSE + 2 * row + 1, mask=ok, other=0.0)
+    return hi, tl.exp2(-lo)
 
 
 @triton.jit
 def _probs(q, k, qk_scale, softcap, m, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION: tl.constexpr,
            UPCAST: tl.constexpr, CAP: tl.constexpr):
-    """The softmax of a tile from the saved log-sum-exp (log2 units), 0 where not allowed, and the
-    cap's derivative (``_scores``)."""
+    """The softmax of a tile from the saved log-sum-exp (``_row_lse``'s pair, log2 units), 0 where
+    not allowed, and the cap's derivative (``_scores``)."""
     s, dcap = _scores(q, k, qk_scale, softcap, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST, CAP)
-    return tl.where(_allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk), tl.exp2(s - lse[:, None]), 0.0), dcap
+    lse_hi, factor = lse
+    p = tl.exp2(s - lse_hi[:, None])
+    if m.bias is not None:  # (without a bias the scores are small enough for lse_hi alone)
+        p *= factor[:, None]
+    return tl.where(_allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk), p, 0.0), dcap
 
 
 @triton.jit
@@ -184,12 +210,12 @@ def _keep(drop, b, h, H, offs_m, offs_n, DROPOUT: tl.constexpr):
 
 @triton.jit
 def _grad_rows(Q, DO, O, LSE, DELTA, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq, FUSED: tl.constexpr):
-    """The query rows of a backward tile: q, do, lse and delta (FUSED: rowsum(o · do) computed
-    here, DELTA not read)."""
+    """The query rows of a backward tile: q, do, lse (``_row_lse``) and delta (FUSED: rowsum(o · do)
+    computed here, DELTA not read)."""
     q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
     do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
     row = (b * H + h) * Lq + offs_m
-    lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
+    lse = _row_lse(LSE, row, offs_m < Lq)
     if FUSED:
         o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
@@ -224,10 +250,12 @@ def _packed_query_tile(H, GROUP, Lq, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexp
 
 
 @triton.jit
-def _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N: tl.constexpr):
-    """The key tile that starts at ``start_n``: (its key indices, k, v), zero outside."""
+def _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, k_lo, k_hi, BLOCK_N: tl.constexpr):
+    """The key tile that starts at ``start_n``: (its key indices, k, v). Only keys in [k_lo, k_hi)
+    are read (the span of the rows' intervals, within [0, Lk)): others are 0, so that a key no row
+    may attend never reaches a result, whatever it holds."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
+    kv_ok = ((offs_n >= k_lo) & (offs_n < k_hi))[:, None] & d_ok[None, :]
     k = tl.load(_block(K, sk, b, hk, offs_n, offs_d), mask=kv_ok, other=0.0)
     v = tl.load(_block(V, sv, b, hk, offs_n, offs_d), mask=kv_ok, other=0.0)
     return offs_n, k, v
@@ -307,14 +335,15 @@ def _attn_fwd(
     else:
         b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
-    n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
-    n_end = tl.max(hi, axis=0)
+    k_lo, k_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)  # the keys any of the rows may attend
+    n_start = (k_lo // BLOCK_N) * BLOCK_N
+    n_end = k_hi
     if SPLIT:
         split = tl.program_id(2)
         n_start = tl.maximum(n_start, split * KEYS_PER_SPLIT)
         n_end = tl.minimum(n_end, split * KEYS_PER_SPLIT + KEYS_PER_SPLIT)
         O += split.to(tl.int64) * so_split
-        LSE += split.to(tl.int64) * (tl.num_programs(1) * (GROUP if PACK else 1) * Lq)  # B·H·Lq
+        LSE += split.to(tl.int64) * (2 * tl.num_programs(1) * (GROUP if PACK else 1) * Lq)  # 2·B·H·Lq
 
     d_ok = offs_d < D
     q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
@@ -322,7 +351,8 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for it in tl.range(0, tl.cdiv(n_end - n_start, BLOCK_N)):  # from 0: Triton pipelines such loops
-        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
+        n0 = n_start + it * BLOCK_N
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n0, offs_d, d_ok, k_lo, k_hi, BLOCK_N)
         s, _ = _scores(q, k, qk_scale, softcap, mask, offs_m, offs_n, b, h, Lq, Lk, PRECISION, UPCAST, CAP)
         s = tl.where(_allowed(offs_m, offs_n, lo, hi, mask, b, h, Lq, Lk), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -335,19 +365,23 @@ def _attn_fwd(
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf") if SPLIT else float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    hi, lo = _lse_pair(m_i, tl.log2(tl.where(empty, 1.0, l_i)))
+    hi = tl.where(empty, float("-inf") if SPLIT else float("inf"), hi)
+    lo = tl.where(empty, 0.0, lo)
     m_ok = offs_m < Lq
     o_ok = m_ok[:, None] & d_ok[None, :]
     tl.store(_block(O, so, b, h, offs_m, offs_d), out.to(O.dtype.element_ty), mask=o_ok)
-    tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
+    row = (b * H + h) * Lq + offs_m
+    tl.store(LSE + 2 * row, hi, mask=m_ok)
+    tl.store(LSE + 2 * row + 1, lo, mask=m_ok)
 
 
 @triton.jit
 def _attn_fwd_combine(PO, PLSE, O, LSE, spo_split, spo, so, SPLITS, H, Lq, D, BLOCK_M: tl.constexpr,
                       BLOCK_D: tl.constexpr):
     """Flash-decoding's second pass: out and lse of each query row from the SPLITS partial outputs
-    PO [SPLITS, B, H, Lq, D] fp32 and partial lse PLSE [SPLITS, B·H·Lq] (log2, -inf: no key in the
-    split); a row with no key anywhere gets 0 and lse +inf."""
+    PO [SPLITS, B, H, Lq, D] fp32 and partial lse PLSE [SPLITS, B·H·Lq, 2] (``_lse_pair``, log2,
+    -inf: no key in the split); a row with no key anywhere gets 0 and lse +inf."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -360,20 +394,23 @@ def _attn_fwd_combine(PO, PLSE, O, LSE, spo_split, spo, so, SPLITS, H, Lq, D, BL
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_rows = tl.num_programs(1) * Lq
     for s in tl.range(0, SPLITS):
-        lse_s = tl.load(PLSE + s * n_rows + bh * Lq + offs_m, mask=m_ok, other=float("-inf"))
+        row = s * n_rows + bh * Lq + offs_m
+        hi_s = tl.load(PLSE + 2 * row, mask=m_ok, other=float("-inf"))
+        lo_s = tl.load(PLSE + 2 * row + 1, mask=m_ok, other=0.0)
         o_s = tl.load(_block(PO + s * spo_split, spo, b, h, offs_m, offs_d), mask=ok, other=0.0)
-        m_new = tl.maximum(m_i, lse_s)
+        m_new = tl.maximum(m_i, hi_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
-        w = tl.exp2(lse_s - m_safe)
+        w = tl.exp2((hi_s - m_safe) + lo_s)
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * o_s
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    hi, lo = _lse_pair(m_i, tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(_block(O, so, b, h, offs_m, offs_d), out.to(O.dtype.element_ty), mask=ok)
-    tl.store(LSE + bh * Lq + offs_m, lse, mask=m_ok)
+    tl.store(LSE + 2 * (bh * Lq + offs_m), tl.where(empty, float("inf"), hi), mask=m_ok)
+    tl.store(LSE + 2 * (bh * Lq + offs_m) + 1, tl.where(empty, 0.0, lo), mask=m_ok)
 
 
 @triton.jit
@@ -414,19 +451,24 @@ def _attn_bwd_dkdv(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
-    k = tl.load(_block(K, sk, b, hk, offs_n, offs_d), mask=kv_ok, other=0.0)
-    v = tl.load(_block(V, sv, b, hk, offs_n, offs_d), mask=kv_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     m_first = 0 if FUSED else Lq  # FUSED: every query tile, for its dq (zeros where nothing is allowed)
     m_last = (Lq - 1) // BLOCK_M * BLOCK_M if FUSED else -BLOCK_M
-    if not FUSED:
-        for start_m in tl.range(0, Lq, BLOCK_M):  # the masks are per batch entry: the same for every head
-            lo, hi = _row_bounds(start_m + tl.arange(0, BLOCK_M), b, Lq, Lk, mask)
+    k_lo = Lk  # the span of every row's interval: keys outside it are not read
+    k_hi = 0
+    for start_m in tl.range(0, Lq, BLOCK_M):  # the masks are per batch entry: the same for every head
+        lo, hi = _row_bounds(start_m + tl.arange(0, BLOCK_M), b, Lq, Lk, mask)
+        k_lo = tl.minimum(k_lo, tl.min(lo, axis=0))
+        k_hi = tl.maximum(k_hi, tl.max(hi, axis=0))
+        if not FUSED:
             touches = tl.max(((lo < n0 + BLOCK_N) & (hi > n0)).to(tl.int32), axis=0) > 0
             m_first = tl.where(touches, tl.minimum(m_first, start_m), m_first)
             m_last = tl.where(touches, start_m, m_last)
+    kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]  # the tile's stores
+    live = ((offs_n >= k_lo) & (offs_n < k_hi))[:, None] & d_ok[None, :]
+    k = tl.load(_block(K, sk, b, hk, offs_n, offs_d), mask=live, other=0.0)
+    v = tl.load(_block(V, sv, b, hk, offs_n, offs_d), mask=live, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         for it in tl.range(0, (m_last - m_first) // BLOCK_M + 1):
@@ -472,12 +514,14 @@ def _attn_bwd_dq(
     b_end = tl.minimum(c * B_PER_PROG + B_PER_PROG, B)
     for b in tl.range(c * B_PER_PROG, b_end):
         lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
-        n_start = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
-        n_tiles = tl.maximum(tl.cdiv(tl.max(hi, axis=0) - n_start, BLOCK_N), 0)
+        k_lo, k_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)
+        n_start = (k_lo // BLOCK_N) * BLOCK_N
+        n_tiles = tl.maximum(tl.cdiv(k_hi - n_start, BLOCK_N), 0)
         q, do, lse, delta = _grad_rows(Q, DO, O, LSE, DELTA, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq,
                                        FUSED)
         for it in tl.range(0, n_tiles):
-            offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, Lk, BLOCK_N)
+            offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, k_lo, k_hi,
+                                     BLOCK_N)
             p, dcap = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk,
                              PRECISION, UPCAST, CAP)
             z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
@@ -535,20 +579,21 @@ def _attn_bwd_dbias(
     delta), Z the dropout factor."""
     b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
+    k_lo, k_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)
     d_ok = offs_d < D
     q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
     q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
     do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-    lse = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    lse = _row_lse(LSE, (b * H + h) * Lq + offs_m, offs_m < Lq)
     delta = tl.zeros([BLOCK_M], tl.float32)
     for start_n in tl.range(0, Lk, BLOCK_N):
-        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, k_lo, k_hi, BLOCK_N)
         p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
                       UPCAST, CAP)
         z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
         delta += tl.sum(p * z * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
     for start_n in tl.range(0, Lk, BLOCK_N):
-        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, Lk, BLOCK_N)
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, k_lo, k_hi, BLOCK_N)
         p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
                       UPCAST, CAP)
         z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
@@ -635,7 +680,7 @@ def _forward(a: A.AttentionArgs):
     B, Hk, Lk, D = a.k.shape
     H, Lq = a.q.shape[1], a.q.shape[2]
     out = poisoned(a.q.new_empty((B, Lq, H, D))).transpose(1, 2)
-    lse = poisoned(a.q.new_empty((B, H, Lq), dtype=torch.float32))
+    lse = poisoned(a.q.new_empty((B, H, Lq, 2), dtype=torch.float32))
     L = _launch_args(a)
     pack = packs(H, Hk, Lq)
     group = H // Hk if pack else 1  # query heads per program
@@ -644,7 +689,7 @@ def _forward(a: A.AttentionArgs):
     o, o_lse, so_split = out, lse, 0
     if splits > 1:  # partials, then the combine
         o = poisoned(a.q.new_empty((splits, B, H, Lq, D), dtype=torch.float32))
-        o_lse = poisoned(a.q.new_empty((splits, B * H * Lq), dtype=torch.float32))
+        o_lse = poisoned(a.q.new_empty((splits, B * H * Lq, 2), dtype=torch.float32))
         so_split = o.stride(0)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), B * H // group, splits)
     # fmt: off
@@ -747,7 +792,11 @@ def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
 
 
 _fwd_op = _schema.python_op(
-    "vlkernels::triton_attention_fwd", A.AttentionArgs, A.FWD_RETURNS, _forward, A.fwd_fake
+    "vlkernels::triton_attention_fwd",
+    A.AttentionArgs,
+    A.FWD_RETURNS,
+    _forward,
+    functools.partial(A.fwd_fake, lse_pair=True),
 )
 _bias_grad_op = _schema.python_op(
     "vlkernels::triton_attention_bias_grad", A.AttentionGradArgs, "Tensor", _bias_grad, A.bias_grad_fake
@@ -762,4 +811,6 @@ def _limits(a: A.AttentionArgs) -> list[str]:
     return [] if D <= 256 else [f"the Triton kernels take head dims up to 256, got {D}"]
 
 
-BACKEND = _dispatch.Backend("triton", _fwd_op, _bwd_op, limits=_limits, bias_grad=_bias_grad_op)
+BACKEND = _dispatch.Backend(
+    "triton", _fwd_op, _bwd_op, limits=_limits, prepare=A.with_span, bias_grad=_bias_grad_op
+)
