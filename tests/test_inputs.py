@@ -1,0 +1,340 @@
+"""Every input right: any layout and stride, garbage where the mask rules it out, float masks as
+the numbers they are, NaN where the math says NaN; every op, every backend, against float64."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, LOWP, check_against_reference, launched
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+import vlkernels
+from vlkernels import masks
+from vlkernels.reference import attention_ref
+
+# ----------------------------------------------------------------------------------------------
+# Layouts: how a tensor of logical shape [B, H, L, D] can lie in memory. Each builds the storage
+# (the autograd leaf) and the view of it that the op is given.
+# ----------------------------------------------------------------------------------------------
+
+
+def _storage(layout, B, H, L, D, g):
+    """(leaf storage, function storage -> the [B, H, L, D] view of it)."""
+    if layout == "contiguous":
+        return torch.randn(B, H, L, D, generator=g), lambda t: t
+    if layout == "blhd":  # [B, L, H, D] viewed as [B, H, L, D]
+        return torch.randn(B, L, H, D, generator=g), lambda t: t.transpose(1, 2)
+    if layout == "bhdl":  # [B, H, D, L] transposed: the last dim is not unit-stride
+        return torch.randn(B, H, D, L, generator=g), lambda t: t.transpose(2, 3)
+    if layout == "einops":  # b n (d h) -> b h n d
+        return torch.randn(B, L, D * H, generator=g), lambda t: t.view(B, L, D, H).permute(0, 3, 1, 2)
+    if layout == "channels_last":
+        return torch.randn(B, H, L, D, generator=g), lambda t: t.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":  # an offset window of a larger buffer
+        return torch.randn(B + 1, H, L + 3, D + 5, generator=g), lambda t: t[1:, :, 3:, 2 : 2 + D]
+    if layout == "expanded_batch":  # stride 0 over the batch
+        return torch.randn(1, H, L, D, generator=g), lambda t: t.expand(B, H, L, D)
+    if layout == "expanded_heads":  # stride 0 over the heads
+        return torch.randn(B, 1, L, D, generator=g), lambda t: t.expand(B, H, L, D)
+    raise AssertionError(layout)
+
+
+LAYOUTS = [
+    "contiguous",
+    "blhd",
+    "bhdl",
+    "einops",
+    "channels_last",
+    "sliced",
+    "expanded_batch",
+    "expanded_heads",
+]
+
+
+def _dense_shape(rank, B, H, Lq, Lk, draw):
+    """A shape of ``rank`` dims broadcastable to [B, H, Lq, Lk], each dim full or 1."""
+    full = (B, H, Lq, Lk)[4 - rank :]
+    return (*(n if draw(st.booleans()) else 1 for n in full[:-1]), full[-1])
+
+
+@st.composite
+def attention_problems(draw, backend):
+    """(q, k, v as views, the leaves, mask, dtype, the unused keys [B, Lk] filled with garbage)."""
+    cuda = backend == "cuda"
+    B = draw(st.integers(1, 3))
+    Hk = draw(st.integers(1, 2))
+    H = Hk * draw(st.integers(1, 2))
+    Bq = draw(st.sampled_from([B, 1]))
+    D = draw(st.sampled_from([16, 24, 40] if cuda else [8, 16, 24, 33, 40]))
+    self_attn = draw(st.booleans())
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, *LOWP]))
+    # fp16/bf16: the 2x rule is a statement about many roundings; a handful of elements can be off
+    # by one rounding more than the reference by chance, so low precision starts at 16 x 16
+    least = 1 if dtype == torch.float32 else 16
+    Lq = draw(st.integers(least, 40))
+    Lk = Lq if self_attn else draw(st.integers(least, 40))
+    if dtype != torch.float32:
+        D = max(D, 16)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    kinds = ["none", "bool", "key_padding", "causal&key_padding", "dense_tail"]
+    if not cuda:  # the CUDA C++ kernels take no float bias
+        kinds += ["float", "float_tail"]
+    if self_attn:
+        kinds += ["qformer", "prefix_lm"]
+    kind = draw(st.sampled_from(kinds))
+    lengths = torch.randint(0, Lk + 1, (B,), generator=g)
+    if kind == "none":
+        mask = None
+    elif kind in ("bool", "float", "dense_tail", "float_tail"):
+        shape = _dense_shape(draw(st.integers(1, 4)), B, H, Lq, Lk, draw)
+        if kind.endswith("tail"):  # a valid length per batch entry: the tail of a KV buffer
+            shape = (B, *((1,) * (4 - len(shape)) + shape)[1:])
+        allowed = torch.rand(shape, generator=g) > draw(st.sampled_from([0.0, 0.3, 0.7]))
+        if kind.endswith("tail"):
+            allowed &= torch.arange(Lk) < lengths.view(B, 1, 1, 1)
+        if kind.startswith("float"):
+            mask = torch.randn(shape, generator=g) * 3
+            mask = mask.masked_fill(~allowed, float("-inf"))
+        else:
+            mask = allowed
+        mask = mask.to(DEVICE)
+    elif kind == "key_padding":
+        mask = masks.key_padding(lengths.to(DEVICE))
+    elif kind == "causal&key_padding":
+        mask = masks.causal() & masks.key_padding(lengths.to(DEVICE))
+    elif kind == "qformer":
+        mode = draw(st.sampled_from(["bidirectional", "multimodal_causal", "unimodal"]))
+        mask = masks.qformer(draw(st.integers(0, Lk)), mode) & masks.key_padding(lengths.to(DEVICE))
+    else:
+        mask = masks.prefix_lm(lengths.to(DEVICE))
+
+    shared = draw(
+        st.sampled_from(
+            ["none", "k_is_v", "q_k_v"] if Bq == B and H == Hk and self_attn else ["none", "k_is_v"]
+        )
+    )
+    layouts = [draw(st.sampled_from(LAYOUTS)) for _ in range(3)]
+    leaves, views = [], []
+    for i, (b, h, n) in enumerate(((Bq, H, Lq), (B, Hk, Lk), (B, Hk, Lk))):
+        if (shared == "k_is_v" and i == 2) or (shared == "q_k_v" and i > 0):
+            continue
+        base, view = _storage(layouts[i], b, h, n, D, g)
+        leaves.append(base.to(DEVICE, dtype))
+        views.append(view)
+    if shared == "k_is_v":
+        views.append(views[1])
+    elif shared == "q_k_v":
+        views += [views[0], views[0]]
+
+    # the keys before the first and after the last key that any query row of a batch entry may
+    # attend (a KV buffer's tail, left padding), and whether garbage can go there (an expanded
+    # batch dim is one storage row for every batch entry)
+    live = _allowed(mask, B, H, Lq, Lk).any(dim=(1, 2))  # [B, Lk]
+    j = torch.arange(Lk)
+    first = torch.where(live, j, Lk).amin(-1, keepdim=True)
+    last = torch.where(live, j, -1).amax(-1, keepdim=True)
+    unused = (j < first) | (j > last)
+    garbage_ok = all(layouts[i] != "expanded_batch" for i in (1, 2)) and shared != "q_k_v"
+    desc = (
+        f"B={B} Bq={Bq} H={H} Hk={Hk} Lq={Lq} Lk={Lk} D={D} {dtype} mask={kind} {_describe(mask)} "
+        f"layouts={layouts} shared={shared} garbage={garbage_ok}"
+    )
+    return views, leaves, mask, dtype, unused if garbage_ok else torch.zeros_like(unused), desc
+
+
+def _describe(mask):
+    if isinstance(mask, torch.Tensor):
+        return f"{mask.dtype} {list(mask.shape)}"
+    return repr(mask)
+
+
+def _allowed(mask, B, H, Lq, Lk):
+    if mask is None:
+        return torch.ones(B, H, Lq, Lk, dtype=torch.bool)
+    if isinstance(mask, masks.Mask):
+        allowed = mask.to_dense(B, Lq, Lk)
+    elif mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        allowed = mask != float("-inf")
+    return allowed.cpu().expand(B, H, Lq, Lk)
+
+
+def _with_garbage(views, leaves, unused):
+    """Leaves whose unused keys (in k and v) hold NaN and inf, as fresh leaves needing grad."""
+    dirty = [t.detach().clone() for t in leaves]
+    if unused.any():
+        kv_leaves = {1: dirty[1], 2: dirty[2] if len(dirty) > 2 else dirty[1]}
+        for i, t in kv_leaves.items():
+            view = views[i](t)
+            b, j = unused.nonzero(as_tuple=True)
+            fill = torch.where(torch.arange(len(b)) % 2 == 0, float("nan"), float("inf")).to(t.dtype)
+            view[b.to(DEVICE), :, j.to(DEVICE)] = fill.to(DEVICE)[:, None, None]
+    return [t.requires_grad_() for t in dirty]
+
+
+def _run_attention_problem(problem, backend):
+    views, leaves, mask, dtype, unused, desc = problem
+    note(desc)
+    dirty = _with_garbage(views, leaves, unused)
+    q, k, v = (view(t) for view, t in zip(views, _leaf_of_each(dirty), strict=True))
+    B, H, Lq, D = k.shape[0], q.shape[1], q.shape[2], q.shape[3]
+    do = torch.randn(B, H, Lq, D).to(DEVICE, dtype)
+    with launched(backend, "attention"):
+        out = vlkernels.attention(q, k, v, mask, backend=backend)
+        grads = torch.autograd.grad(out, dirty, do)
+    clean64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = attention_ref(*(view(t) for view, t in zip(views, _leaf_of_each(clean64), strict=True)), mask)
+    ref_grads = torch.autograd.grad(ref, clean64, do.double())
+    clean = [t.detach().clone().requires_grad_() for t in leaves]
+    lowp = attention_ref(*(view(t) for view, t in zip(views, _leaf_of_each(clean), strict=True)), mask)
+    lowp_grads = torch.autograd.grad(lowp, clean, do)
+    names = ["out", *(f"d(leaf {i})" for i in range(len(leaves)))]
+    for name, got, r, lp in zip(names, (out, *grads), (ref, *ref_grads), (lowp, *lowp_grads), strict=True):
+        check_against_reference(name, got, r, lp, dtype, "attention", backend)
+
+
+def _leaf_of_each(leaves):
+    """The leaves of q, k, v in order (k and v share one when there are two, all when one)."""
+    if len(leaves) == 3:
+        return leaves
+    if len(leaves) == 2:
+        return [leaves[0], leaves[1], leaves[1]]
+    return [leaves[0]] * 3
+
+
+FUZZ_EXAMPLES = {"torch": 300, "triton": 30, "cuda": 12}
+
+
+def test_attention_any_layout_mask_and_garbage(backend):
+    """Fuzz: every layout of q, k, v (unit-stride or not, sliced, expanded, shared storage), masks
+    of every kind and broadcastable rank, NaN and inf in the keys no row may attend; output and
+    the gradient of every storage against float64 (fp16/bf16: FlashAttention's 2x rule)."""
+
+    @settings(
+        max_examples=FUZZ_EXAMPLES[backend],
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+    @given(attention_problems(backend))
+    def run(problem):
+        _run_attention_problem(problem, backend)
+
+    run()
+
+
+# ----------------------------------------------------------------------------------------------
+# Float masks are numbers; NaN where the math has NaN
+# ----------------------------------------------------------------------------------------------
+
+
+def _qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, L, D, generator=g).to(DEVICE, dtype).requires_grad_() for L in (Lq, Lk, Lk)]
+
+
+def test_rows_of_finfo_min_give_sdpa_forward_and_the_reference_gradient(backend):
+    """transformers' padding convention: a float mask of finfo(float32).min. A row that is all of
+    it swamps its scores: SDPA (and float64) average the values uniformly; every backend gives
+    that forward and the float64 reference's gradient (the lse of such a row is that huge number,
+    the row sum lost in its rounding unless kept apart)."""
+    if backend == "cuda":
+        pytest.skip("the CUDA C++ kernels take no float bias (they say so: test_ops)")
+    B, H, Lq, Lk, D = 2, 2, 20, 24, 16
+    q, k, v = _qkv(B, H, Lq, Lk, D)
+    bias = torch.randn(B, 1, Lq, Lk, device=DEVICE)
+    bias[:, :, 3] = torch.finfo(torch.float32).min  # every key of row 3
+    bias[1, :, 7, ::2] = torch.finfo(torch.float32).min  # half the keys of row 7: the others win
+    bias[0, :, 9] = torch.finfo(torch.float32).min / 2  # finite, halved: still swamps the scores
+    bias[0, :, 9, :5] = torch.finfo(torch.float32).min  # ... and beats these
+    do = torch.randn(B, H, Lq, D, device=DEVICE)
+    with launched(backend, "attention"):
+        out = vlkernels.attention(q, k, v, bias, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    sdpa = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
+    ref = attention_ref(q, k, v, bias, upcast=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
+    torch.testing.assert_close(out.double(), sdpa, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, :, 3].double(), v.double().mean(2), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_float_bias_is_added_in_fp32(backend, dtype):
+    """fp16/bf16 q with an fp32 float mask: the mask is added to the fp32 scores as it is (SDPA's
+    CPU kernel and FlashAttention's reference do so): values past fp16's range stay finite and an
+    ALiBi bias of hundreds keeps its precision (FlashAttention's ALiBi test shapes: 2x rule)."""
+    if backend == "cuda":
+        pytest.skip("the CUDA C++ kernels take no float bias (they say so: test_ops)")
+    B, H, Lq, Lk, D = 2, 2, 113, 203, 32
+    q, k, v = _qkv(B, H, Lq, Lk, D, dtype, seed=1)
+    slopes = torch.tensor([0.5, 2.0], device=DEVICE)
+    i, j = torch.arange(Lq, device=DEVICE)[:, None], torch.arange(Lk, device=DEVICE)[None]
+    alibi = -slopes[:, None, None] * (i + Lk - Lq - j).abs()  # [H, Lq, Lk]: -0 .. -400 (fp32)
+    wide = torch.randn(B, 1, Lq, Lk, device=DEVICE) * 1e5  # past fp16's range
+    for bias in (alibi, wide):
+        do = torch.randn(B, H, Lq, D, device=DEVICE).to(dtype)
+        with launched(backend, "attention"):
+            out = vlkernels.attention(q, k, v, bias, backend=backend)
+            grads = torch.autograd.grad(out, (q, k, v), do)
+        ref = attention_ref(q, k, v, bias, upcast=True)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
+        lowp = attention_ref(q, k, v, bias)
+        lowp_grads = torch.autograd.grad(lowp, (q, k, v), do)
+        for name, got, r, lp in zip(
+            ("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (lowp, *lowp_grads), strict=True
+        ):
+            check_against_reference(f"{list(bias.shape)} {name}", got, r, lp, dtype, "attention", backend)
+
+
+def test_nan_in_a_query_row_is_nan_in_that_row_only(backend):
+    """NaN or inf in a query row makes that row's output NaN (as float64 does) on every backend,
+    with or without a mask; the other rows are unaffected. (PyTorch's CPU kernel gives some such
+    rows 0, as if they had nothing to attend.)"""
+    B, H, L, D = 2, 2, 10, 16
+    for mask in (None, masks.causal(), torch.rand(B, 1, L, L, device=DEVICE) > 0.3):
+        q, k, v = _qkv(B, H, L, L, D)
+        with torch.no_grad():
+            q[0, 1, 2] = float("nan")
+            q[1, 0, 5, 3] = float("inf")
+        out = vlkernels.attention(q, k, v, mask, backend=backend)
+        bad = torch.zeros(B, H, L, dtype=torch.bool, device=DEVICE)
+        bad[0, 1, 2] = bad[1, 0, 5] = True
+        assert torch.isnan(out[bad]).all(), _describe(mask)
+        ref = attention_ref(q.detach(), k.detach(), v.detach(), mask, upcast=True)
+        torch.testing.assert_close(out[~bad].double(), ref[~bad], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
+def test_scale_must_be_finite(scale):
+    q = torch.randn(1, 1, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=f"attention: scale must be a finite float, got {scale}"):
+        vlkernels.attention(q, q, q, scale=scale)
+
+
+def test_triton_interpreter_rounds_bf16_as_the_gpu():
+    """Under the interpreter, the kernels' fp32 -> bf16 conversions round to nearest even (the
+    GPU's cvt.rn; Triton's interpreter truncates), overflow to inf and keep NaN: bit for bit
+    torch's conversion."""
+    import triton
+    import triton.language as tl
+
+    if DEVICE.type != "cpu":
+        pytest.skip("the interpreter runs on CPU tensors")
+
+    @triton.jit
+    def cast(X, Y, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, tl.load(X + offs).to(tl.bfloat16))
+
+    x = torch.randn(4096) * torch.logspace(-30, 30, 4096)
+    x[:4] = torch.tensor([float("nan"), float("inf"), 3.4e38, -3.4e38])
+    y = torch.empty(4096, dtype=torch.bfloat16)
+    cast[(1,)](x, y, N=4096)
+    want = x.bfloat16()
+    assert torch.isnan(y[0]) and torch.equal(y[1:].view(torch.int16), want[1:].view(torch.int16))
