@@ -1,6 +1,6 @@
-"""Generation with a KV cache: greedy ``generate()`` of patched tiny public models (BLIP-2 with
-OPT, PaliGemma, Idefics) gives the tokens of the unpatched model, and the kernels ran, decoding
-steps included (one query row over the cache)."""
+"""Generation with a KV cache: greedy ``generate()`` of patched tiny public models (BLIP
+captioning, BLIP-2 with OPT, PaliGemma, Idefics, open_clip's CoCa) gives the tokens of the
+unpatched model, and the kernels ran, decoding steps included (one query row over the cache)."""
 
 import copy
 
@@ -15,21 +15,31 @@ T = pytest.importorskip("transformers")
 
 
 def _same_tokens(ref, inputs, new_tokens, *, decode_split=False):
-    """Greedy generate with the unpatched and the patched model: equal token ids. The Triton
+    """Greedy generate with the unpatched and the patched model: equal token ids, and equal logits
+    at every step (a step that ignored the KV cache could still pick the same token). The Triton
     forward ran once per step at least (decode_split: flash-decoding's split path ran too)."""
     ref = ref.to(DEVICE).eval()
     ours = vlkernels.patch(copy.deepcopy(ref))
-    kw = dict(max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+    kw = dict(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        min_new_tokens=new_tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
         want = ref.generate(**inputs, **kw)
         names = ["attention_fwd"] + (["attention_fwd_split"] if decode_split else [])
         before = attn_triton.LAUNCHES["attention_fwd"]
         with assert_launched(*names):
             got = ours.generate(**inputs, **kw)
-    assert torch.equal(got, want), (got, want)
+    assert torch.equal(got.sequences, want.sequences), (got.sequences, want.sequences)
+    assert len(got.logits) == len(want.logits) == new_tokens
+    for step, (a, b) in enumerate(zip(got.logits, want.logits, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"logits of step {step}")
     if DEVICE == "cpu" and vlkernels.get_backend() is None:
         assert attn_triton.LAUNCHES["attention_fwd"] - before >= new_tokens
-    return got
+    return got.sequences
 
 
 def test_generate_blip2_opt():
@@ -103,3 +113,29 @@ def test_generate_idefics():
         image_attention_mask=torch.ones(2, 7, 1, dtype=torch.long, device=DEVICE),
     )
     _same_tokens(model, inputs, 5)
+
+
+def test_generate_blip_captioning():
+    """BLIP's text decoder keeps its own attention modules (not the attention interface): the
+    patched forward must feed the KV cache under the keyword the installed transformers uses."""
+    torch.manual_seed(0)
+    layer = dict(intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    model = T.BlipForConditionalGeneration(
+        T.BlipConfig(
+            text_config=dict(
+                hidden_size=32,
+                vocab_size=100,
+                encoder_hidden_size=32,
+                bos_token_id=1,
+                sep_token_id=2,
+                eos_token_id=3,
+                pad_token_id=0,
+                **layer,
+            ),
+            vision_config=dict(hidden_size=32, image_size=16, patch_size=8, **layer),
+            projection_dim=16,
+        )
+    )
+    ids = torch.randint(5, 90, (2, 3), device=DEVICE)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 16, 16))
+    _same_tokens(model, {k: v.to(DEVICE) for k, v in inputs.items()}, 6)

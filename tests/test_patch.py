@@ -274,6 +274,9 @@ def test_patch_paligemma2_softcap_and_sliding_window(monkeypatch):
         query_pre_attn_scalar=16,
     )
     ref = tiny_paligemma(text)
+    # transformers' eager attention: the definition (transformers 5.17 defaults Gemma 2 to SDPA,
+    # which drops the soft-capping: its gradients differ from eager's by 3e-5, vlkernels' agree)
+    ref.set_attn_implementation("eager")
     kw = paligemma_inputs(2, n_img=4, n_prompt=6, n_suffix=9)
     caps = []
     original = patch_mod.hf_attention_forward

@@ -5,7 +5,7 @@ out = vlkernels.attention(q, k, v, mask=vlkernels.masks.qformer(32, "unimodal"))
 
 from vlkernels import losses, masks, modules, reference
 from vlkernels._dispatch import BackendUnavailableError, get_backend, set_backend, use_backend
-from vlkernels.attention import attention, attention_dropout_mask
+from vlkernels.attention import attention, attention_dropout_mask, attention_weights
 from vlkernels.contrastive import MomentumDistillation, contrastive_loss
 from vlkernels.gated import gated_residual
 from vlkernels.patch import patch
@@ -17,6 +17,7 @@ __all__ = [
     "MomentumDistillation",
     "attention",
     "attention_dropout_mask",
+    "attention_weights",
     "contrastive_loss",
     "gated_residual",
     "get_backend",

@@ -12,8 +12,6 @@ The swapped modules load the originals' state_dicts, so the model's parameters k
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
@@ -27,9 +25,10 @@ def hf_attention_forward(
     ``attention_mask`` None, bool (True = attend) or float, added to the scores (0 = attend, very
     negative = masked, or any bias), broadcastable to [B, H, Lq, Lk]. ``softcap``: Gemma 2's logit
     soft-capping; ``sliding_window``: already in the mask transformers builds, applied here only
-    when there is no mask. Returns ([B, Lq, H, D], None)."""
+    when there is no mask. Returns ([B, Lq, H, D], the attention probabilities [B, H, Lq, Lk]
+    after dropout when ``output_attentions`` is asked for, as transformers' eager attention,
+    else None)."""
     from vlkernels import masks
-    from vlkernels.attention import attention
 
     for unsupported in ("position_bias", "s_aux"):
         if kwargs.get(unsupported) is not None:
@@ -52,8 +51,38 @@ def hf_attention_forward(
                 i = torch.arange(Lq, device=query.device)[:, None]
                 mask = mask & (torch.arange(Lk, device=query.device)[None] > i - window)
     p = dropout if module.training else 0.0
-    out = attention(query, key, value, mask, scale=scaling, softcap=kwargs.get("softcap"), dropout_p=p)
-    return out.transpose(1, 2), None
+    options = dict(scale=scaling, softcap=kwargs.get("softcap"), dropout_p=p)
+    out, probs = _attend(query, key, value, mask, bool(kwargs.get("output_attentions")), **options)
+    return out.transpose(1, 2), probs
+
+
+def _attend(q, k, v, mask, weights: bool, dropped: bool = True, **options):
+    """(vlkernels.attention's output [B, H, Lq, D], and with ``weights`` its probabilities [B, H,
+    Lq, Lk], after dropout when ``dropped`` (before when not, as BLIP's text attention returns
+    them), else None)."""
+    from vlkernels.attention import api
+
+    if weights and options.get("dropout_p"):
+        options["seed"] = api.draw_seed()  # one seed: the probabilities drop what the output did
+    out = api.attention(q, k, v, mask, **options)
+    probs = None
+    if weights:
+        probs = api.attention_weights(q, k, mask, **(options if dropped else {**options, "dropout_p": 0.0}))
+    return out, probs
+
+
+def _weights_wanted(kwargs) -> bool:
+    """Whether the model asked for attention probabilities: ``output_attentions`` when the module
+    is given it, else whether transformers is collecting them (its output recorder, which
+    attention modules that take no such argument feed)."""
+    if "output_attentions" in kwargs:
+        return bool(kwargs["output_attentions"])
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # (releases that pass output_attentions to every module)
+        return False
+    collected = _active_collector.get() or {}
+    return "attentions" in collected or "cross_attentions" in collected
 
 
 def _register_hf() -> None:
@@ -123,12 +152,12 @@ def _merged(out):
 
 def _flava_self_attention(self, hidden_states, attention_mask=None, output_attentions=False):
     """FlavaSelfAttention.forward through vlkernels.attention."""
-    from vlkernels.attention import attention
-
-    if output_attentions:
-        raise NotImplementedError("vlkernels attention does not return attention probabilities")
     q, k, v = (_heads(self, hidden_states, lin) for lin in (self.query, self.key, self.value))
-    return (_merged(attention(q, k, v, _bool_mask(attention_mask), dropout_p=_dropout_p(self))),)
+    out, probs = _attend(q, k, v, _bool_mask(attention_mask), output_attentions, dropout_p=_dropout_p(self))
+    return (_merged(out), probs) if output_attentions else (_merged(out),)
+
+
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")  # the KV cache's keyword across releases
 
 
 def _blip_text_self_attention(
@@ -137,39 +166,62 @@ def _blip_text_self_attention(
     attention_mask=None,
     encoder_hidden_states=None,
     encoder_attention_mask=None,
-    past_key_values=None,
-    **kwargs,
+    *args,
+    **kw,
 ):
-    """BlipTextSelfAttention.forward through vlkernels.attention (decoding with a KV cache keeps
-    transformers' own path)."""
-    from vlkernels.attention import attention
+    """BlipTextSelfAttention.forward through vlkernels.attention, KV cache included (a transformers
+    ``Cache``, under whichever keyword the installed release passes it; any other kind of cache
+    keeps transformers' own forward). Returns (context [B, L, hidden], the probabilities before
+    dropout when the model collects them, else None)."""
+    from transformers.cache_utils import Cache, EncoderDecoderCache
 
-    if past_key_values is not None:
-        return self._vlkernels_original_forward(
-            hidden_states,
-            attention_mask,
-            encoder_hidden_states,
-            encoder_attention_mask,
-            past_key_values,
-            **kwargs,
+    cache = args[0] if args else next((kw.pop(n) for n in _CACHE_NAMES if kw.get(n) is not None), None)
+    for n in _CACHE_NAMES:
+        kw.pop(n, None)
+    if cache is not None and not isinstance(cache, Cache):
+        forward = type(self).forward.__get__(self)
+        return forward(
+            hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache, **kw
         )
     cross = encoder_hidden_states is not None
-    ctx = encoder_hidden_states if cross else hidden_states
-    mask = encoder_attention_mask if cross else attention_mask
     q = _heads(self, hidden_states, self.query)
-    k, v = _heads(self, ctx, self.key), _heads(self, ctx, self.value)
-    return _merged(attention(q, k, v, _bool_mask(mask), dropout_p=_dropout_p(self))), None
+    layer = cache
+    if isinstance(cache, EncoderDecoderCache):
+        layer = cache.cross_attention_cache if cross else cache.self_attention_cache
+    if cross and isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(self.layer_idx):
+        k, v = layer.layers[self.layer_idx].keys, layer.layers[self.layer_idx].values  # the image's, kept
+    else:
+        ctx = encoder_hidden_states if cross else hidden_states
+        k, v = _heads(self, ctx, self.key), _heads(self, ctx, self.value)
+        if cache is not None:
+            k, v = layer.update(k, v, self.layer_idx)
+            if cross and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
+    mask = _bool_mask(encoder_attention_mask if cross else attention_mask)
+    out, probs = _attend(q, k, v, mask, _weights_wanted(kw), dropped=False, dropout_p=_dropout_p(self))
+    return _merged(out), probs
 
 
 def _blip_vision_attention(self, hidden_states, **kwargs):
     """BlipAttention.forward (vision) through vlkernels.attention."""
-    from vlkernels.attention import attention
-
     B, L, C = hidden_states.shape
     qkv = self.qkv(hidden_states).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-    return self.projection(
-        _merged(attention(qkv[0], qkv[1], qkv[2], scale=self.scale, dropout_p=_dropout_p(self)))
-    ), None
+    out, probs = _attend(
+        qkv[0], qkv[1], qkv[2], None, _weights_wanted(kwargs), scale=self.scale, dropout_p=_dropout_p(self)
+    )
+    return self.projection(_merged(out)), probs
+
+
+class _PatchedForward:
+    """A swapped-in ``forward`` of one module: ``_FORWARD_SWAPS[key](module, ...)``. An instance
+    attribute that pickles by name (``torch.save`` of a whole patched model; a bound method of a
+    function the module's class does not have would not load)."""
+
+    def __init__(self, key: tuple[str, str], module: nn.Module):
+        self.key, self.module = key, module
+
+    def __call__(self, *args, **kwargs):
+        return _FORWARD_SWAPS[self.key](self.module, *args, **kwargs)
 
 
 # transformers modules that do not go through the attention interface: their forward is replaced
@@ -186,13 +238,32 @@ _MODULE_SWAPS = {
 }
 
 
+class PatchRecord(list):
+    """``model.vlkernels_patched``: what ``patch`` swapped, one line each. Loading a pickled patched
+    model (``torch.load`` of a whole model) registers vlkernels with transformers' attention
+    interface again when the model uses it, as ``patch`` did in the process that saved it."""
+
+    def __reduce__(self):
+        return _loaded_record, (list(self),)
+
+
+def _loaded_record(entries: list) -> PatchRecord:
+    if any(_INTERFACE in e for e in entries):
+        _register_hf()
+    return PatchRecord(entries)
+
+
+_INTERFACE = "attention interface -> vlkernels.attention"
+
+
 def patch(
     model: nn.Module, *, attention: bool = True, pooler: bool = True, gated_xattn: bool = True
 ) -> nn.Module:
     """Swap vlkernels into ``model`` in place and return it; ``model.vlkernels_patched`` lists
     what was swapped. Flags: ``attention`` (transformers' attention interface), ``pooler``
     (open_clip AttentionalPooler), ``gated_xattn`` (open_flamingo GatedCrossAttentionBlock). The
-    contrastive / CoCa losses live outside the models: use ``vlkernels.losses``."""
+    contrastive / CoCa losses live outside the models: use ``vlkernels.losses``. Patching a patched
+    model again swaps only what is new (nothing, with the same flags) and returns it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     done = []
@@ -202,16 +273,18 @@ def patch(
         and type(model).__module__.startswith("transformers")
     ):
         _register_hf()
-        model.set_attn_implementation(HF_NAME)
-        done.append(f"{type(model).__name__}: attention interface -> vlkernels.attention")
+        line = f"{type(model).__name__}: {_INTERFACE}"
+        if line not in getattr(model, "vlkernels_patched", []):
+            model.set_attn_implementation(HF_NAME)
+            done.append(line)
     wanted = {"AttentionalPooler": pooler, "GatedCrossAttentionBlock": gated_xattn}
     for name, mod in list(model.named_modules()):
-        for (module_prefix, cls_name), fn in _FORWARD_SWAPS.items():
+        for key in _FORWARD_SWAPS:
+            module_prefix, cls_name = key
             cls = type(mod)
             if attention and cls.__name__ == cls_name and cls.__module__.startswith(module_prefix):
-                if not hasattr(mod, "_vlkernels_original_forward"):
-                    mod._vlkernels_original_forward = mod.forward
-                    mod.forward = types.MethodType(fn, mod)
+                if not isinstance(mod.__dict__.get("forward"), _PatchedForward):
+                    mod.forward = _PatchedForward(key, mod)
                     done.append(f"{name}: {cls_name}.forward -> vlkernels.attention")
         if not name:  # the model itself cannot be replaced in place
             continue
@@ -226,12 +299,13 @@ def patch(
                 new.train(mod.training)
                 _replace(model, name, new)
                 done.append(f"{name}: {cls_name} -> vlkernels.modules.{cls_name}")
-    if not done:
+    before = getattr(model, "vlkernels_patched", [])
+    if not done and not before:
         raise ValueError(
             f"patch: nothing in {type(model).__name__} can be swapped (with these flags). Supported: "
             "transformers models (BLIP, BLIP-2, FLAVA, Idefics, PaliGemma, and others whose attention goes "
             "through the attention interface), open_clip AttentionalPooler (CoCa), open_flamingo "
             "GatedCrossAttentionBlock"
         )
-    model.vlkernels_patched = [*getattr(model, "vlkernels_patched", []), *done]
+    model.vlkernels_patched = PatchRecord([*before, *done])
     return model

@@ -8,9 +8,9 @@ How a call flows: ``api.attention`` (checks the inputs) -> ``masks.lower`` (the 
 
 from vlkernels import _dispatch
 from vlkernels.attention import cuda, torch, triton
-from vlkernels.attention.api import attention, attention_dropout_mask
+from vlkernels.attention.api import attention, attention_dropout_mask, attention_weights
 
 for _backend in (triton.BACKEND, cuda.BACKEND, torch.BACKEND):
     _dispatch.register("attention", _backend)
 
-__all__ = ["attention", "attention_dropout_mask"]
+__all__ = ["attention", "attention_dropout_mask", "attention_weights"]

@@ -8,6 +8,7 @@ import torch
 
 from vlkernels import _dispatch, masks
 from vlkernels.attention import dropout
+from vlkernels.attention import torch as torch_backend
 from vlkernels.attention.args import AttentionArgs
 from vlkernels.attention.autograd import AttentionFunction
 
@@ -92,12 +93,7 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
     lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     softcap, dropout_p = float(softcap or 0.0), float(dropout_p)
-    if dropout_p == 0:
-        seed = 0
-    elif seed is None:
-        seed = int(torch.randint(0, 2**62, ()))
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"attention: seed must be an int in [0, 2**63) or None, got {seed!r}")
+    seed = 0 if dropout_p == 0 else draw_seed() if seed is None else checked_seed(seed, "attention")
     args = AttentionArgs(q, k, v, lowered, scale, softcap, dropout_p, seed)
     chosen = _dispatch.choose("attention", backend, args)
     lowered = chosen.prepare(args).mask
@@ -107,9 +103,41 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
     return out
 
 
+def draw_seed() -> int:
+    """A dropout seed from torch's default generator (what ``seed=None`` means)."""
+    return int(torch.randint(0, 2**62, ()))
+
+
+def checked_seed(seed, fn: str) -> int:
+    """``seed`` if it is a dropout seed (an int in [0, 2**63)), else a ValueError naming ``fn``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"{fn}: seed must be an int in [0, 2**63), got {seed!r}")
+    return seed
+
+
 def attention_dropout_mask(q, k, dropout_p: float, seed: int) -> torch.Tensor:
     """The keep mask that ``attention(q, k, v, dropout_p=dropout_p, seed=seed)`` applies, on every
     backend: bool [B, H, Lq, Lk], True = kept (as FlashAttention's debug mask, for testing and
-    inspection)."""
+    inspection). ``seed``: the int given to ``attention``."""
     _check_inputs(q, k, k, None, None, dropout_p)
+    seed = checked_seed(seed, "attention_dropout_mask")
     return dropout.keep_mask(seed, dropout_p, k.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+
+
+def attention_weights(q, k, mask=None, *, scale=None, softcap=None, dropout_p=0.0, seed=None):
+    """The attention probabilities that ``attention(q, k, v, mask, ...)`` multiplies v by, as a
+    tensor: [B, H, Lq, Lk] in q's dtype, computed in fp32 (what ``output_attentions=True`` returns
+    in transformers' eager attention). Masked entries and rows with no allowed key are 0; with
+    ``dropout_p`` > 0 the entries dropped for ``seed`` are 0 and the kept ones scaled by
+    1 / (1 - p), as in the forward (the seed given to ``attention``: required then). Arguments
+    as ``attention``'s; materialises [B, H, Lq, Lk]."""
+    _check_inputs(q, k, k, scale, softcap, dropout_p)
+    if dropout_p > 0 and seed is None:
+        raise ValueError("attention_weights: dropout_p > 0 needs the seed given to attention()")
+    seed = 0 if dropout_p == 0 else checked_seed(seed, "attention_weights")
+    B, _, Lk, D = k.shape
+    H, Lq = q.shape[1], q.shape[2]
+    lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    args = AttentionArgs(q, k, k, lowered, scale, float(softcap or 0.0), float(dropout_p), seed)
+    return torch_backend.probabilities(args).to(q.dtype)

@@ -194,6 +194,14 @@ def _softmax(s: torch.Tensor):
     return p, p.sum(dim=-1, keepdim=True), m
 
 
+def probabilities(a: A.AttentionArgs) -> torch.Tensor:
+    """fp32 [B, H, Lq, Lk]: softmax(cap(scale · q kᵀ) + bias, masked) after dropout, 0 where masked
+    and in rows with no allowed key (``a.v`` is not read)."""
+    s, _, _, _, _ = _scores(a)
+    p, l, _ = _softmax(s)
+    return p / torch.where(l == 0, 1.0, l) * _dropout_factor(a)
+
+
 def _forward(a: A.AttentionArgs):
     s, _, _, _, v = _scores(a)
     p, l, m = _softmax(s)

@@ -1,0 +1,242 @@
+"""Every patched model family through its public code, beyond one forward: a whole patched model
+saved with torch.save loads in a fresh process and computes the same outputs with the kernels;
+``output_attentions=True`` returns transformers' eager probabilities; patching twice is patching
+once. (Outputs and gradients: test_patch.py; generate(): test_generate.py.)"""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import DEVICE, paligemma_inputs, tiny_idefics, tiny_paligemma
+
+import vlkernels
+from vlkernels import masks
+
+T = pytest.importorskip("transformers")
+
+LAYER = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+VISION = dict(hidden_size=32, image_size=16, patch_size=8, **LAYER)
+
+
+def _blip():
+    cfg = T.BlipConfig(
+        text_config=dict(hidden_size=32, vocab_size=100, encoder_hidden_size=32, **LAYER),
+        vision_config=VISION,
+        projection_dim=16,
+    )
+    ids = torch.randint(5, 99, (2, 7))
+    am = torch.ones_like(ids)
+    am[1, 5:] = 0
+    inputs = dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(2, 3, 16, 16))
+    return T.BlipForImageTextRetrieval(cfg), inputs, "itm_score"
+
+
+def _blip2_qformer():
+    cfg = T.Blip2QFormerConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        encoder_hidden_size=32,
+        use_qformer_text_input=True,
+    )
+    B, nq, L = 2, 4, 9
+    padding = torch.ones(B, L, dtype=torch.long)
+    padding[1, 6:] = 0  # (a 2-D mask: transformers' eager Q-Former adds a 4-D bool mask as 0 / 1)
+    inputs = dict(
+        query_embeds=torch.randn(B, L, 32),
+        query_length=nq,
+        attention_mask=padding,
+        encoder_hidden_states=torch.randn(B, 5, 32),
+    )
+    return T.Blip2QFormerModel(cfg), inputs, "last_hidden_state"
+
+
+def _flava():
+    cfg = T.FlavaConfig(
+        image_config=VISION,
+        text_config=dict(hidden_size=32, vocab_size=100, **LAYER),
+        multimodal_config=dict(hidden_size=32, **LAYER),
+        projection_dim=16,
+    )
+    ids = torch.randint(5, 99, (2, 7))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 16, 16))
+    return T.FlavaModel(cfg), inputs, "multimodal_embeddings"
+
+
+def _paligemma():
+    text = T.GemmaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=120,
+    )
+    return tiny_paligemma(text), paligemma_inputs(2, n_img=4, n_prompt=5, n_suffix=3), "logits"
+
+
+def _idefics():
+    ids = torch.randint(5, 99, (2, 7))
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=torch.randn(2, 1, 3, 16, 16),
+        image_attention_mask=torch.ones(2, 7, 1, dtype=torch.long),
+    )
+    return tiny_idefics(), inputs, "logits"
+
+
+def _coca_pooler():
+    from open_clip.transformer import AttentionalPooler
+
+    return torch.nn.Sequential(AttentionalPooler(32, 24, n_head=4, n_queries=5)), torch.randn(3, 11, 24), None
+
+
+FAMILIES = {
+    "blip": _blip,
+    "blip2_qformer": _blip2_qformer,
+    "flava": _flava,
+    "paligemma": _paligemma,
+    "idefics": _idefics,
+    "coca_pooler": _coca_pooler,
+}
+
+
+def _to_device(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(DEVICE)
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _output(model, inputs, field):
+    with torch.no_grad():
+        out = model(inputs) if field is None else model(**inputs)
+    return out if field is None else getattr(out, field)
+
+
+def test_whole_patched_models_save_and_load_in_a_fresh_process(tmp_path):
+    """torch.save of each patched model; a new interpreter that imports only torch and vlkernels
+    loads them (the swapped forwards and modules unpickle, the transformers attention function is
+    registered again) and computes the saved outputs, its kernels running."""
+    expected = {}
+    for name, build in FAMILIES.items():
+        torch.manual_seed(0)
+        model, inputs, field = build()
+        ours = vlkernels.patch(model.to(DEVICE).eval())
+        inputs = _to_device(inputs)
+        expected[name] = (inputs, field, _output(ours, inputs, field))
+        torch.save(ours, tmp_path / f"{name}.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, vlkernels
+        from vlkernels._triton_utils import LAUNCHES
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=False)
+        for name, (inputs, field, want) in expected.items():
+            model = torch.load({str(tmp_path)!r} + f"/{{name}}.pt", weights_only=False)
+            before = sum(LAUNCHES.values())
+            with torch.no_grad():
+                out = model(inputs) if field is None else getattr(model(**inputs), field)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=name)
+            if {DEVICE.type!r} == "cpu" and vlkernels.get_backend() is None:
+                assert sum(LAUNCHES.values()) > before, name + ": no kernel ran"
+        print("loaded", len(expected))
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"loaded {len(FAMILIES)}" in run.stdout
+
+
+ATTENTION_FAMILIES = ["blip", "blip2_qformer", "flava", "paligemma", "idefics"]
+
+
+@pytest.mark.parametrize("name", ATTENTION_FAMILIES)
+def test_output_attentions_are_eager_probabilities(name):
+    """``output_attentions=True`` on a patched model returns what transformers' eager attention
+    returns (every layer's probabilities, self- and cross-attention), not an empty tuple; the
+    outputs are still the kernels'."""
+    torch.manual_seed(0)
+    model, inputs, field = FAMILIES[name]()
+    eager = model.to(DEVICE).eval()
+    eager.set_attn_implementation("eager")
+    ours = vlkernels.patch(copy.deepcopy(eager))
+    inputs = dict(_to_device(inputs), output_attentions=True)
+    with torch.no_grad():
+        want, got = eager(**inputs), ours(**inputs)
+    compared = 0
+    for key in ("attentions", "cross_attentions", "text_output", "image_output", "multimodal_output"):
+        w, g = getattr(want, key, None), getattr(got, key, None)
+        if key.endswith("output"):  # FLAVA: one output per encoder
+            w, g = getattr(w, "attentions", None), getattr(g, "attentions", None)
+        if w is None:
+            continue
+        assert g is not None and len(g) == len(w) > 0, key
+        for a, b in zip(g, w, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            compared += 1
+    if name == "blip":  # its text and vision attentions come through vision_model / text_encoder outputs
+        compared += _compare_blip_attentions(eager, ours, inputs)
+    assert compared > 0
+    torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=2e-5, atol=2e-5)
+
+
+def _compare_blip_attentions(eager, ours, inputs):
+    n = 0
+    with torch.no_grad():
+        for part, kw in (
+            ("vision_model", dict(pixel_values=inputs["pixel_values"], output_attentions=True)),
+            (
+                "text_encoder",
+                dict(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    encoder_hidden_states=torch.randn(2, 5, 32, device=DEVICE),
+                    output_attentions=True,
+                ),
+            ),
+        ):
+            want, got = getattr(eager, part)(**kw), getattr(ours, part)(**kw)
+            for key in ("attentions", "cross_attentions"):
+                w, g = getattr(want, key, None), getattr(got, key, None)
+                if w:
+                    assert g is not None and len(g) == len(w), (part, key)
+                    for a, b in zip(g, w, strict=True):
+                        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                        n += 1
+    return n
+
+
+def test_patching_twice_is_patching_once():
+    for name in ("blip", "blip2_qformer", "coca_pooler"):
+        torch.manual_seed(0)
+        model, inputs, field = FAMILIES[name]()
+        ours = vlkernels.patch(model.to(DEVICE).eval())
+        record = list(ours.vlkernels_patched)
+        inputs = _to_device(inputs)
+        want = _output(ours, inputs, field)
+        assert vlkernels.patch(ours) is ours
+        assert list(ours.vlkernels_patched) == record, name
+        torch.testing.assert_close(_output(ours, inputs, field), want)
+
+
+def test_attention_weights_are_what_the_output_averages(backend):
+    """vlkernels.attention_weights: the probabilities the forward multiplies v by, dropout
+    included (same seed), on every backend: weights @ v equals the output."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 4, L, 16, generator=g).to(DEVICE) for L in (9, 13, 13))
+    k, v = k[:, :2], v[:, :2]  # grouped keys
+    mask = masks.causal() & masks.key_padding(torch.tensor([13, 6], device=DEVICE))
+    for p, seed in ((0.0, None), (0.3, 1234)):
+        out = vlkernels.attention(q, k, v, mask, dropout_p=p, seed=seed, backend=backend)
+        w = vlkernels.attention_weights(q, k, mask, dropout_p=p, seed=seed)
+        assert w.shape == (2, 4, 9, 13) and w.dtype == q.dtype
+        torch.testing.assert_close(w @ v.repeat_interleave(2, 1), out, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dropout_p > 0 needs the seed given to attention"):
+        vlkernels.attention_weights(q, k, mask, dropout_p=0.1)
