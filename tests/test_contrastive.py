@@ -161,6 +161,20 @@ def test_drop_in_classes_match_open_clip():
         ref["contrastive_loss"] + ref["caption_loss"],
         (x, y, s, logits),
     )
+    # open_clip also takes Python numbers for logit_scale / logit_bias, returns the features' dtype
+    # (fp32 under autocast) and exposes the caption criterion as ``caption_loss``
+    _check(losses.ClipLoss()(x, y, 20.0), oc.ClipLoss()(x, y, 20.0), (x, y))
+    _check(losses.SigLipLoss()(x, y, 20.0, -4.0), oc.SigLipLoss()(x, y, 20.0, -4.0), (x, y))
+    xb, yb = x.detach().bfloat16(), y.detach().bfloat16()
+    for ours_cls, theirs_cls, args in (
+        (losses.ClipLoss, oc.ClipLoss, (s,)),
+        (losses.SigLipLoss, oc.SigLipLoss, (s, b)),
+    ):
+        assert ours_cls()(xb, yb, *args).dtype == theirs_cls()(xb, yb, *args).dtype == torch.bfloat16
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            assert ours_cls()(x, y, *args).dtype == theirs_cls()(x, y, *args).dtype == torch.float32
+    coca = losses.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=3)
+    assert isinstance(coca.caption_loss, torch.nn.CrossEntropyLoss) and coca.caption_loss.ignore_index == 3
     with pytest.raises(ValueError, match="only local_loss=True, gather_with_grad=True"):
         losses.ClipLoss(world_size=2)
     with pytest.raises(ValueError, match="use_horovod=True is not supported"):
@@ -237,6 +251,7 @@ BAD = [
         ValueError,
         "distill.text_features must match",
     ),
+    (dict(group="x"), TypeError, "group must be a torch.distributed process group or None, got str"),
 ]
 
 

@@ -338,3 +338,63 @@ def test_triton_interpreter_rounds_bf16_as_the_gpu():
     cast[(1,)](x, y, N=4096)
     want = x.bfloat16()
     assert torch.isnan(y[0]) and torch.equal(y[1:].view(torch.int16), want[1:].view(torch.int16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: an error naming the argument, what was expected and what came
+# ----------------------------------------------------------------------------------------------
+
+
+def test_meta_tensors_give_shapes_as_sdpa():
+    """Meta tensors (shape inference, a model built on the meta device): the torch backend's
+    operations run on them and give the output's shape and its gradients', as SDPA does."""
+    q = torch.randn(2, 4, 5, 8, device="meta", requires_grad=True)
+    k = torch.randn(2, 2, 7, 8, device="meta", requires_grad=True)
+    out = vlkernels.attention(q, k, k, masks.causal())
+    assert out.device.type == "meta" and out.shape == (2, 4, 5, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_seeds_named_errors():
+    q = torch.randn(1, 2, 4, 8, device=DEVICE)
+    for seed in (None, -1, 2**63, 1.5, True):
+        with pytest.raises(
+            ValueError, match=r"attention_dropout_mask: seed must be an int in \[0, 2\*\*63\)"
+        ):
+            vlkernels.attention_dropout_mask(q, q, 0.1, seed)
+        if seed is not None:
+            with pytest.raises(ValueError, match=r"attention: seed must be an int in \[0, 2\*\*63\)"):
+                vlkernels.attention(q, q, q, dropout_p=0.1, seed=seed)
+
+
+def test_modules_and_distillation_errors():
+    from vlkernels import modules
+
+    with pytest.raises(
+        ValueError, match=r"MomentumDistillation: alpha must be a float in \[0, 1\], got '0.4'"
+    ):
+        vlkernels.MomentumDistillation(torch.randn(4, 8), torch.randn(4, 8), alpha="0.4")
+    with pytest.raises(
+        TypeError, match=r"MomentumDistillation: text_features must be a torch\.Tensor, got list"
+    ):
+        vlkernels.MomentumDistillation(torch.randn(4, 8), [1.0], alpha=0.4)
+    qa = modules.QFormerAttention(32, 4).to(DEVICE)
+    h = torch.randn(2, 10, 32, device=DEVICE)
+    with pytest.raises(
+        TypeError, match=r"QFormerAttention: text_lengths must be an int32/int64 tensor \[B\], got list"
+    ):
+        qa(h, num_queries=4, mode="bidirectional", text_lengths=[1, 2])
+    with pytest.raises(
+        ValueError, match=r"QFormerAttention: built for self-attention .* got encoder_hidden_states"
+    ):
+        qa(h, torch.randn(2, 5, 32, device=DEVICE), num_queries=4)
+    block = modules.GatedCrossAttentionBlock(dim=32, dim_visual=16, dim_head=8, heads=4).to(DEVICE)
+    x, loc = torch.randn(2, 5, 32, device=DEVICE), torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
+    for media_batch in (1, 3):
+        media = torch.randn(media_batch, 1, 3, 16, device=DEVICE)
+        with pytest.raises(
+            ValueError,
+            match=rf"MaskedCrossAttention: media must be .* batch B=2, got shape \[{media_batch}, 1, 3, 16\]",
+        ):
+            block(x, media, loc)

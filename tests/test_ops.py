@@ -130,10 +130,19 @@ def test_backend_selection_and_reasons(monkeypatch):
         # automatic choice on CPU: Triton under the interpreter, the eager reference otherwise
         with assert_launched("attention_fwd"):
             vlkernels.attention(q, k, v)
+        # the interpreter switched after import: Triton defined the kernels for the other mode
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(vlkernels.BackendUnavailableError, match="need TRITON_INTERPRET=1"):
+        with pytest.raises(
+            vlkernels.BackendUnavailableError, match="TRITON_INTERPRET was unset after vlkernels"
+        ):
             vlkernels.attention(q, k, v, backend="triton")
         torch.testing.assert_close(vlkernels.attention(q, k, v), attention_ref(q, k, v))
+    monkeypatch.setattr(_dispatch, "_INTERPRETER_AT_IMPORT", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(
+        vlkernels.BackendUnavailableError, match="TRITON_INTERPRET was set after vlkernels was"
+    ):
+        vlkernels.attention(q, k, v, backend="triton")
 
 
 def test_no_backend_fits_lists_every_reason(monkeypatch):

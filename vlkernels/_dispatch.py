@@ -58,11 +58,23 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_INTERPRETER_AT_IMPORT = interpreter_on()  # Triton reads it when the kernels are defined
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for device types autocast has no notion
+    of, such as "meta")."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_inputs(*tensors):
     """The floating-point ``tensors`` in autocast's lower-precision dtype when autocast is on for
     their device (the policy of SDPA and matmul), else as they are; None stays None."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not _autocast_on(device):
         return tensors
     low = torch.get_autocast_dtype(device)
     return tuple(t.to(low) if t is not None and t.dtype.is_floating_point else t for t in tensors)
@@ -72,18 +84,20 @@ def no_autocast(like: torch.Tensor):
     """Around a backend's forward or backward: it computes in its own precision (autocast off for
     ``like``'s device, when it is on)."""
     device = like.device.type
-    return (
-        torch.autocast(device, enabled=False)
-        if torch.is_autocast_enabled(device)
-        else contextlib.nullcontext()
-    )
+    return torch.autocast(device, enabled=False) if _autocast_on(device) else contextlib.nullcontext()
 
 
 def device_reasons(backend: str, device: torch.device) -> list[str]:
     """Why ``backend`` cannot run on ``device`` at all (empty: it can)."""
     reasons = []
     if backend == "triton":
-        if device.type == "cpu" and not interpreter_on():
+        if interpreter_on() != _INTERPRETER_AT_IMPORT:
+            state = "set" if interpreter_on() else "unset"
+            reasons.append(
+                f"TRITON_INTERPRET was {state} after vlkernels was imported; Triton takes it when the "
+                "kernels are defined: set it before importing vlkernels"
+            )
+        elif device.type == "cpu" and not interpreter_on():
             reasons.append("CPU tensors need TRITON_INTERPRET=1 set before vlkernels is imported")
         elif device.type == "cuda" and interpreter_on():
             reasons.append("TRITON_INTERPRET=1 is set, so Triton cannot run on CUDA tensors")

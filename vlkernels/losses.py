@@ -6,7 +6,6 @@ constructor arguments, same ``forward``, same values and gradients, computed by
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.contrastive import contrastive_loss
@@ -27,6 +26,20 @@ def _group(world_size: int, use_horovod: bool):
             )
         return dist.group.WORLD
     return None
+
+
+def _tensor(value, like: torch.Tensor):
+    """open_clip takes logit_scale and logit_bias as tensors or Python numbers: the number as a
+    one-element fp32 tensor on the features' device."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(float(value), device=like.device)
+
+
+def _open_clip_dtype(loss: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The loss in the dtype open_clip returns: the features' (its logits are), fp32 under autocast
+    (its cross-entropy runs in fp32 there)."""
+    return loss if torch.is_autocast_enabled(features.device.type) else loss.to(features.dtype)
 
 
 class ClipLoss(nn.Module):
@@ -54,9 +67,9 @@ class ClipLoss(nn.Module):
         self.group = _group(world_size, use_horovod)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
-        loss = contrastive_loss(
-            image_features, text_features, logit_scale, logit_bias, kind="clip", group=self.group
-        )
+        scale, bias = _tensor(logit_scale, image_features), _tensor(logit_bias, image_features)
+        loss = contrastive_loss(image_features, text_features, scale, bias, kind="clip", group=self.group)
+        loss = _open_clip_dtype(loss, image_features)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -77,15 +90,15 @@ class SigLipLoss(nn.Module):
         self.group = _group(world_size, False)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
-        loss = contrastive_loss(
-            image_features, text_features, logit_scale, logit_bias, kind="siglip", group=self.group
-        )
+        scale, bias = _tensor(logit_scale, image_features), _tensor(logit_bias, image_features)
+        loss = contrastive_loss(image_features, text_features, scale, bias, kind="siglip", group=self.group)
+        loss = _open_clip_dtype(loss, image_features)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
 class CoCaLoss(ClipLoss):
     """open_clip's CoCaLoss: clip_loss_weight · contrastive + caption_loss_weight · caption CE
-    (``pad_id`` ignored)."""
+    (``caption_loss``: cross-entropy ignoring ``pad_id``, as open_clip's attribute)."""
 
     def __init__(
         self,
@@ -109,7 +122,7 @@ class CoCaLoss(ClipLoss):
         )
         self.clip_loss_weight = clip_loss_weight
         self.caption_loss_weight = caption_loss_weight
-        self.pad_id = pad_id
+        self.caption_loss = nn.CrossEntropyLoss(ignore_index=pad_id)
 
     def forward(self, image_features, text_features, logits, labels, logit_scale, output_dict=False):
         """logits [B, L, vocab], labels [B, L]."""
@@ -117,8 +130,7 @@ class CoCaLoss(ClipLoss):
             clip_loss = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
         else:
             clip_loss = torch.tensor(0, device=logits.device)
-        caption_loss = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.pad_id)
-        caption_loss = caption_loss * self.caption_loss_weight
+        caption_loss = self.caption_loss(logits.permute(0, 2, 1), labels) * self.caption_loss_weight
         if output_dict:
             return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
         return clip_loss, caption_loss

@@ -105,6 +105,11 @@ class MaskedCrossAttention(nn.Module):
     def forward(self, x, media, media_locations=None, use_cached_media=False):
         """x [B, T_txt, dim]; media [B, T_img, n, dim_visual]; media_locations bool [B, T_txt]."""
         B, T_txt, _ = x.shape
+        if media.dim() != 4 or media.shape[0] != B:
+            raise ValueError(
+                f"{type(self).__name__}: media must be [B, T_img, n_latents, dim_visual] with x's batch "
+                f"B={B}, got shape {list(media.shape)}"
+            )
         n = media.shape[2]
         mask = None
         if media_locations is not None:
@@ -113,7 +118,8 @@ class MaskedCrossAttention(nn.Module):
             else:
                 if media_locations.shape[1] != T_txt:
                     raise ValueError(
-                        f"media_locations must have shape [B, {T_txt}], got {list(media_locations.shape)}"
+                        f"{type(self).__name__}: media_locations must have shape [B, {T_txt}], got "
+                        f"{list(media_locations.shape)}"
                     )
                 text_time = media_locations.cumsum(dim=-1)
             mask = masks.media(text_time, n, self.only_attend_immediate_media)
@@ -226,10 +232,27 @@ class QFormerAttention(nn.Module):
                 raise ValueError("QFormerAttention: cross-attention needs encoder_hidden_states")
             kv, mask = encoder_hidden_states, None
         else:
+            if encoder_hidden_states is not None:
+                raise ValueError(
+                    "QFormerAttention: built for self-attention (encoder_hidden_size=None), got "
+                    "encoder_hidden_states; build it with encoder_hidden_size for cross-attention"
+                )
             if num_queries is None:
                 raise ValueError("QFormerAttention: self-attention needs num_queries")
             kv, mask = hidden_states, masks.qformer(num_queries, mode)
             if text_lengths is not None:
+                if not isinstance(text_lengths, torch.Tensor) or text_lengths.dtype not in (
+                    torch.int32,
+                    torch.int64,
+                ):
+                    got = (
+                        text_lengths.dtype
+                        if isinstance(text_lengths, torch.Tensor)
+                        else type(text_lengths).__name__
+                    )
+                    raise TypeError(
+                        f"QFormerAttention: text_lengths must be an int32/int64 tensor [B], got {got}"
+                    )
                 mask = mask & masks.key_padding(text_lengths + num_queries)
         out = attention(_heads(p.query(hidden_states), h), _heads(p.key(kv), h), _heads(p.value(kv), h), mask)
         return self.output.LayerNorm(self.output.dense(_merge(out)) + hidden_states)

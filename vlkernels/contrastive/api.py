@@ -28,6 +28,17 @@ class MomentumDistillation:
     text_features: torch.Tensor
     alpha: float
 
+    def __post_init__(self):
+        for name in ("image_features", "text_features"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"MomentumDistillation: {name} must be a torch.Tensor, got {type(t).__name__}"
+                )
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise ValueError(f"MomentumDistillation: alpha must be a float in [0, 1], got {a!r}")
+
 
 def _check_features(name, t, dims):
     if not isinstance(t, torch.Tensor):
@@ -97,8 +108,6 @@ def _validate(x, y, scale, bias, kind, smooth, neg_x, neg_y, distill, device):
                     f"contrastive_loss: {name} must match the online features {list(ref.shape)} "
                     f"{ref.dtype}, got {list(t.shape)} {t.dtype}"
                 )
-        if not 0.0 <= distill.alpha <= 1.0:
-            raise ValueError(f"contrastive_loss: distill.alpha must be in [0, 1], got {distill.alpha}")
     tensors = [x, y, scale, bias, neg_x, neg_y]
     if distill is not None:
         tensors += [distill.image_features, distill.text_features]
@@ -169,6 +178,11 @@ def contrastive_loss(
     if group is not None:
         import torch.distributed as dist
 
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"contrastive_loss: group must be a torch.distributed process group or None, got "
+                f"{type(group).__name__}"
+            )
         if dist.get_world_size(group) > 1:
             if distill is not None:
                 raise ValueError("contrastive_loss: distill is not supported with a process group yet")
