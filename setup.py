@@ -56,7 +56,7 @@ setup(
             "open-clip-torch",
             "einops",
             "einops-exts",
-            "transformers>=4.50",
+            "transformers>=5.17,<6",  # the range `make test` checks: its oldest and its newest release
             "expecttest",  # PyTorch's own SDPA sample inputs (torch.testing._internal)
             "parameterized",
         ],

@@ -398,3 +398,124 @@ def test_modules_and_distillation_errors():
             match=rf"MaskedCrossAttention: media must be .* batch B=2, got shape \[{media_batch}, 1, 3, 16\]",
         ):
             block(x, media, loc)
+
+
+# ----------------------------------------------------------------------------------------------
+# The other ops: any layout of their inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def _matrix(layout, rows, cols, g):
+    """(leaf storage, storage -> [rows, cols] view)."""
+    if layout == "contiguous":
+        return torch.randn(rows, cols, generator=g), lambda t: t
+    if layout == "transposed":
+        return torch.randn(cols, rows, generator=g), lambda t: t.t()
+    if layout == "sliced":
+        return torch.randn(rows + 2, cols + 3, generator=g), lambda t: t[2:, 1 : 1 + cols]
+    if layout == "strided_rows":  # every other row of a buffer
+        return torch.randn(2 * rows, cols, generator=g), lambda t: t[::2]
+    if layout == "expanded":  # one row for all (stride 0)
+        return torch.randn(1, cols, generator=g), lambda t: t.expand(rows, cols)
+    raise AssertionError(layout)
+
+
+MATRIX_LAYOUTS = ["contiguous", "transposed", "sliced", "strided_rows", "expanded"]
+
+
+@st.composite
+def contrastive_problems(draw):
+    N = draw(st.integers(1, 24))
+    D = draw(st.sampled_from([8, 16, 24, 40]))
+    kind = draw(st.sampled_from(["clip", "siglip", "blip2"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    lx, ly = draw(st.sampled_from(MATRIX_LAYOUTS)), draw(st.sampled_from(MATRIX_LAYOUTS))
+    if kind == "blip2":  # image features [N, Q, D] as a view of [N, D, Q] or [Q, N, D]
+        Q = draw(st.integers(1, 4))
+        x_layout = draw(st.sampled_from(["ndq", "qnd", "nqd"]))
+        shape = {"ndq": (N, D, Q), "qnd": (Q, N, D), "nqd": (N, Q, D)}[x_layout]
+        perm = {"ndq": (0, 2, 1), "qnd": (1, 0, 2), "nqd": (0, 1, 2)}[x_layout]
+        xs, xv = torch.randn(shape, generator=g) * 0.3, lambda t: t.permute(*perm)
+        lx = x_layout
+    else:
+        xs, xv = _matrix(lx, N, D, g)
+    ys, yv = _matrix(ly, N, D, g)
+    scale = torch.tensor(draw(st.sampled_from([1.0, 10.0, 30.0])))
+    bias = torch.tensor(-3.0) if kind == "siglip" else None
+    desc = f"N={N} D={D} kind={kind} layouts=({lx}, {ly})"
+    return kind, (xs, xv), (ys, yv), scale, bias, desc
+
+
+def _contrastive_ref(kind, x, y, scale, bias):
+    from vlkernels.reference import blip2_itc_ref, clip_loss_ref, siglip_loss_ref
+
+    if kind == "clip":
+        return clip_loss_ref(x, y, scale)
+    if kind == "siglip":
+        return siglip_loss_ref(x, y, scale, bias)
+    return blip2_itc_ref(x, y, 1.0 / scale, label_smoothing=0.0)
+
+
+@pytest.mark.parametrize("op", ["contrastive", "gated_residual"])
+def test_other_ops_any_layout(backend, op):
+    """Fuzz: the contrastive loss (clip, siglip, BLIP-2's [N, Q, D]) and the gated residual over
+    transposed, sliced, row-strided and expanded inputs, every backend, value and gradients of
+    every storage against float64."""
+    from vlkernels.reference import gated_residual_ref
+
+    tol = 1e-4 if op == "contrastive" else 1e-5
+
+    def compare(ours, ref, leaves, leaves64):
+        got = torch.autograd.grad(ours, leaves)
+        want = torch.autograd.grad(ref, leaves64)
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(contrastive_problems())
+    def contrastive(problem):
+        kind, (xs, xv), (ys, yv), scale, bias, desc = problem
+        note(desc)
+        leaves = [t.to(DEVICE).requires_grad_() for t in (xs, ys)]
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        s, b = scale.to(DEVICE), None if bias is None else bias.to(DEVICE)
+        with launched(backend, "contrastive"):
+            ours = vlkernels.contrastive_loss(
+                xv(leaves[0]),
+                yv(leaves[1]),
+                s,
+                b,
+                kind="siglip" if kind == "siglip" else "clip",
+                backend=backend,
+            )
+            ref = _contrastive_ref(
+                kind, xv(leaves64[0]), yv(leaves64[1]), s.double(), b if b is None else b.double()
+            )
+            compare(ours, ref, leaves, leaves64)
+
+    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(
+        st.sampled_from(MATRIX_LAYOUTS),
+        st.sampled_from(MATRIX_LAYOUTS),
+        st.integers(1, 40),
+        st.integers(1, 50),
+        st.integers(0, 9),
+    )
+    def gated(lx, ly, rows, cols, seed):
+        note(f"layouts=({lx}, {ly}) [{rows}, {cols}]")
+        g = torch.Generator().manual_seed(seed)
+        (xs, xv), (ys, yv) = _matrix(lx, rows, cols, g), _matrix(ly, rows, cols, g)
+        leaves = [t.to(DEVICE).requires_grad_() for t in (xs, ys, torch.tensor([0.3]))]
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        with launched(backend, "gated_residual"):
+            ours = vlkernels.gated_residual(xv(leaves[0]), yv(leaves[1]), leaves[2], backend=backend)
+            ref = gated_residual_ref(xv(leaves64[0]), yv(leaves64[1]), leaves64[2])
+            do = torch.randn(ref.shape, generator=g).to(DEVICE)
+            got = torch.autograd.grad(ours, leaves, do)
+            want = torch.autograd.grad(ref, leaves64, do.double())
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+    (contrastive if op == "contrastive" else gated)()

@@ -240,3 +240,14 @@ def test_attention_weights_are_what_the_output_averages(backend):
         torch.testing.assert_close(w @ v.repeat_interleave(2, 1), out, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="dropout_p > 0 needs the seed given to attention"):
         vlkernels.attention_weights(q, k, mask, dropout_p=0.1)
+
+
+def test_transformers_is_in_the_supported_range():
+    """The transformers these tests run with is one setup.py admits (`make test` runs them with
+    the newest and the oldest of the range)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    (spec,) = [Requirement(r).specifier for r in requires("vlkernels") if r.startswith("transformers")]
+    assert spec.contains(T.__version__), (T.__version__, str(spec))
