@@ -61,7 +61,8 @@ def _dense_shape(rank, B, H, Lq, Lk, draw):
 
 @st.composite
 def attention_problems(draw, backend):
-    """(q, k, v as views, the leaves, mask, dtype, the unused keys [B, Lk] filled with garbage)."""
+    """(q, k, v as views of their storages, the storages, mask, dtype, the keys [B, Lk] to fill
+    with garbage, the output gradient, a description)."""
     cuda = backend == "cuda"
     B = draw(st.integers(1, 3))
     Hk = draw(st.integers(1, 2))
@@ -71,11 +72,15 @@ def attention_problems(draw, backend):
     self_attn = draw(st.booleans())
     dtype = draw(st.sampled_from([torch.float32, torch.float32, *LOWP]))
     # fp16/bf16: the 2x rule is a statement about many roundings; a handful of elements can be off
-    # by one rounding more than the reference by chance, so low precision starts at 16 x 16
-    least = 1 if dtype == torch.float32 else 16
+    # by one rounding more than the reference by chance, so low precision starts at 16 x 16, and
+    # its masks leave most keys (a row of one key has a zero dq, which the same-dtype reference
+    # gets exactly and any kernel that takes delta from the rounded output gets within its noise:
+    # PyTorch's own SDPA kernel is then 30-60x "over" the rule)
+    lowp = dtype != torch.float32
+    least = 16 if lowp else 1
     Lq = draw(st.integers(least, 40))
     Lk = Lq if self_attn else draw(st.integers(least, 40))
-    if dtype != torch.float32:
+    if lowp:
         D = max(D, 16)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
 
@@ -85,18 +90,20 @@ def attention_problems(draw, backend):
     if self_attn:
         kinds += ["qformer", "prefix_lm"]
     kind = draw(st.sampled_from(kinds))
-    lengths = torch.randint(0, Lk + 1, (B,), generator=g)
+    lengths = torch.randint(Lk // 2 if lowp else 0, Lk + 1, (B,), generator=g)
     if kind == "none":
         mask = None
     elif kind in ("bool", "float", "dense_tail", "float_tail"):
         shape = _dense_shape(draw(st.integers(1, 4)), B, H, Lq, Lk, draw)
         if kind.endswith("tail"):  # a valid length per batch entry: the tail of a KV buffer
             shape = (B, *((1,) * (4 - len(shape)) + shape)[1:])
-        allowed = torch.rand(shape, generator=g) > draw(st.sampled_from([0.0, 0.3, 0.7]))
+        allowed = torch.rand(shape, generator=g) > draw(
+            st.sampled_from([0.0, 0.3] if lowp else [0.0, 0.3, 0.7])
+        )
         if kind.endswith("tail"):
             allowed &= torch.arange(Lk) < lengths.view(B, 1, 1, 1)
         if kind.startswith("float"):
-            mask = torch.randn(shape, generator=g) * 3
+            mask = torch.randn(shape, generator=g) * (1 if lowp else 3)  # (a peaked softmax: see above)
             mask = mask.masked_fill(~allowed, float("-inf"))
         else:
             mask = allowed
@@ -111,11 +118,10 @@ def attention_problems(draw, backend):
     else:
         mask = masks.prefix_lm(lengths.to(DEVICE))
 
-    shared = draw(
-        st.sampled_from(
-            ["none", "k_is_v", "q_k_v"] if Bq == B and H == Hk and self_attn else ["none", "k_is_v"]
-        )
-    )
+    # (fp16/bf16 results are compared per view, below: one storage shared by two views sums two
+    # rounded gradients, which the 2x rule does not speak of)
+    sharing = ["none", "k_is_v", "q_k_v"] if Bq == B and H == Hk and self_attn else ["none", "k_is_v"]
+    shared = draw(st.sampled_from(["none"] if lowp else sharing))
     layouts = [draw(st.sampled_from(LAYOUTS)) for _ in range(3)]
     leaves, views = [], []
     for i, (b, h, n) in enumerate(((Bq, H, Lq), (B, Hk, Lk), (B, Hk, Lk))):
@@ -142,7 +148,8 @@ def attention_problems(draw, backend):
         f"B={B} Bq={Bq} H={H} Hk={Hk} Lq={Lq} Lk={Lk} D={D} {dtype} mask={kind} {_describe(mask)} "
         f"layouts={layouts} shared={shared} garbage={garbage_ok}"
     )
-    return views, leaves, mask, dtype, unused if garbage_ok else torch.zeros_like(unused), desc
+    do = torch.randn(B, H, Lq, D, generator=g).to(DEVICE, dtype)
+    return views, leaves, mask, dtype, unused if garbage_ok else torch.zeros_like(unused), do, desc
 
 
 def _describe(mask):
@@ -177,23 +184,31 @@ def _with_garbage(views, leaves, unused):
 
 
 def _run_attention_problem(problem, backend):
-    views, leaves, mask, dtype, unused, desc = problem
+    """fp32: the output and the gradient of every storage (what autograd sums over expanded and
+    shared views included) within the tolerance. fp16/bf16: the output and the gradients of q, k,
+    v as viewed, by the 2x rule against the same-dtype reference computed on contiguous copies
+    (how PyTorch's CPU matmuls round depends on the layout; the rule compares kernels, not that)."""
+    views, leaves, mask, dtype, unused, do, desc = problem
     note(desc)
     dirty = _with_garbage(views, leaves, unused)
     q, k, v = (view(t) for view, t in zip(views, _leaf_of_each(dirty), strict=True))
-    B, H, Lq, D = k.shape[0], q.shape[1], q.shape[2], q.shape[3]
-    do = torch.randn(B, H, Lq, D).to(DEVICE, dtype)
+    lowp = dtype != torch.float32
     with launched(backend, "attention"):
         out = vlkernels.attention(q, k, v, mask, backend=backend)
-        grads = torch.autograd.grad(out, dirty, do)
+        grads = torch.autograd.grad(out, (q, k, v) if lowp else dirty, do)
     clean64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref = attention_ref(*(view(t) for view, t in zip(views, _leaf_of_each(clean64), strict=True)), mask)
-    ref_grads = torch.autograd.grad(ref, clean64, do.double())
-    clean = [t.detach().clone().requires_grad_() for t in leaves]
-    lowp = attention_ref(*(view(t) for view, t in zip(views, _leaf_of_each(clean), strict=True)), mask)
-    lowp_grads = torch.autograd.grad(lowp, clean, do)
-    names = ["out", *(f"d(leaf {i})" for i in range(len(leaves)))]
-    for name, got, r, lp in zip(names, (out, *grads), (ref, *ref_grads), (lowp, *lowp_grads), strict=True):
+    qkv64 = [view(t) for view, t in zip(views, _leaf_of_each(clean64), strict=True)]
+    ref = attention_ref(*qkv64, mask)
+    ref_grads = torch.autograd.grad(ref, qkv64 if lowp else clean64, do.double())
+    names = ["out", *(("dq", "dk", "dv") if lowp else (f"d(leaf {i})" for i in range(len(leaves))))]
+    if not lowp:
+        for name, got, r in zip(names, (out, *grads), (ref, *ref_grads), strict=True):
+            check_against_reference(name, got, r, None, dtype, "attention", backend)
+        return
+    clean = [view(t.detach()).contiguous().requires_grad_() for view, t in zip(views, leaves, strict=True)]
+    same = attention_ref(*clean, mask)
+    same_grads = torch.autograd.grad(same, clean, do)
+    for name, got, r, lp in zip(names, (out, *grads), (ref, *ref_grads), (same, *same_grads), strict=True):
         check_against_reference(name, got, r, lp, dtype, "attention", backend)
 
 
