@@ -1,6 +1,7 @@
 """Generation with a KV cache: greedy ``generate()`` of patched tiny public models (BLIP
-captioning, BLIP-2 with OPT, PaliGemma, Idefics, open_clip's CoCa) gives the tokens of the
-unpatched model, and the kernels ran, decoding steps included (one query row over the cache)."""
+captioning, BLIP-2 with OPT, PaliGemma, Idefics) gives the tokens of the unpatched model, and the
+kernels ran, decoding steps included (one query row over the cache). (open_clip's CoCa.generate
+imports transformers 4's beam-search classes and is unavailable beside transformers 5.)"""
 
 import copy
 

@@ -98,6 +98,19 @@ def _coca_pooler():
     return torch.nn.Sequential(AttentionalPooler(32, 24, n_head=4, n_queries=5)), torch.randn(3, 11, 24), None
 
 
+def _open_flamingo_block():
+    from test_modules import _open_flamingo_helpers
+
+    block = _open_flamingo_helpers().GatedCrossAttentionBlock(dim=32, dim_visual=24, dim_head=16, heads=2)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.5)
+        block.ff_gate.fill_(0.5)
+    loc = torch.zeros(2, 10, dtype=torch.bool)
+    loc[:, [0, 6]] = True
+    inputs = dict(x=torch.randn(2, 10, 32), media=torch.randn(2, 2, 4, 24), media_locations=loc)
+    return torch.nn.ModuleDict({"xattn": block}), inputs, None
+
+
 FAMILIES = {
     "blip": _blip,
     "blip2_qformer": _blip2_qformer,
@@ -105,6 +118,7 @@ FAMILIES = {
     "paligemma": _paligemma,
     "idefics": _idefics,
     "coca_pooler": _coca_pooler,
+    "open_flamingo_block": _open_flamingo_block,
 }
 
 
@@ -114,35 +128,39 @@ def _to_device(inputs):
     return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def _output(model, inputs, field):
+def call(model, inputs, field):
+    """A family's output (the child process of the save/load test imports this)."""
+    if isinstance(model, torch.nn.ModuleDict):  # a block kept in a container, called by name
+        model = model["xattn"]
     with torch.no_grad():
-        out = model(inputs) if field is None else model(**inputs)
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
     return out if field is None else getattr(out, field)
 
 
 def test_whole_patched_models_save_and_load_in_a_fresh_process(tmp_path):
-    """torch.save of each patched model; a new interpreter that imports only torch and vlkernels
-    loads them (the swapped forwards and modules unpickle, the transformers attention function is
-    registered again) and computes the saved outputs, its kernels running."""
+    """torch.save of each patched model; a new interpreter, where only vlkernels (and this file's
+    ``call``) is imported, loads them (the swapped forwards and modules unpickle, the transformers
+    attention function is registered again) and computes the saved outputs, its kernels running."""
     expected = {}
     for name, build in FAMILIES.items():
         torch.manual_seed(0)
         model, inputs, field = build()
         ours = vlkernels.patch(model.to(DEVICE).eval())
         inputs = _to_device(inputs)
-        expected[name] = (inputs, field, _output(ours, inputs, field))
+        expected[name] = (inputs, field, call(ours, inputs, field))
         torch.save(ours, tmp_path / f"{name}.pt")
     torch.save(expected, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
-        import torch, vlkernels
+        import sys, torch, vlkernels
         from vlkernels._triton_utils import LAUNCHES
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_patch_families import call
         expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=False)
         for name, (inputs, field, want) in expected.items():
             model = torch.load({str(tmp_path)!r} + f"/{{name}}.pt", weights_only=False)
             before = sum(LAUNCHES.values())
-            with torch.no_grad():
-                out = model(inputs) if field is None else getattr(model(**inputs), field)
+            out = call(model, inputs, field)
             torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=name)
             if {DEVICE.type!r} == "cpu" and vlkernels.get_backend() is None:
                 assert sum(LAUNCHES.values()) > before, name + ": no kernel ran"
@@ -220,10 +238,10 @@ def test_patching_twice_is_patching_once():
         ours = vlkernels.patch(model.to(DEVICE).eval())
         record = list(ours.vlkernels_patched)
         inputs = _to_device(inputs)
-        want = _output(ours, inputs, field)
+        want = call(ours, inputs, field)
         assert vlkernels.patch(ours) is ours
         assert list(ours.vlkernels_patched) == record, name
-        torch.testing.assert_close(_output(ours, inputs, field), want)
+        torch.testing.assert_close(call(ours, inputs, field), want)
 
 
 def test_attention_weights_are_what_the_output_averages(backend):
