@@ -39,15 +39,20 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_against_reference(name, got, ref64, ref_lowp, dtype, op="attention", backend="triton"):
-    """fp32: |got - ref64| <= tolerance * max(1, max|ref64|). fp16/bf16: at most 2x the error of
-    the same-dtype eager reference (+1e-5), FlashAttention's rule."""
+GRAD_FACTOR = 3  # FlashAttention's own tests: 2x for the output, 3x for dq, dk, dv
+
+
+def check_against_reference(name, got, ref64, ref_lowp, dtype, op="attention", backend="triton", factor=2):
+    """fp32: |got - ref64| <= tolerance * max(1, max|ref64|). fp16/bf16: at most ``factor`` times
+    the error of the same-dtype eager reference (+1e-5), FlashAttention's rule (2x; its tests
+    allow gradients GRAD_FACTOR, which the randomised tests use: one draw in a hundred of small
+    problems puts PyTorch's own SDPA kernel 1.1x over 2x on a gradient)."""
     assert not torch.isnan(got).any(), f"{name}: NaN in result"
     err = max_err(got, ref64)
     if dtype == torch.float32:
         bound = tolerance(op, backend) * max(1.0, ref64.abs().max().item())
     else:
-        bound = 2 * max_err(ref_lowp, ref64) + LOWP_SLACK
+        bound = factor * max_err(ref_lowp, ref64) + LOWP_SLACK
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} ({dtype}, {backend})"
 
 

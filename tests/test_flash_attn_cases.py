@@ -1,8 +1,9 @@
 """FlashAttention's own test parameterization (its test_flash_attn_output: sequence-length pairs,
 head dims, causal and local windows, ALiBi as a float bias, soft-capping, dropout, MQA/GQA) on
-every backend, fp16 and bf16, by its rule: the error of out, dq, dk, dv against float64 at most
-2x the same-dtype eager reference's. A fixed, spread selection of the product (the whole product
-is thousands of cases; on CPU the Triton interpreter gets the shorter sequences)."""
+every backend, fp16 and bf16, by its rule: the error against float64 at most 2x the same-dtype
+eager reference's for the output, 3x for dq, dk, dv. A fixed, spread selection of the product
+(the whole product is thousands of cases; on CPU the Triton interpreter gets the shorter
+sequences)."""
 
 import itertools
 import random
@@ -10,7 +11,7 @@ import zlib
 
 import pytest
 import torch
-from helpers import DEVICE, ON_GPU, check_against_reference, launched
+from helpers import DEVICE, GRAD_FACTOR, ON_GPU, check_against_reference, launched
 
 import vlkernels
 from vlkernels import masks
@@ -93,7 +94,8 @@ def _case(backend, case):
     for name, got, r, lp in zip(
         ("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (lowp, *lowp_grads), strict=True
     ):
-        check_against_reference(f"{_ids(case)} {name}", got, r, lp, dtype, "attention", backend)
+        factor = 2 if name == "out" else GRAD_FACTOR
+        check_against_reference(f"{_ids(case)} {name}", got, r, lp, dtype, "attention", backend, factor)
 
 
 @pytest.mark.parametrize("case", CASES["torch"], ids=_ids)
