@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-OPS = ("attention", "contrastive", "models", "transformers", "budget")
+OPS = ("attention", "contrastive", "models", "transformers", "budget", "host")
 
 
 def main(argv=None) -> None:
@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=pathlib.Path, default=None, help="CSV to append to")
     args = ap.parse_args(argv)
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if args.op in ("budget", "transformers") and (interp or os.environ.get("VLK_POISON", "0") != "0"):
+    if args.op in ("budget", "transformers", "host") and (interp or os.environ.get("VLK_POISON", "0") != "0"):
         print(
             f"{args.op}: re-running without TRITON_INTERPRET and VLK_POISON (compiled kernels or the "
             "torch backend, no NaN fills)",

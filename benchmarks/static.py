@@ -163,9 +163,10 @@ def counting_dots():
 
 class _HostOnlyDriver:
     """Triton's CUDA driver as far as its launch path asks: device 0 of an H100 (sm_90), stream 0,
-    kernels loaded as nothing and launched by a launcher that does nothing."""
+    kernels loaded as nothing and launched by a launcher that does nothing (or that appends its
+    arguments to ``launched`` when given a list)."""
 
-    def __init__(self):
+    def __init__(self, launched: list | None = None):
         from triton.backends.compiler import GPUTarget
 
         self.target = GPUTarget("cuda", 90, 32)
@@ -176,7 +177,8 @@ class _HostOnlyDriver:
                 "multiprocessor_count": H100["sms"],
             },
         )
-        self.launcher_cls = lambda src, metadata: lambda *args: None
+        record = (lambda *args: launched.append(args)) if launched is not None else (lambda *args: None)
+        self.launcher_cls = lambda src, metadata: record
 
     def get_current_device(self):
         return 0
@@ -192,11 +194,12 @@ class _HostOnlyDriver:
 
 
 @contextlib.contextmanager
-def host_launch_path():
+def host_launch_path(launched: list | None = None):
     """Triton launches on CPU tensors walk Triton's whole host path — argument binding and
     specialisation, the autotune and kernel caches (each kernel compiled for sm_90 on its first
-    use), the launcher call — and stop short of the driver: nothing runs. Autotuning keeps the
-    first config that fits the H100's shared memory (no timing)."""
+    use), the launcher call — and stop short of the driver: nothing runs (``launched``: a list the
+    launcher's arguments are appended to). Autotuning keeps the first config that fits the H100's
+    shared memory (no timing)."""
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.errors import OutOfResources
@@ -210,7 +213,7 @@ def host_launch_path():
 
     saved, active = Autotuner._bench, driver._active
     Autotuner._bench = fits
-    driver.set_active(_HostOnlyDriver())
+    driver.set_active(_HostOnlyDriver(launched))
     try:
         yield
     finally:

@@ -619,7 +619,7 @@ def test_packed_decoding_per_head_bias_and_dropout():
 
 
 def test_decode_split_rule():
-    from vlkernels.attention.triton import decode_splits, packs
+    from vlkernels.attention.plan import decode_splits, packs
 
     cpu = torch.device("cpu")
     assert decode_splits(2, 4, 1, 1000, cpu) == (4, 256)  # 4 splits of a multiple of 64 keys

@@ -21,7 +21,7 @@ from helpers import DEVICE, ON_GPU
 import vlkernels
 from benchmarks import bench_budget, static
 from vlkernels import masks
-from vlkernels.attention.triton import decode_splits
+from vlkernels.attention.plan import decode_splits
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="counts the interpreter's tl.dot calls")
 

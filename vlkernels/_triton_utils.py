@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import collections
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
+from triton.compiler import CompiledKernel
+from triton.runtime import driver
 
 from vlkernels._dispatch import interpreter_on
 
@@ -44,6 +50,65 @@ def autotuned(configs: list[triton.Config], key: list[str], interpret_config: tr
     return tuned
 
 
+class _Compiled(NamedTuple):
+    """A kernel as its first launch for one call signature compiled it: launched again directly."""
+
+    kernel: object  # triton's CompiledKernel
+    order: tuple  # (name, from the autotune config?) of each kernel parameter, in order
+    config: dict  # the autotune config's parameters (BLOCK_M, ...)
+    grid: tuple  # (x, y, z)
+
+
+def launch(fn, grid, compiled: dict, name: str, dynamic: tuple, **args) -> None:
+    """``fn[grid](**args)``: ``fn`` a @triton.jit kernel or an ``autotuned`` one, ``args`` every
+    parameter but an autotune config's. Triton binds and specialises every argument and looks its
+    caches up on each launch (tens of microseconds for attention's thirty arguments); here the
+    first launch of ``name`` in ``compiled`` (a dict that belongs to one call signature: a plan,
+    which fixes everything Triton specialises on but the ``dynamic`` values: the tensors' pointer
+    alignment, an int's size class) goes that way and keeps the kernel it compiled, with its config
+    and grid; a later launch whose ``dynamic`` values Triton specialises the same way calls that
+    kernel's launcher with the arguments in order, as Triton's launch does. Under the interpreter
+    every launch goes through Triton."""
+    if _INTERPRETER:
+        fn[grid](**args)
+        return
+    kept = compiled.setdefault(name, {})  # specialisation of the dynamic values -> _Compiled
+    spec = native_specialize_impl(BaseBackend, dynamic, False, True, True) if kept else None
+    c = kept.get(spec)
+    if c is None:
+        kernel = fn[grid](**args)
+        if isinstance(kernel, CompiledKernel):  # (not a launch that was only recorded: benchmarks)
+            config = getattr(fn, "last_config", {})
+            jit = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+            order = tuple((n, n in config) for n in jit.arg_names)
+            g = tuple(grid({**args, **config}) if callable(grid) else grid)
+            spec = spec or native_specialize_impl(BaseBackend, dynamic, False, True, True)
+            kept[spec] = _Compiled(kernel, order, config, (*g, 1, 1)[:3])
+        return
+    values = [c.config[n] if from_config else args[n] for n, from_config in c.order]
+    stream = driver.active.get_current_stream(driver.active.get_current_device())
+    k, enter = c.kernel, knobs.runtime.launch_enter_hook
+    metadata = k.launch_metadata(c.grid, stream, *values) if _hooked(enter) else None
+    k.run(
+        *c.grid,
+        stream,
+        k.function,
+        k.packed_metadata,
+        metadata,
+        enter,
+        knobs.runtime.launch_exit_hook,
+        *values,
+    )
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook would call anything (a HookChain with calls, or a function)."""
+    return bool(hook.calls) if isinstance(hook, knobs.HookChain) else hook is not None
+
+
+_INTERPRETER = interpreter_on()  # Triton takes it when the kernels are defined: fixed at import
+
+
 def _dtype(arg):
     """The dtype of a kernel's first argument (a tensor, or a tuple that starts with one)."""
     return arg.dtype if isinstance(arg, torch.Tensor) else _dtype(arg[0])
@@ -59,11 +124,13 @@ class _Autotuner(triton.runtime.Autotuner):
         key = (*(kwargs[k] if k in kwargs else args[i] for k, i in self.key_index), _dtype(first))
         chosen = self.chosen.get(key)
         if chosen is not None:
-            return self.fn.run(*args, **kwargs, **chosen)
+            self.last_config = chosen.kwargs
+            return self.fn.run(*args, **kwargs, **chosen.all_kwargs())
         self.best_config = None
         out = triton.runtime.Autotuner.run(self, *args, **kwargs)  # benchmarks a new key
         if self.best_config is not None:  # (None where the run was replaced: benchmarks/static.py)
-            self.chosen[key] = self.best_config.all_kwargs()
+            self.chosen[key] = self.best_config
+            self.last_config = self.best_config.kwargs
         return out
 
 
@@ -71,10 +138,13 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
+_POISON = os.environ.get("VLK_POISON", "0") == "1"  # read at import, as TRITON_INTERPRET
+
+
 def poisoned(out: torch.Tensor) -> torch.Tensor:
-    """A freshly allocated kernel output, filled with NaN when VLK_POISON=1 (the tests set it) so
-    that an element a kernel forgets to write shows up."""
-    if os.environ.get("VLK_POISON", "0") == "1":
+    """A freshly allocated kernel output, filled with NaN when VLK_POISON=1 (the tests set it
+    before importing vlkernels) so that an element a kernel forgets to write shows up."""
+    if _POISON:
         out.fill_(float("nan"))
     return out
 

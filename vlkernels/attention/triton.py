@@ -19,9 +19,10 @@ import triton.language as tl
 
 from vlkernels import _dispatch, _schema
 from vlkernels._dispatch import interpreter_on
-from vlkernels._triton_utils import LAUNCHES, autotuned, next_pow2, poisoned
+from vlkernels._triton_utils import LAUNCHES, autotuned, launch, next_pow2, poisoned
 from vlkernels.attention import args as A
 from vlkernels.attention import dropout
+from vlkernels.attention import plan as P
 from vlkernels.masks import MaskArgs
 
 LOG2E = 1.4426950408889634
@@ -55,15 +56,6 @@ def _kernel_mask(m: MaskArgs, B: int, H: int, Lq: int, Lk: int) -> MaskArgs:
         causal=tl.constexpr(m.causal),
         qformer_mode=tl.constexpr(m.qformer_mode),
         media_mode=tl.constexpr(m.media_mode),
-    )
-
-
-def _mask_key(m: MaskArgs) -> str:
-    """Which parts and modes the mask has: the mask's share of the autotune key."""
-    return ",".join(
-        f"{n}={'t' if isinstance(v, torch.Tensor) else v}"
-        for n, v in zip(m._fields, m, strict=True)
-        if v is not None
     )
 
 
@@ -270,54 +262,7 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
-def _configs(pairs):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
-    ]
-
-
-_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
-_FWD_CONFIGS = _configs(
-    [
-        *((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)),
-        *((16, 128, 4, 3), (16, 64, 4, 2)),  # decoding: a few query rows per program
-    ]
-)
-_BWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 1), (16, 64, 4, 1)])
-_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", "MASK_KEY", "CAP", "DROPOUT"]
-
-
-def _fit(configs, args):
-    """The configs whose tiles are no larger than the problem (rounded up to a power of two): a
-    larger tile does the same work on more padding. All of them if none is."""
-    fit = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= args["LQ_KEY"] and c.kwargs["BLOCK_N"] <= args["LK_KEY"]
-    ]
-    return fit or configs
-
-
-def _bwd_prune(block: str, length: str):
-    """The backward's configs for a kernel's arguments: with FUSED a program holds every key (dk/dv:
-    BLOCK_N >= Lk) or every query (dq: BLOCK_M >= Lq); from head dim 128 on, no 64 x 64 tile (its
-    dk, dv and dq accumulators spill); then ``_fit``."""
-
-    def prune(configs, args):
-        return _fit(
-            [
-                c
-                for c in configs
-                if (not args.get("FUSED") or c.kwargs[block] >= args[length])
-                and (args["BLOCK_D"] < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 64)
-            ],
-            args,
-        )
-
-    return prune
-
-
-@autotuned(_FWD_CONFIGS, [*_KEY, "SPLIT", "PACK"], _INTERPRET_CONFIG, prune=_fit)
+@autotuned(P.FWD_CONFIGS, [*P.AUTOTUNE_KEY, "SPLIT", "PACK"], P.INTERPRET_CONFIG, prune=P.fit)
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, drop, KEYS_PER_SPLIT,
@@ -429,7 +374,7 @@ def _attn_bwd_delta(O, DO, DELTA, so, sdo, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
     tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
-@autotuned(_BWD_CONFIGS, [*_KEY, "FUSED"], _INTERPRET_CONFIG, prune=_bwd_prune("BLOCK_N", "Lk"))
+@autotuned(P.BWD_CONFIGS, [*P.AUTOTUNE_KEY, "FUSED"], P.INTERPRET_CONFIG, prune=P.bwd_prune("BLOCK_N", "Lk"))
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, so, sdo, sdq, sdk, sdv, mask, H, Hk, GROUP, Lq, Lk, D,
@@ -493,7 +438,12 @@ def _attn_bwd_dkdv(
     tl.store(_block(DV, sdv, b, hk, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@autotuned(_BWD_CONFIGS, [*_KEY, "B_PER_PROG", "FUSED"], _INTERPRET_CONFIG, prune=_bwd_prune("BLOCK_M", "Lq"))
+@autotuned(
+    P.BWD_CONFIGS,
+    [*P.AUTOTUNE_KEY, "B_PER_PROG", "FUSED"],
+    P.INTERPRET_CONFIG,
+    prune=P.bwd_prune("BLOCK_M", "Lq"),
+)
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, so, sdo, sdq, sdk, sdv, mask, B, H, GROUP, Lq, Lk, D,
@@ -610,183 +560,111 @@ def _attn_bwd_dbias(
 # ----------------------------------------------------------------------------------------------
 
 
-class _Launch(NamedTuple):
-    """What every attention kernel launch shares, derived from the forward arguments."""
-
-    sq: tuple  # q strides, batch stride 0 for shared queries
-    sk: tuple
-    sv: tuple
-    mask: MaskArgs  # as the kernels take it
-    drop: tuple  # dropout's (seed, threshold, scale)
-    consts: dict  # autotune keys and compile-time constants
-
-
-def _launch_args(a: A.AttentionArgs) -> _Launch:
-    B, Hk, Lk, D = a.k.shape
-    H, Lq = a.q.shape[1], a.q.shape[2]
-    sq = a.q.stride()
-    consts = dict(
-        GROUP=H // Hk,
-        LQ_KEY=next_pow2(Lq),
-        LK_KEY=next_pow2(Lk),
-        MASK_KEY=_mask_key(a.mask),
-        PRECISION="ieee" if a.q.dtype == torch.float32 else "tf32",
-        UPCAST=a.q.dtype == torch.bfloat16 and interpreter_on(),
-        BLOCK_D=max(16, next_pow2(D)),  # tl.dot's smallest K; columns past D masked
-        CAP=a.softcap > 0,
-        DROPOUT=a.dropout_p > 0,
-    )
-    return _Launch(
-        (0 if a.shared_queries else sq[0], *sq[1:]),
-        a.k.stride(),
-        a.v.stride(),
-        _kernel_mask(a.mask, B, H, Lq, Lk),
-        (a.seed, dropout.threshold(a.dropout_p), dropout.scale(a.dropout_p)),
-        consts,
-    )
-
-
-DECODE_ROWS = 16  # at most this many query rows is decoding: the height of its tiles (_FWD_CONFIGS)
-
-
-def packs(H: int, Hk: int, Lq: int) -> bool:
-    """Whether the forward packs the query heads that share a key head into one program's rows
-    (``_packed_query_tile``): grouped keys and at most DECODE_ROWS query rows, where one head's
-    rows would leave most of a tile empty and each query head would read its K and V again."""
-    return H > Hk and Lq <= DECODE_ROWS
-
-
-def decode_splits(B: int, H: int, Lq: int, Lk: int, device: torch.device, group: int = 1) -> tuple[int, int]:
-    """(splits, keys per split) of the forward: flash-decoding's split of the keys across programs
-    when a few query rows (Lq <= DECODE_ROWS) would leave the GPU idle (fewer than two programs
-    per SM) over many keys; (1, Lk) otherwise. ``group``: query heads packed per program. A split
-    holds a multiple of 128 keys (of 64 under the interpreter: its tiles are 32 wide), at least 256
-    (128)."""
-    interp = device.type != "cuda"
-    unit, least = (64, 128) if interp else (128, 256)
-    programs = B * (H // group) * triton.cdiv(group * Lq, DECODE_ROWS)
-    if interp:
-        target = 4  # no device: enough splits to exercise the combine
-    else:
-        target = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
-    if Lq > DECODE_ROWS or Lk < 2 * least or target < 2:
-        return 1, Lk
-    per_split = max(least, triton.cdiv(triton.cdiv(Lk, target), unit) * unit)
-    splits = triton.cdiv(Lk, per_split)
-    return (splits, per_split) if splits > 1 else (1, Lk)
+def _dynamic(a: A.AttentionArgs, B: int, H: int, Lq: int, Lk: int):
+    """The per-call kernel arguments a plan does not fix: the mask as the kernels take it, dropout's
+    (seed, threshold, scale), and the values among them whose Triton specialisation can change
+    between calls of one signature (the mask's tensors, the seed: _triton_utils.launch)."""
+    drop = (a.seed, dropout.threshold(a.dropout_p), dropout.scale(a.dropout_p))
+    tensors = tuple(t for t in a.mask if isinstance(t, torch.Tensor))
+    return _kernel_mask(a.mask, B, H, Lq, Lk), drop, (*tensors, a.seed)
 
 
 def _forward(a: A.AttentionArgs):
-    B, Hk, Lk, D = a.k.shape
-    H, Lq = a.q.shape[1], a.q.shape[2]
+    p = P.plan(a)
+    B, H, Lq, Lk, D = p.B, p.H, p.Lq, p.Lk, p.D
     out = poisoned(a.q.new_empty((B, Lq, H, D))).transpose(1, 2)
     lse = poisoned(a.q.new_empty((B, H, Lq, 2), dtype=torch.float32))
-    L = _launch_args(a)
-    pack = packs(H, Hk, Lq)
-    group = H // Hk if pack else 1  # query heads per program
-    rows = group * Lq  # of a program's query tiles
-    splits, per_split = decode_splits(B, H, Lq, Lk, a.q.device, group)
+    mask, drop, dyn = _dynamic(a, B, H, Lq, Lk)
     o, o_lse, so_split = out, lse, 0
-    if splits > 1:  # partials, then the combine
-        o = poisoned(a.q.new_empty((splits, B, H, Lq, D), dtype=torch.float32))
-        o_lse = poisoned(a.q.new_empty((splits, B * H * Lq, 2), dtype=torch.float32))
+    if p.splits > 1:  # partials, then the combine
+        o = poisoned(a.q.new_empty((p.splits, B, H, Lq, D), dtype=torch.float32))
+        o_lse = poisoned(a.q.new_empty((p.splits, B * H * Lq, 2), dtype=torch.float32))
         so_split = o.stride(0)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), B * H // group, splits)
-    # fmt: off
-    _attn_fwd[grid](
-        a.q, a.k, a.v, o, o_lse, L.sq, L.sk, L.sv, o.stride()[-4:], L.mask, H, Lq=Lq, Lk=Lk, D=D,
-        qk_scale=a.scale * LOG2E, softcap=a.softcap, drop=L.drop, KEYS_PER_SPLIT=per_split, so_split=so_split,
-        SPLIT=splits > 1, PACK=pack, **{**L.consts, "LQ_KEY": next_pow2(rows)},
-    )
-    if splits > 1:
-        _attn_fwd_combine[(triton.cdiv(Lq, 16), B * H)](
-            o, o_lse, out, lse, o.stride(0), o.stride()[1:], out.stride(), splits, H, Lq, D, BLOCK_M=16,
-            BLOCK_D=L.consts["BLOCK_D"],
-        )
+    group = p.consts["GROUP"] if p.pack else 1
+    grid = lambda meta: (triton.cdiv(p.rows, meta["BLOCK_M"]), B * H // group, p.splits)
+    launch(
+        _attn_fwd, grid, p.launched, "fwd", (a.q, a.k, a.v, o, o_lse, *dyn),
+        Q=a.q, K=a.k, V=a.v, O=o, LSE=o_lse, sq=p.sq, sk=a.k.stride(), sv=a.v.stride(), so=o.stride()[-4:],
+        mask=mask, H=H, Lq=Lq, Lk=Lk, D=D, qk_scale=a.scale * LOG2E,
+        softcap=a.softcap, drop=drop, KEYS_PER_SPLIT=p.keys_per_split, so_split=so_split, SPLIT=p.splits > 1,
+        PACK=p.pack, **{**p.consts, "LQ_KEY": next_pow2(p.rows)},
+    )  # fmt: skip
+    if p.splits > 1:
+        launch(
+            _attn_fwd_combine, (triton.cdiv(Lq, 16), B * H), p.launched, "combine", (o, o_lse, out, lse),
+            PO=o, PLSE=o_lse, O=out, LSE=lse, spo_split=o.stride(0), spo=o.stride()[1:], so=out.stride(),
+            SPLITS=p.splits, H=H, Lq=Lq, D=D, BLOCK_M=16, BLOCK_D=p.consts["BLOCK_D"],
+        )  # fmt: skip
         LAUNCHES["attention_fwd_split"] += 1
-    # fmt: on
     LAUNCHES["attention_fwd"] += 1
-    LAUNCHES["attention_fwd_packed"] += pack
+    LAUNCHES["attention_fwd_packed"] += p.pack
     return out, lse
-
-
-def _dq_chunks(B: int, H: int, Lq: int, shared: bool, device: torch.device) -> int:
-    """How many partial dq sums a shared-query backward splits the batch into: enough programs
-    to fill the GPU (at least two under the interpreter so that the reduction is exercised)."""
-    if not shared:
-        return B
-    if device.type != "cuda":
-        return min(B, 2)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(B, triton.cdiv(2 * sms, H * triton.cdiv(Lq, 64))))
 
 
 def _backward(g: A.AttentionGradArgs):
     a = g.fwd
-    B, Hk, Lk, D = a.k.shape
-    H, Lq = a.q.shape[1], a.q.shape[2]
-    L = _launch_args(a)
-    scales = dict(qk_scale=a.scale * LOG2E, sm_scale=a.scale, softcap=a.softcap, drop=L.drop)
-    sdo = g.grad_out.stride()
+    p = P.plan(a)
+    B, H, Lq, Lk, D = p.B, p.H, p.Lq, p.Lk, p.D
+    mask, drop, dyn = _dynamic(a, B, H, Lq, Lk)
     dq = poisoned(torch.empty_like(a.q))
     dk = poisoned(torch.empty_like(a.k))
     dv = poisoned(torch.empty_like(a.v))
-    # one key tile holds every key (the Q-Former's [queries ; text]) or one query tile every query
-    # (its cross-attention: 32 queries): the whole backward in one kernel
-    configs = [_INTERPRET_CONFIG] if interpreter_on() else _BWD_CONFIGS
-    own_b = not a.shared_queries
-    keys_fused = own_b and Lk <= max(c.kwargs["BLOCK_N"] for c in configs)
-    queries_fused = own_b and not keys_fused and H == Hk and Lq <= max(c.kwargs["BLOCK_M"] for c in configs)
-    fused = keys_fused or queries_fused
-    delta = None if fused else poisoned(a.q.new_empty((B, H, Lq), dtype=torch.float32))
-    strides = (L.sq, L.sk, L.sv, g.out.stride(), sdo)
-    # fmt: off
-    if not fused:
-        _attn_bwd_delta[(triton.cdiv(Lq, 32), B * H)](
-            g.out, g.grad_out, delta, g.out.stride(), sdo, H, Lq, D, BLOCK_M=32, BLOCK_D=L.consts["BLOCK_D"]
-        )
+    keys_fused, queries_fused = p.bwd == "keys_fused", p.bwd == "queries_fused"
+    delta = None if p.bwd != "split" else poisoned(a.q.new_empty((B, H, Lq), dtype=torch.float32))
+    # (the gradient's strides are the caller's: not part of the forward's signature)
+    tensors = (a.q, a.k, a.v, g.out, g.grad_out, g.lse, delta, dq, dk, dv, g.grad_out.stride(), *dyn)
+    common = dict(
+        Q=a.q, K=a.k, V=a.v, O=g.out, DO=g.grad_out, LSE=g.lse, DELTA=delta, DK=dk, DV=dv, sq=p.sq,
+        sk=a.k.stride(), sv=a.v.stride(), so=g.out.stride(), sdo=g.grad_out.stride(), sdk=dk.stride(),
+        sdv=dv.stride(), mask=mask, H=H, Lq=Lq, Lk=Lk, D=D, qk_scale=a.scale * LOG2E,
+        sm_scale=a.scale, softcap=a.softcap, drop=drop, **p.consts,
+    )  # fmt: skip
+    if p.bwd == "split":
+        launch(
+            _attn_bwd_delta, (triton.cdiv(Lq, 32), B * H), p.launched, "delta",
+            (g.out, g.grad_out, delta, g.grad_out.stride()),
+            O=g.out, DO=g.grad_out, DELTA=delta, so=g.out.stride(), sdo=g.grad_out.stride(), H=H, Lq=Lq, D=D,
+            BLOCK_M=32, BLOCK_D=p.consts["BLOCK_D"],
+        )  # fmt: skip
     if not queries_fused:
-        grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hk)
-        _attn_bwd_dkdv[grid_kv](
-            a.q, a.k, a.v, g.out, g.grad_out, g.lse, delta, dq, dk, dv, *strides, dq.stride(), dk.stride(),
-            dv.stride(), L.mask, H, Hk, Lq=Lq, Lk=Lk, D=D, FUSED=keys_fused, **scales, **L.consts,
-        )
+        grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * p.Hk)
+        launch(
+            _attn_bwd_dkdv, grid_kv, p.launched, "dkdv", tensors,
+            **common, DQ=dq, sdq=dq.stride(), Hk=p.Hk, FUSED=keys_fused,
+        )  # fmt: skip
     if not keys_fused:
-        chunks = _dq_chunks(B, H, Lq, a.shared_queries, a.q.device)
-        per_prog = triton.cdiv(B, chunks)
-        chunks = triton.cdiv(B, per_prog)
-        dq_acc = poisoned(a.q.new_empty((chunks, H, Lq, D), dtype=torch.float32)) if a.shared_queries else dq
-        grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), chunks * H)
-        _attn_bwd_dq[grid_q](
-            a.q, a.k, a.v, g.out, g.grad_out, g.lse, delta, dq_acc, dk, dv, *strides, dq_acc.stride(),
-            dk.stride(), dv.stride(), L.mask, B, H, Lq=Lq, Lk=Lk, D=D, B_PER_PROG=per_prog,
-            FUSED=queries_fused, **scales, **L.consts,
-        )
-        if a.shared_queries:
-            _attn_bwd_dq_sum[(triton.cdiv(Lq, 32), H)](
-                dq_acc, dq, dq_acc.stride(), dq.stride(), chunks, Lq, D, BLOCK_M=32,
-                BLOCK_D=L.consts["BLOCK_D"],
-            )
-    # fmt: on
+        dq_acc = poisoned(a.q.new_empty((p.chunks, H, Lq, D), dtype=torch.float32)) if p.shared else dq
+        grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), p.chunks * H)
+        launch(
+            _attn_bwd_dq, grid_q, p.launched, "dq", (*tensors, dq_acc),
+            **common, DQ=dq_acc, sdq=dq_acc.stride(), B=B, B_PER_PROG=p.per_chunk, FUSED=queries_fused,
+        )  # fmt: skip
+        if p.shared:
+            launch(
+                _attn_bwd_dq_sum, (triton.cdiv(Lq, 32), H), p.launched, "dq_sum", (dq_acc, dq),
+                PART=dq_acc, DQ=dq, spart=dq_acc.stride(), sdq=dq.stride(), CHUNKS=p.chunks, Lq=Lq, D=D,
+                BLOCK_M=32, BLOCK_D=p.consts["BLOCK_D"],
+            )  # fmt: skip
     LAUNCHES["attention_bwd"] += 1
     return dq, dk, dv
 
 
 def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
     a = g.fwd
-    B, _, Lk, D = a.k.shape
-    H, Lq = a.q.shape[1], a.q.shape[2]
-    L = _launch_args(a)
+    p = P.plan(a)
+    B, H, Lq, Lk, D = p.B, p.H, p.Lq, p.Lk, p.D
+    mask, drop, dyn = _dynamic(a, B, H, Lq, Lk)
     db = poisoned(a.q.new_empty((B, H, Lq, Lk), dtype=torch.float32))
     block = 32 if interpreter_on() else 64
-    # fmt: off
-    _attn_bwd_dbias[(triton.cdiv(Lq, block), B * H)](
-        a.q, a.k, a.v, g.grad_out, g.lse, db, L.sq, L.sk, L.sv, g.grad_out.stride(), db.stride(), L.mask, H,
-        L.consts["GROUP"], Lq, Lk, D, a.scale * LOG2E, a.softcap, L.drop, PRECISION=L.consts["PRECISION"],
-        UPCAST=L.consts["UPCAST"], CAP=L.consts["CAP"], DROPOUT=L.consts["DROPOUT"],
-        BLOCK_D=L.consts["BLOCK_D"], BLOCK_M=block, BLOCK_N=block,
-    )
-    # fmt: on
+    c = p.consts
+    launch(
+        _attn_bwd_dbias, (triton.cdiv(Lq, block), B * H), p.launched, "dbias",
+        (a.q, a.k, a.v, g.grad_out, g.lse, db, g.grad_out.stride(), *dyn),
+        Q=a.q, K=a.k, V=a.v, DO=g.grad_out, LSE=g.lse, DB=db, sq=p.sq, sk=a.k.stride(), sv=a.v.stride(),
+        sdo=g.grad_out.stride(), sdb=db.stride(), mask=mask, H=H, GROUP=c["GROUP"], Lq=Lq, Lk=Lk, D=D,
+        qk_scale=a.scale * LOG2E, softcap=a.softcap, drop=drop, PRECISION=c["PRECISION"], UPCAST=c["UPCAST"],
+        CAP=c["CAP"], DROPOUT=c["DROPOUT"], BLOCK_D=c["BLOCK_D"], BLOCK_M=block, BLOCK_N=block,
+    )  # fmt: skip
     LAUNCHES["attention_bias_grad"] += 1
     return db
 

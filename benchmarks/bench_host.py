@@ -1,0 +1,152 @@
+"""What an eager call costs the host, next to SDPA's, measured in one process.
+
+Tiny CPU tensors (B=2, H=1, L=8, D=16: the kernels' work is negligible), providers in a shuffled
+order every round, each round's median per provider, and vlkernels' paired per-round ratio to SDPA
+(the median over rounds is the figure; two runs of one code differ by less in a ratio than in
+microseconds). SDPA runs its CPU kernel; vlkernels' torch backend runs PyTorch's; vlkernels'
+Triton backend runs Triton's whole launch path up to the driver, on a driver that launches
+nothing (``static.host_launch_path``: a GPU would then run the kernel). The path's own small CPU
+operations (allocations, fills) run on one thread: on a GPU they are launches.
+
+Each case is compared with SDPA called the way a user would call it for the same attention: no
+mask with none, a bool mask with it, ``causal()`` with ``is_causal``, the analytic masks a dense
+bool mask stands for (Q-Former ITG, Flamingo's media) with that bool mask, shared queries with
+the queries expanded over the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import PAIRED, environment
+
+B, H, L, D = 2, 1, 8, 16
+MODES = ("fwd", "fwd+bwd")
+PROVIDERS = ("sdpa", "vlkernels-torch", "vlkernels-triton")
+
+
+def _cases():
+    """name -> (q, k, v, vlkernels mask, SDPA keyword arguments); q, k, v need grad."""
+    from vlkernels import masks
+
+    g = torch.Generator().manual_seed(0)
+
+    def qkv(bq=B, lk=L):
+        return [torch.randn(b, H, n, D, generator=g).requires_grad_() for b, n in ((bq, L), (B, lk), (B, lk))]
+
+    dense = torch.rand(B, 1, L, L, generator=g) > 0.3
+    dense[..., 0] = True
+    itg = masks.qformer(4, "multimodal_causal")
+    t2m = torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2]] * B)
+    media = masks.media(t2m, 4)
+    cases = {
+        "none": (*qkv(), None, {}),
+        "bool": (*qkv(), dense, dict(attn_mask=dense)),
+        "causal": (*qkv(), masks.causal(), dict(is_causal=True)),
+        "qformer_itg": (*qkv(), itg, dict(attn_mask=itg.to_dense(B, L, L))),
+        "media": (*qkv(lk=8), media, dict(attn_mask=media.to_dense(B, L, 8))),
+        "shared_queries": (*qkv(bq=1), None, {}),
+    }
+    return cases
+
+
+def _call(provider: str, q, k, v, mask, sdpa_kw):
+    import vlkernels
+
+    if provider == "sdpa":
+        return F.scaled_dot_product_attention(q.expand(B, *q.shape[1:]), k, v, **sdpa_kw)
+    return vlkernels.attention(q, k, v, mask, backend=provider.removeprefix("vlkernels-"))
+
+
+@contextlib.contextmanager
+def _host_path():
+    """Triton on its launch path with a driver that launches nothing, CPU tensors taken as if they
+    were CUDA ones, one thread for the path's own CPU operations."""
+    from benchmarks import static
+    from vlkernels import _dispatch
+
+    saved, threads = _dispatch.device_reasons, torch.get_num_threads()
+    torch.set_num_threads(1)
+    _dispatch.device_reasons = lambda backend, device: []
+    try:
+        with static.host_launch_path():
+            yield
+    finally:
+        _dispatch.device_reasons = saved
+        torch.set_num_threads(threads)
+
+
+def measure(rounds: int = 30, calls: int = 20, cases=None) -> dict:
+    """{(case, mode): {provider: median µs, "x_sdpa:" + provider: median paired ratio}}."""
+    all_cases = _cases()
+    chosen = {n: all_cases[n] for n in (cases or all_cases)}
+    rng = random.Random(0)
+    per_round: dict = {}
+    with _host_path():
+        for name, (q, k, v, mask, kw) in chosen.items():
+            for mode in MODES:
+
+                def run(provider, q=q, k=k, v=v, mask=mask, kw=kw, mode=mode):
+                    out = _call(provider, q, k, v, mask, kw)
+                    if mode == "fwd+bwd":
+                        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+                for provider in PROVIDERS:  # the first calls compile and build plans
+                    run(provider)
+                    run(provider)
+                for _ in range(rounds):
+                    order = list(PROVIDERS)
+                    rng.shuffle(order)
+                    medians = {}
+                    for provider in order:
+                        times = []
+                        for _ in range(calls):
+                            t0 = time.perf_counter()
+                            run(provider)
+                            times.append(time.perf_counter() - t0)
+                        medians[provider] = statistics.median(times) * 1e6
+                    per_round.setdefault((name, mode), []).append(medians)
+    out = {}
+    for key, rows in per_round.items():
+        res = {p: statistics.median(r[p] for r in rows) for p in PROVIDERS}
+        for p in PROVIDERS[1:]:
+            res[f"{PAIRED}sdpa:{p}"] = statistics.median(r[p] / r["sdpa"] for r in rows)
+        out[key] = res
+    return out
+
+
+def run(quick: bool, progress=print) -> list[dict]:
+    env = environment()
+    rows = []
+    for (case, mode), res in measure(rounds=8 if quick else 30).items():
+        progress(
+            f"{case:<15} {mode:<8} sdpa {res['sdpa']:6.1f} us   "
+            + "   ".join(f"{p} {res[p]:6.1f} us ({res[f'{PAIRED}sdpa:{p}']:.2f}x)" for p in PROVIDERS[1:])
+        )
+        for provider in PROVIDERS:
+            metrics = {"host_us": res[provider]}
+            if provider != "sdpa":
+                metrics[f"{PAIRED}sdpa"] = res[f"{PAIRED}sdpa:{provider}"]
+            for metric, value in metrics.items():
+                rows.append(
+                    dict(
+                        env,
+                        op=f"host_{case}",
+                        provider=provider,
+                        mode=mode,
+                        shape=f"B{B} H{H} L{L} D{D}",
+                        dtype="fp32",
+                        metric=metric,
+                        p20=value,
+                        p50=value,
+                        p80=value,
+                        device="cpu (host path)",
+                    )
+                )
+    return rows

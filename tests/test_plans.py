@@ -1,0 +1,122 @@
+"""Launch plans: one per call signature, every launch decision made once; the compiled kernels of
+a plan launched directly, with exactly the arguments Triton's own launch passes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from helpers import DEVICE
+
+import vlkernels
+from vlkernels import masks
+from vlkernels.attention import args as A
+from vlkernels.attention import plan as P
+
+
+def _args(q, k, v, mask=None, **kw):
+    B, H, Lq, Lk = k.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    return A.AttentionArgs(q, k, v, masks.lower(mask, B, H, Lq, Lk, q.device), 0.25, **kw)
+
+
+def test_one_plan_per_signature():
+    """The same plan object for every call of a signature (other tensors, other lengths); another
+    plan when something Triton compiles for changes: strides, dtype, the mask's parts, a flag."""
+    q, k, v = (torch.randn(2, 2, 40, 16, device=DEVICE) for _ in range(3))
+    lengths = torch.tensor([40, 9], device=DEVICE)
+    first = P.plan(_args(q, k, v, masks.key_padding(lengths)))
+    again = P.plan(
+        _args(q.clone(), k.clone(), v.clone(), masks.key_padding(torch.tensor([3, 4], device=DEVICE)))
+    )
+    assert again is first
+    others = [
+        _args(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, masks.key_padding(lengths)),  # strides
+        _args(q.half(), k.half(), v.half(), masks.key_padding(lengths)),  # dtype
+        _args(q, k, v, masks.key_padding(lengths) & masks.causal()),  # the mask's parts
+        _args(q, k, v, masks.key_padding(lengths), softcap=3.0),  # a compile-time flag
+    ]
+    plans = [P.plan(a) for a in others]
+    assert all(p is not first for p in plans) and len({id(p) for p in plans}) == len(plans)
+
+
+def test_backward_uses_the_forward_plan(monkeypatch):
+    made = []
+    make = P._make
+    monkeypatch.setattr(P, "_make", lambda a: made.append(1) or make(a))
+    P._PLANS.clear()
+    q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = vlkernels.attention(q, k, v, masks.causal(), backend="triton")
+    torch.autograd.grad(out.sum(), (q, k, v))
+    assert len(made) == 1
+
+
+DIRECT = textwrap.dedent(
+    """
+    import torch, triton, vlkernels
+    from benchmarks import static
+    from vlkernels import _dispatch, masks
+    from vlkernels.attention import plan as P
+
+    _dispatch.device_reasons = lambda backend, device: []  # CPU tensors on the host launch path
+    runs, launched = [], []
+    run = triton.runtime.JITFunction.run
+    triton.runtime.JITFunction.run = lambda self, *a, **k: runs.append(1) or run(self, *a, **k)
+
+    def inputs(offset=0, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        n = 2 * 2 * 40 * 16
+        store = torch.randn(3 * n + offset, generator=g).half()[offset:]  # offset 1: not 16-byte aligned
+        q, k, v = (store[i * n : (i + 1) * n].view(2, 2, 40, 16).requires_grad_() for i in range(3))
+        return q, k, v, masks.key_padding(torch.tensor([40, 17 + seed])), torch.ones(2, 2, 40, 16).half()
+
+    given = []  # the tensors a call passes in: the same objects in the same places
+
+    def call(q, k, v, m, gout):
+        given[:] = [q, k, v, m.key_lengths, gout]
+        out = vlkernels.attention(q, k, v, m, backend="triton")
+        torch.autograd.grad(out, (q, k, v), gout)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):  # outputs are new each call: the same layout
+            if any(a is t for t in given) or any(b is t for t in given):
+                return a is b
+            return (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+        if isinstance(a, tuple):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return getattr(a, "value", a) == getattr(b, "value", b)
+
+    def compare(direct, triton_path):
+        assert len(direct) == len(triton_path), (len(direct), len(triton_path))
+        for d, t in zip(direct, triton_path):
+            assert d[:6] == t[:6], "grid, stream, function, metadata differ"  # [6]: launch metadata
+            assert same(d[9:], t[9:]), "arguments differ"
+
+    with static.host_launch_path(launched):
+        call(*inputs())  # Triton's launch path: compiles
+        n_runs, n_launches = len(runs), len(launched)
+        second = inputs(seed=1)
+        call(*second)  # the plan's kernels, launched directly
+        assert len(runs) == n_runs, "the second call went through Triton"
+        direct = launched[n_launches:]
+        P._PLANS.clear()  # the same call through Triton's launch path
+        call(*second)
+        assert len(runs) > n_runs
+        compare(direct, launched[n_launches + len(direct):])
+        runs.clear()
+        call(*inputs(offset=1, seed=1))  # pointers Triton specialises otherwise: through Triton again
+        assert runs, "a misaligned tensor took a kernel compiled for aligned ones"
+    print("direct", len(direct))
+    """
+)
+
+
+def test_direct_launches_pass_what_tritons_launch_passes():
+    """On the host launch path (Triton compiles for sm_90, a driver that launches nothing and
+    records the launcher's arguments): a plan's second call launches its kernels directly, with
+    the grid, kernel and arguments Triton's own launch passes for the same call; a tensor whose
+    alignment Triton specialises differently goes through Triton's path again."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLK_POISON")}
+    run = subprocess.run([sys.executable, "-c", DIRECT], capture_output=True, text=True, env=env, cwd=".")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "direct 2" in run.stdout  # the forward, and the backward in one kernel (one tile holds 40 keys)
