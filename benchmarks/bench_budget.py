@@ -586,7 +586,6 @@ def budget(w: Workload, compile_kernels: bool = True, host: bool = True) -> dict
 # Budgets: the ceilings tests/test_budget.py holds every workload to, and the issue's targets
 # ----------------------------------------------------------------------------------------------
 
-HOST_SLACK = 3.0  # host times vary with the machine and its load: a ceiling is 3x the time measured here
 CHECKED = (
     "launches_fwd",
     "launches_bwd",
@@ -596,9 +595,7 @@ CHECKED = (
     "bwd_over_fwd",
     "flops_per_n2d",
     "spill_bytes",
-    "host_us_fwd",
-    "host_us_bwd",
-)
+)  # (host time: bench_host's paired ratios to SDPA are its CI check; here it is a row, not a budget)
 
 
 def summarise(b: dict) -> dict:
@@ -612,7 +609,7 @@ def all_budgets() -> dict:
     return {w.name: summarise(budget(w)) for w in workloads()}
 
 
-# What the kernels do now (lower a ceiling when a change improves it); host times before HOST_SLACK.
+# What the kernels do now (lower a ceiling when a change improves it).
 BUDGETS = {
     "qformer_self_itm": dict(
         launches_fwd=1,
@@ -621,8 +618,6 @@ BUDGETS = {
         flops_ratio_fwd=1.23,
         flops_ratio_bwd=1.23,
         bwd_over_fwd=2.5,
-        host_us_fwd=81,
-        host_us_bwd=114,
         spill_bytes=0,
     ),
     "qformer_self_itg": dict(
@@ -632,8 +627,6 @@ BUDGETS = {
         flops_ratio_fwd=1.66,
         flops_ratio_bwd=1.66,
         bwd_over_fwd=2.5,
-        host_us_fwd=72,
-        host_us_bwd=103,
         spill_bytes=0,
     ),
     "qformer_self_itc": dict(
@@ -643,8 +636,6 @@ BUDGETS = {
         flops_ratio_fwd=2.46,
         flops_ratio_bwd=2.46,
         bwd_over_fwd=2.5,
-        host_us_fwd=79,
-        host_us_bwd=114,
         spill_bytes=0,
     ),
     "qformer_cross": dict(
@@ -654,8 +645,6 @@ BUDGETS = {
         flops_ratio_fwd=1.25,
         flops_ratio_bwd=1.25,
         bwd_over_fwd=2.5,
-        host_us_fwd=77,
-        host_us_bwd=121,
         spill_bytes=0,
     ),
     "flamingo_immediate": dict(
@@ -665,8 +654,6 @@ BUDGETS = {
         flops_ratio_fwd=1.13,
         flops_ratio_bwd=1.58,
         bwd_over_fwd=3.5,
-        host_us_fwd=85,
-        host_us_bwd=188,
         spill_bytes=0,
     ),
     "flamingo_all_previous": dict(
@@ -676,8 +663,6 @@ BUDGETS = {
         flops_ratio_fwd=1.03,
         flops_ratio_bwd=1.43,
         bwd_over_fwd=3.5,
-        host_us_fwd=87,
-        host_us_bwd=198,
         spill_bytes=0,
     ),
     "coca_pooler_hd64": dict(
@@ -687,8 +672,6 @@ BUDGETS = {
         flops_ratio_fwd=1.31,
         flops_ratio_bwd=1.83,
         bwd_over_fwd=3.5,
-        host_us_fwd=79,
-        host_us_bwd=191,
         spill_bytes=0,
     ),
     "coca_pooler_hd96": dict(
@@ -698,8 +681,6 @@ BUDGETS = {
         flops_ratio_fwd=1.34,
         flops_ratio_bwd=1.87,
         bwd_over_fwd=3.5,
-        host_us_fwd=72,
-        host_us_bwd=187,
         spill_bytes=0,
     ),
     "pali_prefix_lm": dict(
@@ -709,8 +690,6 @@ BUDGETS = {
         flops_ratio_fwd=1.16,
         flops_ratio_bwd=1.49,
         bwd_over_fwd=3.22,
-        host_us_fwd=77,
-        host_us_bwd=187,
         spill_bytes=360,
     ),
     **{
@@ -721,8 +700,6 @@ BUDGETS = {
             host_syncs=0,
             flops_ratio_fwd=4.0,
             flops_ratio_bwd=22.4,
-            host_us_fwd=121,
-            host_us_bwd=150,
             spill_bytes=0,
         )
         for Lk in DECODE_KEYS
@@ -734,8 +711,6 @@ BUDGETS = {
         flops_ratio_fwd=1.0,
         flops_ratio_bwd=2.0,
         flops_per_n2d=10.0,
-        host_us_fwd=93,
-        host_us_bwd=184,
         spill_bytes=0,
     ),
     "contrastive_clip_N64k": dict(
@@ -745,8 +720,6 @@ BUDGETS = {
         flops_ratio_fwd=1.0,
         flops_ratio_bwd=2.0,
         flops_per_n2d=10.0,
-        host_us_fwd=95,
-        host_us_bwd=186,
         spill_bytes=0,
     ),
     "contrastive_siglip_N32k": dict(
@@ -756,8 +729,6 @@ BUDGETS = {
         flops_ratio_fwd=1.0,
         flops_ratio_bwd=2.0,
         flops_per_n2d=10.0,
-        host_us_fwd=94,
-        host_us_bwd=186,
         spill_bytes=0,
     ),
     "contrastive_blip2_N8k_Q32": dict(
@@ -767,22 +738,16 @@ BUDGETS = {
         flops_ratio_fwd=1.0,
         flops_ratio_bwd=2.0,
         flops_per_n2d=10.0,
-        host_us_fwd=87,
-        host_us_bwd=174,
         spill_bytes=0,
     ),
-    "gated_residual": dict(
-        launches_fwd=1, launches_bwd=2, host_syncs=0, host_us_fwd=32, host_us_bwd=73, spill_bytes=0
-    ),
+    "gated_residual": dict(launches_fwd=1, launches_bwd=2, host_syncs=0, spill_bytes=0),
 }
 
-# Issue "Fast by design": where the kernels should get to.
+# Issue "Fast by design": where the kernels should get to (host time: bench_host.TARGETS).
 TARGETS = dict(
-    attention=dict(bwd_over_fwd=2.5, spill_bytes=0, host_us_fwd=60, launches_fwd=1),
-    contrastive=dict(
-        flops_per_n2d=10, spill_bytes=0, launches_fwd=3, launches_bwd=3, host_syncs=0, host_us_fwd=60
-    ),
-    gated_residual=dict(launches_fwd=1, launches_bwd=2, host_us_fwd=60),
+    attention=dict(bwd_over_fwd=2.5, spill_bytes=0, launches_fwd=1),
+    contrastive=dict(flops_per_n2d=10, spill_bytes=0, launches_fwd=3, launches_bwd=3, host_syncs=0),
+    gated_residual=dict(launches_fwd=1, launches_bwd=2),
 )
 
 
@@ -791,8 +756,6 @@ def over_budget(measured: dict) -> list[str]:
     out = []
     for name, values in measured.items():
         for metric, ceiling in BUDGETS.get(name, {}).items():
-            if metric.startswith("host_us"):
-                ceiling *= HOST_SLACK
             if values.get(metric, 0) > ceiling + 1e-9:
                 out.append(f"{name} {metric}: {values[metric]:.4g} > {ceiling:.4g}")
     return out

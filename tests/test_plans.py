@@ -120,3 +120,22 @@ def test_direct_launches_pass_what_tritons_launch_passes():
     run = subprocess.run([sys.executable, "-c", DIRECT], capture_output=True, text=True, env=env, cwd=".")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "direct 2" in run.stdout  # the forward, and the backward in one kernel (one tile holds 40 keys)
+
+
+def test_triton_span_kernel_is_the_spans_definition():
+    """The Triton backend computes a dense or float mask's per-row span of allowed keys in one
+    kernel: equal to MaskArgs.with_span (torch operations, the definition) for masks of every
+    broadcastable rank, over heads, with rows of no key."""
+    from vlkernels.attention import triton as T
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Lq, Lk = 2, 3, 37, 70
+    for shape in [(B, H, Lq, Lk), (1, 1, Lq, Lk), (B, 1, 1, Lk), (Lq, Lk), (Lk,), (B, H, Lq, 1), (H, Lq, Lk)]:
+        allowed = torch.rand(shape, generator=g) > 0.8
+        for mask in (allowed, torch.where(allowed, torch.randn(shape, generator=g), float("-inf"))):
+            mask = mask.to(DEVICE)
+            q, k = torch.randn(1, H, Lq, 8, device=DEVICE), torch.randn(B, H, Lk, 8, device=DEVICE)
+            a = A.AttentionArgs(q, k, k, masks.lower(mask, B, H, Lq, Lk, q.device), 0.3)
+            want = a.mask.with_span(B, Lq, Lk)
+            got = T._with_span(a).mask
+            assert torch.equal(got.row_lo, want.row_lo) and torch.equal(got.row_hi, want.row_hi), shape

@@ -175,7 +175,7 @@ def signature(a: A.AttentionArgs) -> tuple:
 
 
 _PLANS: dict = {}
-_MAX_PLANS = 512  # signatures kept; the oldest is dropped past it
+MAX_PLANS = 512  # signatures kept; the oldest is dropped past it
 
 
 def plan(a: A.AttentionArgs) -> Plan:
@@ -183,7 +183,7 @@ def plan(a: A.AttentionArgs) -> Plan:
     key = signature(a)
     p = _PLANS.get(key)
     if p is None:
-        if len(_PLANS) >= _MAX_PLANS:
+        if len(_PLANS) >= MAX_PLANS:
             del _PLANS[next(iter(_PLANS))]
         p = _PLANS[key] = _make(a)
     return p

@@ -359,6 +359,28 @@ def _attn_fwd_combine(PO, PLSE, O, LSE, spo_split, spo, so, SPLITS, H, Lq, D, BL
 
 
 @triton.jit
+def _attn_mask_span(M, LO, HI, sm, HM, Lq, Lk, BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Per query row of batch entry b, the span [lo, hi) of the keys a dense mask allows (BIAS: a
+    float mask, allowed where not -inf) over its HM heads: LO, HI [B, Lq] int64, [Lk, 0) for none."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    lo = tl.zeros([BLOCK_M], tl.int32) + Lk
+    hi = tl.zeros([BLOCK_M], tl.int32)
+    for h in tl.range(0, HM):
+        for n0 in tl.range(0, Lk, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+            x = tl.load(_block(M, sm, b, h, offs_m, offs_n), mask=ok, other=0)
+            live = ok & ((x != float("-inf")) if BIAS else (x != 0))
+            lo = tl.minimum(lo, tl.min(tl.where(live, offs_n[None, :], Lk), axis=1))
+            hi = tl.maximum(hi, tl.max(tl.where(live, offs_n[None, :] + 1, 0), axis=1))
+    row = b * Lq + offs_m
+    tl.store(LO + row, lo.to(tl.int64), mask=offs_m < Lq)
+    tl.store(HI + row, hi.to(tl.int64), mask=offs_m < Lq)
+
+
+@triton.jit
 def _attn_bwd_delta(O, DO, DELTA, so, sdo, H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta[b, h, i] = sum_d o * do (fp32)."""
     pid_m = tl.program_id(0)
@@ -569,6 +591,37 @@ def _dynamic(a: A.AttentionArgs, B: int, H: int, Lq: int, Lk: int):
     return _kernel_mask(a.mask, B, H, Lq, Lk), drop, (*tensors, a.seed)
 
 
+_SPANS: dict = {}  # the mask's (shape, strides, dtype) and the sizes -> _attn_mask_span's compiled launch
+
+
+def _with_span(a: A.AttentionArgs) -> A.AttentionArgs:
+    """The backend's ``prepare``: a dense mask's or float bias's per-row span of allowed keys
+    (``masks.MaskArgs.with_span``'s rule, in one kernel: _attn_mask_span), so that the kernels
+    skip the key tiles outside it and never read the keys outside it."""
+    m = a.mask
+    live = m.dense_mask if m.bias is None else m.bias
+    if live is None:
+        return a
+    B, Lk, Lq = a.k.shape[0], a.k.shape[2], a.q.shape[2]
+    if live.dtype == torch.bool:
+        live = live.view(torch.uint8)
+    while live.dim() < 4:
+        live = live.unsqueeze(0)
+    live = live.expand(B, live.shape[1], Lq, Lk)
+    lo = poisoned(a.q.new_empty((B, Lq), dtype=torch.int64))
+    hi = poisoned(a.q.new_empty((B, Lq), dtype=torch.int64))
+    key = (live.shape, live.stride(), live.dtype, a.q.device)
+    if key not in _SPANS and len(_SPANS) >= P.MAX_PLANS:
+        del _SPANS[next(iter(_SPANS))]
+    launch(
+        _attn_mask_span, (triton.cdiv(Lq, 32), B), _SPANS.setdefault(key, {}), "span", (live, lo, hi),
+        M=live, LO=lo, HI=hi, sm=live.stride(), HM=live.shape[1], Lq=Lq, Lk=Lk, BIAS=m.bias is not None,
+        BLOCK_M=32, BLOCK_N=64,
+    )  # fmt: skip
+    LAUNCHES["attention_mask_span"] += 1
+    return a._replace(mask=m._replace(row_lo=lo, row_hi=hi))
+
+
 def _forward(a: A.AttentionArgs):
     p = P.plan(a)
     B, H, Lq, Lk, D = p.B, p.H, p.Lq, p.Lk, p.D
@@ -690,5 +743,5 @@ def _limits(a: A.AttentionArgs) -> list[str]:
 
 
 BACKEND = _dispatch.Backend(
-    "triton", _fwd_op, _bwd_op, limits=_limits, prepare=A.with_span, bias_grad=_bias_grad_op
+    "triton", _fwd_op, _bwd_op, limits=_limits, prepare=_with_span, bias_grad=_bias_grad_op
 )
