@@ -142,10 +142,11 @@ _POISON = os.environ.get("VLK_POISON", "0") == "1"  # read at import, as TRITON_
 
 
 def poisoned(out: torch.Tensor) -> torch.Tensor:
-    """A freshly allocated kernel output, filled with NaN when VLK_POISON=1 (the tests set it
-    before importing vlkernels) so that an element a kernel forgets to write shows up."""
+    """A freshly allocated kernel output, filled with NaN (integers: their most negative value)
+    when VLK_POISON=1 (the tests set it before importing vlkernels) so that an element a kernel
+    forgets to write shows up."""
     if _POISON:
-        out.fill_(float("nan"))
+        out.fill_(float("nan") if out.dtype.is_floating_point else torch.iinfo(out.dtype).min)
     return out
 
 
