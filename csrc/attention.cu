@@ -98,11 +98,17 @@ __device__ __forceinline__ uint32_t philox(uint64_t seed, uint32_t c0, uint32_t 
   return c0;
 }
 
+// The dropout seed of a call (read once per thread; 0 without dropout).
+template <bool X>
+__device__ __forceinline__ uint64_t dropout_seed(const AttnArgs& a) {
+  return X && a.dropout ? uint64_t(*a.seed) : 0;
+}
+
 // Attention dropout's factor of probability (b, h, row, col): 1 / (1 - p) kept, 0 dropped, 1 off.
 template <bool X>
-__device__ __forceinline__ float keep(const AttnArgs& a, int64_t b, int h, int row, int col) {
+__device__ __forceinline__ float keep(const AttnArgs& a, uint64_t seed, int64_t b, int h, int row, int col) {
   if (!X || !a.dropout) return 1.f;
-  const uint32_t r = philox(a.seed, uint32_t(col), uint32_t(row), uint32_t(b * a.H + h), 0u);
+  const uint32_t r = philox(seed, uint32_t(col), uint32_t(row), uint32_t(b * a.H + h), 0u);
   return int(r >> 8) >= a.dropout_threshold ? a.dropout_scale : 0.f;
 }
 
@@ -135,6 +141,7 @@ __device__ __forceinline__ void range_of(const int* lo_s, const int* hi_s, int r
 template <typename T, int DP, bool X>
 __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec) {
   using C = Cfg<T, DP>;
+  const uint64_t seed = dropout_seed<X>(a);
   constexpr int BM = C::FWD_BM, BN = C::FWD_BN, LD = C::LD;
   VLK_SMEM(smem);
   T* Qs = reinterpret_cast<T*>(smem);
@@ -203,7 +210,7 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
       for (int e = 0; e < 4; ++e) {
         s[j][e] = exp2f(s[j][e] - m_safe[e >> 1]);
         rs[e >> 1] += s[j][e];
-        s[j][e] *= keep<X>(a, b, h, m0 + r0 + c_row(e), n0 + j * 8 + c_col(e));  // after the sum: dropout
+        s[j][e] *= keep<X>(a, seed, b, h, m0 + r0 + c_row(e), n0 + j * 8 + c_col(e));  // after the sum: dropout
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l_i[r] = l_i[r] * alpha[r] + quad_sum(rs[r]);
@@ -283,6 +290,7 @@ __global__ void __launch_bounds__(128) attn_delta_kernel(AttnArgs a) {
 template <typename T, int DP, bool X>
 __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) {
   using C = Cfg<T, DP>;
+  const uint64_t seed = dropout_seed<X>(a);
   constexpr int BM = C::DQ_BM, BN = C::DQ_BN, LD = C::LD;
   VLK_SMEM(smem);
   T* Qs = reinterpret_cast<T*>(smem);
@@ -341,7 +349,7 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
           const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
           float dcap = 1.f;  // (masked elements: score is not called)
           const float pe = ok ? exp2f(score<X>(a, p[j][e], dcap) - lse[r]) : 0.f;
-          p[j][e] = pe * dcap * (dp[j][e] * keep<X>(a, b, h, row, col) - delta[r]);  // dS
+          p[j][e] = pe * dcap * (dp[j][e] * keep<X>(a, seed, b, h, row, col) - delta[r]);  // dS
         }
       mm_pv<T, DP, BN / 16>(dq, p, Ks, LD);
     }
@@ -371,6 +379,7 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
 template <typename T, int DP, bool X>
 __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec) {
   using C = Cfg<T, DP>;
+  const uint64_t seed = dropout_seed<X>(a);
   constexpr int BN = C::KV_BN, BM = C::KV_BM, LD = C::LD;
   VLK_SMEM(smem);
   T* Ks = reinterpret_cast<T*>(smem);
@@ -432,7 +441,7 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
           const bool ok = allowed(a.mask, b, h, m0 + qi, key, lo_s[qi], hi_s[qi]);
           float dcap = 1.f;  // (masked elements: score is not called)
           const float p = ok ? exp2f(score<X>(a, pt[j][e], dcap) - lse_s[qi]) : 0.f;
-          dpt[j][e] = p * keep<X>(a, b, h, m0 + qi, key);  // P^T after dropout, for dV
+          dpt[j][e] = p * keep<X>(a, seed, b, h, m0 + qi, key);  // P^T after dropout, for dV
           pt[j][e] = p * dcap;                          // P^T times the cap's derivative, for dS
         }
       mm_pv<T, DP, BM / 16>(dv, dpt, Os, LD);
@@ -446,7 +455,7 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = j * 8 + c_col(e);
-          const float z = keep<X>(a, b, h, m0 + qi, n0 + r0 + c_row(e));
+          const float z = keep<X>(a, seed, b, h, m0 + qi, n0 + r0 + c_row(e));
           dpt[j][e] = pt[j][e] * (dpt[j][e] * z - delta_s[qi]);  // dS^T
         }
       mm_pv<T, DP, BM / 16>(dk, dpt, Qs, LD);

@@ -171,7 +171,7 @@ Attention attn_args(const Args& in) {
                          text_to_media = in.opt_tensor("text_to_media"), row_lo = in.opt_tensor("row_lo"),
                          row_hi = in.opt_tensor("row_hi");
   const double softcap = in.real("softcap"), dropout_p = in.real("dropout_p");
-  const int64_t seed = in.integer("seed");
+  const optional<Tensor> seed = in.opt_tensor("seed");
   const int64_t qf_mode = in.integer("qformer_mode"), media_mode = in.integer("media_mode"),
                 lat = in.integer("latents_per_media");
   check_device(op, "q", q);
@@ -201,7 +201,12 @@ Attention attn_args(const Args& in) {
   check_lengths(op, "row_hi", row_hi, q, {B, Lq});
   TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0, got ", softcap);
   TORCH_CHECK(dropout_p >= 0 && dropout_p <= 1, op, ": dropout_p must be in [0, 1], got ", dropout_p);
-  TORCH_CHECK(seed >= 0, op, ": seed must be >= 0, got ", seed);
+  TORCH_CHECK(dropout_p == 0 || seed, op, ": dropout needs a seed");
+  if (seed) {
+    check_device(op, "seed", *seed);
+    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+                ": seed must be one int64 element, got ", seed->scalar_type(), " ", shape(*seed));
+  }
 
   vlk::AttnArgs& a = r.a;
   a.q = q.data_ptr();
@@ -215,7 +220,7 @@ Attention attn_args(const Args& in) {
   a.scale = float(in.real("scale"));
   a.softcap = float(softcap);
   a.dropout = dropout_p > 0;  // the keep rule of vlkernels/attention/dropout.py
-  a.seed = uint64_t(seed);
+  a.seed = seed ? seed->data_ptr<int64_t>() : nullptr;
   a.dropout_threshold = int(std::floor(dropout_p * (1 << 24) + 0.5));  // dropout.threshold
   a.dropout_scale = dropout_p >= 1 ? 0.f : float(1.0 / (1.0 - dropout_p));
   vlk::MaskArgs& mk = a.mask;

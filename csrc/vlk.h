@@ -41,7 +41,7 @@ struct AttnArgs {
   float softcap = 0.f;  // > 0: scores capped to softcap * tanh(s / softcap)
   // attention dropout (vlkernels/attention/dropout.py): keep iff Philox's top 24 bits >= threshold
   bool dropout = false;
-  uint64_t seed = 0;
+  const int64_t* seed = nullptr;  // one int64 the kernels read: a new seed is a new value, not a new argument
   int dropout_threshold = 0;
   float dropout_scale = 1.f;
   // flash-decoding: the forward's keys in `splits` runs of keys_per_split (a multiple of the key

@@ -91,8 +91,9 @@ def eager_attention(q, k, v, allowed=None, scale=None, dropout_p=0.0):
         p = torch.softmax(s, dim=-1) * any_ok
     if dropout_p > 0:
         import vlkernels
+        from vlkernels.attention.api import draw_seed
 
-        seed = int(torch.randint(0, 2**62, ()))
+        seed = draw_seed(q.device)  # the draw vlkernels.attention makes for seed=None
         p = p * vlkernels.attention_dropout_mask(q, k, dropout_p, seed) / (1.0 - dropout_p)
     return torch.matmul(p, v)
 

@@ -52,8 +52,13 @@ def test_attention_op_checks_inputs_on_the_cpp_side(ns):
         call(q, q, q, row_lo=starts, row_hi=starts.long() + 8)
     with pytest.raises(RuntimeError, match=r"attention_fwd: softcap must be finite and >= 0, got -1"):
         op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, -1.0)))
+    seed = torch.tensor(5, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"attention_fwd: dropout_p must be in \[0, 1\], got 1.5"):
-        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 1.5, 5)))
+        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 1.5, seed)))
+    with pytest.raises(RuntimeError, match="attention_fwd: dropout needs a seed"):
+        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 0.5, None)))
+    with pytest.raises(RuntimeError, match="attention_fwd: seed must be one int64 element, got Int"):
+        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 0.5, seed.int())))
     lengths = torch.tensor([3], device=DEVICE)
     with pytest.raises(RuntimeError, match="attention_fwd: key_lengths must be int32, got Long"):
         call(q, q, q, key_lengths=lengths)

@@ -70,7 +70,7 @@ def test_schemas_are_derived_from_the_declarations():
     assert fwd.startswith("vlkernels::triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? dense_mask,")
     assert fwd.endswith(
         "int latents_per_media, int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi, float scale, "
-        "float softcap, float dropout_p, int seed) "
+        "float softcap, float dropout_p, Tensor? seed) "
         "-> (Tensor, Tensor)"
     )
     for name in ("attention", "contrastive", "gated_residual"):  # the Triton and C++ ops share a declaration
@@ -300,3 +300,30 @@ def test_torch_compile_fullgraph_torch_backend():
     want = attention_ref(q.double(), k.double(), v.double(), ref.to_dense(2, 24, 24)).square().sum()
     for g, r in zip(grads, torch.autograd.grad(want, (q, k, v)), strict=True):
         torch.testing.assert_close(g, r.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_step_with_dropout_draws_anew_each_step(backend):
+    """Dropout's seed is drawn on the device as a tensor (seed=None): a training step compiled with
+    fullgraph=True has no graph break, is compiled once, each step drops other entries, and
+    torch.manual_seed repeats them."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 16, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+
+    def step(q, k, v):
+        return vlkernels.attention(q, k, v, masks.causal(), dropout_p=0.3, backend=backend).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(3):
+        loss = compiled(q, k, v)
+        loss.backward()
+        losses.append(loss.item())
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert len(set(losses)) == 3  # a new keep mask each step
+    torch.manual_seed(0)
+    assert [compiled(q, k, v).item() for _ in range(3)] == losses

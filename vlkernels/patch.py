@@ -63,7 +63,7 @@ def _attend(q, k, v, mask, weights: bool, dropped: bool = True, **options):
     from vlkernels.attention import api
 
     if weights and options.get("dropout_p"):
-        options["seed"] = api.draw_seed()  # one seed: the probabilities drop what the output did
+        options["seed"] = api.draw_seed(q.device)  # one seed: the probabilities drop what the output did
     out = api.attention(q, k, v, mask, **options)
     probs = None
     if weights:

@@ -81,7 +81,9 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
     ``scale`` defaults to 1/sqrt(D). ``softcap``: logit soft-capping (Gemma 2): the scaled scores
     become softcap · tanh(scores / softcap) before a float mask is added. ``dropout_p``: attention
     dropout on the probabilities (kept ones scaled by 1 / (1 - p)); its keep mask is a function of
-    ``seed`` (an int; None draws one from torch's default generator), regenerated in the backward,
+    ``seed`` (an int, or an int64 tensor on q's device; None draws one on the device from torch's
+    generator, so torch.manual_seed makes runs repeat and compiled steps and CUDA-graph replays draw
+    anew), regenerated in the backward,
     the same on every backend (``dropout_mask``). ``backend``: None
     (automatic), "triton", "cuda", "torch".
     Under autocast, q, k, v are cast to its lower-precision dtype first (as SDPA).
@@ -93,7 +95,10 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
     lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     softcap, dropout_p = float(softcap or 0.0), float(dropout_p)
-    seed = 0 if dropout_p == 0 else draw_seed() if seed is None else checked_seed(seed, "attention")
+    if dropout_p == 0:
+        seed = None
+    else:
+        seed = draw_seed(q.device) if seed is None else checked_seed(seed, "attention", q.device)
     args = AttentionArgs(q, k, v, lowered, scale, softcap, dropout_p, seed)
     chosen = _dispatch.choose("attention", backend, args)
     lowered = chosen.prepare(args).mask
@@ -103,24 +108,35 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
     return out
 
 
-def draw_seed() -> int:
-    """A dropout seed from torch's default generator (what ``seed=None`` means)."""
-    return int(torch.randint(0, 2**62, ()))
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed drawn by ``device``'s generator (what ``seed=None`` means): an int64 0-d
+    tensor there, no host synchronisation, a fresh value at each replay of a CUDA graph and each
+    step of a compiled function (torch.manual_seed makes runs repeat)."""
+    return torch.randint(0, 2**62, (), device=device)
 
 
-def checked_seed(seed, fn: str) -> int:
-    """``seed`` if it is a dropout seed (an int in [0, 2**63)), else a ValueError naming ``fn``."""
+def checked_seed(seed, fn: str, device: torch.device) -> torch.Tensor:
+    """``seed`` as the kernels take it: an int in [0, 2**63) as an int64 0-d tensor on ``device``,
+    or such a tensor as it is (its value is not read here: that would synchronise); else an error
+    naming ``fn``."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+            raise ValueError(
+                f"{fn}: a seed tensor must be one int64 element on {device}, got {seed.dtype} "
+                f"{list(seed.shape)} on {seed.device}"
+            )
+        return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"{fn}: seed must be an int in [0, 2**63), got {seed!r}")
-    return seed
+        raise ValueError(f"{fn}: seed must be an int in [0, 2**63) or an int64 tensor, got {seed!r}")
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
-def attention_dropout_mask(q, k, dropout_p: float, seed: int) -> torch.Tensor:
+def attention_dropout_mask(q, k, dropout_p: float, seed) -> torch.Tensor:
     """The keep mask that ``attention(q, k, v, dropout_p=dropout_p, seed=seed)`` applies, on every
     backend: bool [B, H, Lq, Lk], True = kept (as FlashAttention's debug mask, for testing and
-    inspection). ``seed``: the int given to ``attention``."""
+    inspection). ``seed``: the seed given to ``attention`` (an int, or an int64 tensor)."""
     _check_inputs(q, k, k, None, None, dropout_p)
-    seed = checked_seed(seed, "attention_dropout_mask")
+    seed = checked_seed(seed, "attention_dropout_mask", q.device)
     return dropout.keep_mask(seed, dropout_p, k.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
 
 
@@ -134,7 +150,7 @@ def attention_weights(q, k, mask=None, *, scale=None, softcap=None, dropout_p=0.
     _check_inputs(q, k, k, scale, softcap, dropout_p)
     if dropout_p > 0 and seed is None:
         raise ValueError("attention_weights: dropout_p > 0 needs the seed given to attention()")
-    seed = 0 if dropout_p == 0 else checked_seed(seed, "attention_weights")
+    seed = None if dropout_p == 0 else checked_seed(seed, "attention_weights", q.device)
     B, _, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
     lowered = masks.lower(mask, B, H, Lq, Lk, q.device)

@@ -22,7 +22,9 @@ from vlkernels.masks import MaskArgs
 class AttentionArgs(NamedTuple):
     """Forward: dropout(softmax(cap(scale · q kᵀ) + bias, masked)) v -> (out, lse), where cap(s) =
     softcap · tanh(s / softcap) when softcap > 0 (Gemma 2's logit soft-capping), else s; dropout
-    with probability ``dropout_p`` draws its keep mask from ``seed`` (attention/dropout.py); lse
+    with probability ``dropout_p`` draws its keep mask from ``seed`` (attention/dropout.py: an int64
+    0-d tensor on q's device, None without dropout; read by the kernels, so that a new seed is a new
+    value, not a new argument: CUDA graphs and torch.compile take it as data); lse
     is the softmax's, before dropout."""
 
     q: torch.Tensor
@@ -32,7 +34,7 @@ class AttentionArgs(NamedTuple):
     scale: float
     softcap: float = 0.0
     dropout_p: float = 0.0
-    seed: int = 0
+    seed: torch.Tensor | None = None
 
     @property
     def shared_queries(self) -> bool:

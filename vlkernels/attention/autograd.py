@@ -12,9 +12,7 @@ from vlkernels.attention.args import AttentionArgs, AttentionGradArgs
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, backend: str, q, k, v, mask, scale: float, softcap: float, dropout_p: float, seed: int, bias
-    ):
+    def forward(ctx, backend: str, q, k, v, mask, scale: float, softcap: float, dropout_p: float, seed, bias):
         """``bias`` is ``mask.bias`` again, as an input autograd tracks."""
         impl = _dispatch.backends("attention")[backend]
         args = AttentionArgs(q, k, v, mask, scale, softcap, dropout_p, seed)

@@ -189,10 +189,12 @@ def _probs(q, k, qk_scale, softcap, m, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk
 @triton.jit
 def _keep(drop, b, h, H, offs_m, offs_n, DROPOUT: tl.constexpr):
     """Attention dropout's factor for a tile: 1 / (1 - p) where kept, 0 where dropped (1.0 without
-    DROPOUT). ``drop`` = (seed, threshold, scale); the keep rule is attention/dropout.py's."""
+    DROPOUT). ``drop`` = (the seed's pointer, threshold, scale); the keep rule is
+    attention/dropout.py's."""
     z = 1.0
     if DROPOUT:  # (one return: the compiler wants one type per function)
-        seed, thresh, scale = drop
+        seed_ptr, thresh, scale = drop
+        seed = tl.load(seed_ptr)
         zero = offs_m[:, None] * 0 + offs_n[None, :] * 0
         bh = (b * H + h + offs_m * 0).to(tl.int32)[:, None]  # one head or one per row
         r, _, _, _ = tl.philox(seed, offs_n[None, :] + zero, offs_m[:, None] + zero, bh + zero, zero)
