@@ -220,6 +220,34 @@ def tiny_idefics():
     return model
 
 
+def tiny_blip_config(layers: int = 1, **text):
+    """transformers' BlipConfig at test size (hidden 32, 2 heads, 16-pixel images); ``text``: more
+    text-config fields."""
+    import transformers
+
+    layer = dict(intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2)
+    return transformers.BlipConfig(
+        text_config=dict(hidden_size=32, vocab_size=100, encoder_hidden_size=32, **text, **layer),
+        vision_config=dict(hidden_size=32, image_size=16, patch_size=8, **layer),
+        projection_dim=16,
+    )
+
+
+def tiny_gemma_config():
+    """A two-layer Gemma at test size with one key/value head (grouped queries): PaliGemma's text."""
+    import transformers
+
+    return transformers.GemmaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=120,
+    )
+
+
 def tiny_paligemma(text_config):
     """transformers' PaliGemmaForConditionalGeneration at test size: a one-layer SigLIP (hidden 32,
     16-pixel images, 4 patches) and ``text_config`` (a Gemma or Gemma 2 config); image token 100."""

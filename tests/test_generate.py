@@ -7,7 +7,15 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, assert_launched, paligemma_inputs, tiny_idefics, tiny_paligemma
+from helpers import (
+    DEVICE,
+    assert_launched,
+    paligemma_inputs,
+    tiny_blip_config,
+    tiny_gemma_config,
+    tiny_idefics,
+    tiny_paligemma,
+)
 
 import vlkernels
 from vlkernels.attention import triton as attn_triton
@@ -89,16 +97,7 @@ def test_generate_paligemma_with_a_long_prompt_splits_the_keys():
     """Prompt of 280 tokens: every decoding step's single query row attends over more than 256
     cached keys, which the forward splits across programs."""
     torch.manual_seed(0)
-    text = T.GemmaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        vocab_size=120,
-    )
-    model = tiny_paligemma(text)
+    model = tiny_paligemma(tiny_gemma_config())
     inputs = paligemma_inputs(1, n_img=4, n_prompt=276, n_suffix=0)
     _same_tokens(model, inputs, 4, decode_split=DEVICE == "cpu")
 
@@ -120,23 +119,8 @@ def test_generate_blip_captioning():
     """BLIP's text decoder keeps its own attention modules (not the attention interface): the
     patched forward must feed the KV cache under the keyword the installed transformers uses."""
     torch.manual_seed(0)
-    layer = dict(intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    model = T.BlipForConditionalGeneration(
-        T.BlipConfig(
-            text_config=dict(
-                hidden_size=32,
-                vocab_size=100,
-                encoder_hidden_size=32,
-                bos_token_id=1,
-                sep_token_id=2,
-                eos_token_id=3,
-                pad_token_id=0,
-                **layer,
-            ),
-            vision_config=dict(hidden_size=32, image_size=16, patch_size=8, **layer),
-            projection_dim=16,
-        )
-    )
+    config = tiny_blip_config(layers=2, bos_token_id=1, sep_token_id=2, eos_token_id=3, pad_token_id=0)
+    model = T.BlipForConditionalGeneration(config)
     ids = torch.randint(5, 90, (2, 3), device=DEVICE)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 16, 16))
     _same_tokens(model, {k: v.to(DEVICE) for k, v in inputs.items()}, 6)

@@ -4,7 +4,15 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, assert_launched, launched, paligemma_inputs, tiny_idefics, tiny_paligemma
+from helpers import (
+    DEVICE,
+    assert_launched,
+    launched,
+    paligemma_inputs,
+    tiny_blip_config,
+    tiny_idefics,
+    tiny_paligemma,
+)
 
 import vlkernels
 from vlkernels import masks
@@ -166,13 +174,7 @@ def test_patch_hf_blip_flava_idefics_outputs_and_gradients():
     am[1, 5:] = 0  # padded text
     pix = torch.randn(2, 3, 16, 16, device=DEVICE)
 
-    blip = T.BlipForImageTextRetrieval(
-        T.BlipConfig(
-            text_config=dict(hidden_size=32, vocab_size=100, encoder_hidden_size=32, **layer),
-            vision_config=vision,
-            projection_dim=16,
-        )
-    )
+    blip = T.BlipForImageTextRetrieval(tiny_blip_config())
     ours = _compare_patched(blip, lambda m: m(input_ids=ids, pixel_values=pix, attention_mask=am).itm_score)
     assert any("BlipTextSelfAttention" in s for s in ours.vlkernels_patched)
 
@@ -390,20 +392,8 @@ def test_patch_hf_blip_train_mode_attention_dropout(monkeypatch):
     BlipTextSelfAttention forward, in train mode, with padded text and cross-attention."""
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    layer = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     blip = T.BlipForImageTextRetrieval(
-        T.BlipConfig(
-            text_config=dict(
-                hidden_size=32,
-                vocab_size=100,
-                encoder_hidden_size=32,
-                attention_probs_dropout_prob=0.1,
-                hidden_dropout_prob=0.0,
-                **layer,
-            ),
-            vision_config=dict(hidden_size=32, image_size=16, patch_size=8, **layer),
-            projection_dim=16,
-        )
+        tiny_blip_config(attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.0)
     )
     ids = torch.randint(5, 99, (2, 7), device=DEVICE)
     am = torch.ones_like(ids)

@@ -11,7 +11,14 @@ import textwrap
 
 import pytest
 import torch
-from helpers import DEVICE, paligemma_inputs, tiny_idefics, tiny_paligemma
+from helpers import (
+    DEVICE,
+    paligemma_inputs,
+    tiny_blip_config,
+    tiny_gemma_config,
+    tiny_idefics,
+    tiny_paligemma,
+)
 
 import vlkernels
 from vlkernels import masks
@@ -23,11 +30,7 @@ VISION = dict(hidden_size=32, image_size=16, patch_size=8, **LAYER)
 
 
 def _blip():
-    cfg = T.BlipConfig(
-        text_config=dict(hidden_size=32, vocab_size=100, encoder_hidden_size=32, **LAYER),
-        vision_config=VISION,
-        projection_dim=16,
-    )
+    cfg = tiny_blip_config()
     ids = torch.randint(5, 99, (2, 7))
     am = torch.ones_like(ids)
     am[1, 5:] = 0
@@ -69,16 +72,7 @@ def _flava():
 
 
 def _paligemma():
-    text = T.GemmaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        vocab_size=120,
-    )
-    return tiny_paligemma(text), paligemma_inputs(2, n_img=4, n_prompt=5, n_suffix=3), "logits"
+    return tiny_paligemma(tiny_gemma_config()), paligemma_inputs(2, n_img=4, n_prompt=5, n_suffix=3), "logits"
 
 
 def _idefics():
