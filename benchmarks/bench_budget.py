@@ -7,10 +7,11 @@ bf16, forward and backward:
 
 - launches: Triton kernels and PyTorch kernels of one call, and host synchronisations (recorded
   on fake CUDA tensors, benchmarks/static.py);
-- GEMM FLOPs executed, from each launch's grid and the kernel's own tile loops (the models below;
-  tests/test_budget.py checks them against the tl.dot calls the interpreter runs), next to the
-  useful FLOPs (no tile waste; attention's backward counts FlashAttention's 5 GEMMs per pair);
-- the fewest HBM bytes (every input read once, every output written once);
+- GEMM FLOPs executed, from each launch's grid and the kernel's own tile loops (attention: the
+  cost model of its launch plan, vlkernels/attention/plan.py; the contrastive kernels: the model
+  below; tests/test_budget.py checks both against the tl.dot calls the interpreter runs), next to
+  the useful FLOPs (no tile waste; attention's backward counts FlashAttention's 5 GEMMs per pair);
+- the fewest HBM bytes (every input read once, every output written once; attention: the plan's);
 - per kernel, compiled for sm_90a: registers, stack (spill) bytes, shared memory, warps per SM,
   wgmma / mma / cp.async / TMA and local-memory instruction counts;
 - host microseconds of a call: the Python path and Triton's launch path up to the driver (CPU
@@ -31,7 +32,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "budget.csv"
 PEAK_FLOPS = 790e12  # bf16 dense GEMM, measured on the lent H100 (../shared/NOTES.md)
@@ -49,7 +49,7 @@ class Workload:
     op: str  # attention, contrastive, gated_residual
     make: Callable
     useful: Callable  # (inputs on CPU) -> (fwd FLOPs, bwd FLOPs)
-    min_bytes: Callable  # (inputs) -> (fwd bytes, bwd bytes)
+    min_bytes: Callable | None  # (inputs) -> (fwd bytes, bwd bytes); None: the launch plan's
     peer: str  # the dense peer of the estimate
     peer_flops: Callable  # (inputs) -> (fwd FLOPs, bwd FLOPs)
     peer_bytes: Callable = None  # (inputs) -> (fwd bytes, bwd bytes); default: min_bytes
@@ -90,16 +90,6 @@ def _attention_dense(inp):
     return 4 * q.shape[-1] * pairs, 10 * q.shape[-1] * pairs
 
 
-def _attention_bytes(inp):
-    q, k = inp["q"], inp["k"]
-    B, H, Lq, D = k.shape[0], q.shape[1], q.shape[2], q.shape[3]
-    e = q.element_size()
-    qkv = (q.numel() + 2 * k.numel()) * e
-    out = B * H * Lq * D * e
-    lse = B * H * Lq * 4
-    return qkv + out + lse, qkv + 2 * out + lse + qkv  # bwd: q, k, v, out, dout, lse in; dq, dk, dv out
-
-
 def _attention_workloads() -> list[Workload]:
     from vlkernels import masks
 
@@ -115,7 +105,7 @@ def _attention_workloads() -> list[Workload]:
                 "attention",
                 lambda d, s=shape, m=mask_fn: _attention_inputs(*s, m, d),
                 _attention_useful,
-                _attention_bytes,
+                None,  # the plan's model: vlkernels.attention.plan.hbm_bytes
                 "sdpa-flash, dense (est)",
                 _attention_dense,
                 head_dim=shape[-1],
@@ -282,7 +272,8 @@ def _functions():
 
 
 def record(w: Workload):
-    """(forward recording, backward recording) of one call on fake CUDA tensors."""
+    """(forward recording, backward recording, the launch plan: attention's, else None) of one
+    call on fake CUDA tensors."""
     from benchmarks import static
 
     applied = []
@@ -305,6 +296,12 @@ def record(w: Workload):
             with static.recording(loadable=True) as fwd_rec:
                 call(w, inp)
             fn, ctx, out = applied[-1]
+            plan = None
+            if fn.__name__ == "AttentionFunction":  # the plan the call made (cached per signature)
+                from vlkernels import _schema
+                from vlkernels.attention import plan as P
+
+                plan = P.plan(_schema.unstash(ctx).fwd)
             grads = [torch.empty_like(t) for t in (out if isinstance(out, tuple) else (out,))]
             if fn.__name__ == "AttentionFunction":
                 grads[1] = None  # no gradient flows into lse
@@ -313,7 +310,7 @@ def record(w: Workload):
     finally:
         for f, a in saved_apply.items():
             f.apply = a
-    return fwd_rec, bwd_rec
+    return fwd_rec, bwd_rec, plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,65 +318,14 @@ def record(w: Workload):
 # ----------------------------------------------------------------------------------------------
 
 
-def _intervals(mask, B, Lq, Lk):
-    """Per (batch, query row) allowed key interval, empty rows as [Lk, 0) (the kernels' _row_bounds)."""
-    lo, hi = mask.intervals(Lq, Lk, CPU)
-    lo, hi = lo.expand(B, Lq), hi.expand(B, Lq)
-    empty = lo >= hi
-    return torch.where(empty, Lk, lo), torch.where(empty, 0, hi)
+def attention_flops(launch, plan, mask) -> int:
+    """Executed GEMM FLOPs of one recorded attention launch: the plan's cost model
+    (vlkernels/attention/plan.py) at the launch's tiles, over ``mask``'s row intervals (CPU)."""
+    from vlkernels.attention import plan as P
 
-
-def _query_tiles(lo, hi, BM, Lk):
-    """lo, hi padded to whole query tiles: [B, n_tiles, BM]."""
-    B, Lq = lo.shape
-    pad = -Lq % BM
-    lo = F.pad(lo, (0, pad), value=Lk).view(B, -1, BM)
-    hi = F.pad(hi, (0, pad), value=0).view(B, -1, BM)
-    return lo, hi
-
-
-def _key_tiles_visited(lo, hi, BM, BN, Lk, per_split=None):
-    """Iterations of the forward's (and dq's) key loop per query tile: [B, n_tiles]; with
-    ``per_split`` (flash-decoding), summed over the key splits, each loop clipped to its split."""
-    lo, hi = _query_tiles(lo, hi, BM, Lk)
-    start, end = lo.amin(-1) // BN * BN, hi.amax(-1)
-    if per_split is None:
-        return torch.clamp(-((start - end) // BN), min=0)
-    total = torch.zeros_like(start)
-    for s0 in range(0, Lk, per_split):
-        a, b = torch.clamp(start, min=s0), torch.clamp(end, max=s0 + per_split)
-        total += torch.clamp(-((a - b) // BN), min=0)
-    return total
-
-
-def _attention_flops(launch, mask) -> int:
+    lo, hi = P.row_intervals(*mask.intervals(plan.Lq, plan.Lk, CPU), plan.B, plan.Lk)
     a = launch.args
-    name = launch.name
-    if name in ("_attn_bwd_delta", "_attn_bwd_dq_sum", "_attn_fwd_combine"):  # no GEMM
-        return 0
-    B, H, Lq, Lk = a["K"].shape[0], a["H"], a["Lq"], a["Lk"]
-    BM, BN, BD = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_D"]
-    tile = 2 * BM * BN * BD  # one tile GEMM
-    lo, hi = _intervals(mask, B, Lq, Lk)
-    if name == "_attn_fwd":  # S = QKᵀ, O += PV
-        per_split = a["KEYS_PER_SPLIT"] if a["SPLIT"] else None
-        heads = H
-        if a["PACK"]:  # a program's rows: the query rows of each head of a group, head-major
-            lo, hi, heads = lo.repeat(1, a["GROUP"]), hi.repeat(1, a["GROUP"]), H // a["GROUP"]
-        return heads * int(_key_tiles_visited(lo, hi, BM, BN, Lk, per_split).sum()) * 2 * tile
-    if name == "_attn_bwd_dq":  # S, dP = dO Vᵀ, dQ += dS K; FUSED: dV and dK too
-        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * (5 if a["FUSED"] else 3) * tile
-    if name == "_attn_bwd_dkdv" and a["FUSED"]:  # every query tile: S, dV, dP, dK, dQ
-        return H * B * _cdiv(Lq, BM) * 5 * tile
-    if name == "_attn_bwd_dkdv":  # per key tile, the query tiles from the first to the last that touch it
-        lo, hi = _query_tiles(lo, hi, BM, Lk)
-        n0 = torch.arange(0, Lk, BN)
-        touch = ((lo[..., None] < n0 + BN) & (hi[..., None] > n0)).any(dim=2)  # [B, n_m, n_n]
-        tiles = torch.arange(touch.shape[1])[None, :, None]
-        first = torch.where(touch, tiles, touch.shape[1]).amin(1)
-        last = torch.where(touch, tiles, -1).amax(1)
-        return H * int(torch.clamp(last - first + 1, min=0).sum()) * 4 * tile  # S, dV, dP, dK
-    raise KeyError(name)
+    return P.gemm_flops(plan, launch.name, a.get("BLOCK_M", 0), a.get("BLOCK_N", 0), lo, hi)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -421,10 +367,11 @@ def _contrastive_flops(launch) -> int:
     raise KeyError(launch.name)
 
 
-def launch_flops(launch, mask=None) -> int:
-    """Executed GEMM FLOPs of one recorded launch (tile waste included)."""
+def launch_flops(launch, plan=None, mask=None) -> int:
+    """Executed GEMM FLOPs of one recorded launch (tile waste included); attention's from its
+    ``plan`` and ``mask``."""
     if launch.name.startswith("_attn"):
-        return _attention_flops(launch, mask)
+        return attention_flops(launch, plan, mask)
     if launch.name.startswith(("_ctr", "_loss")):
         return _contrastive_flops(launch)
     return 0
@@ -530,15 +477,25 @@ def budget(w: Workload, compile_kernels: bool = True, host: bool = True) -> dict
     """Every measure of the module docstring for one workload (a flat dict)."""
     from benchmarks import static
 
-    fwd_rec, bwd_rec = record(w)
+    fwd_rec, bwd_rec, plan = record(w)
     inp = w.make(CPU)
     mask = _real_mask(w, inp)
     useful_f, useful_b = w.useful(inp)
-    bytes_f, bytes_b = w.min_bytes(inp)
+    if plan is not None:
+        from vlkernels.attention import plan as P
+
+        bytes_f, bytes_b = P.hbm_bytes(plan, inp["q"].element_size())
+    else:
+        bytes_f, bytes_b = w.min_bytes(inp)
     peer_f, peer_b = w.peer_flops(inp)
-    peer_bytes_f, peer_bytes_b = (w.peer_bytes or w.min_bytes)(inp)
-    exec_f = sum(launch_flops(ln, mask) for ln in fwd_rec.launches)
-    exec_b = sum(launch_flops(ln, mask) for ln in bwd_rec.launches)
+    peer_bytes_f, peer_bytes_b = w.peer_bytes(inp) if w.peer_bytes else (bytes_f, bytes_b)
+    exec_f = sum(launch_flops(ln, plan, mask) for ln in fwd_rec.launches)
+    exec_b = sum(launch_flops(ln, plan, mask) for ln in bwd_rec.launches)
+    if plan is not None:  # the plan's launch model is what ran
+        for rec, backward in ((fwd_rec, False), (bwd_rec, True)):
+            ran = tuple(ln.name for ln in rec.launches)
+            if ran != P.kernels(plan, backward):
+                raise AssertionError(f"{w.name}: launched {ran}, the plan says {P.kernels(plan, backward)}")
     out = dict(
         launches_fwd=fwd_rec.count,
         launches_bwd=bwd_rec.count,

@@ -1,7 +1,8 @@
 """The performance budgets of benchmarks/bench_budget.py, without a GPU.
 
-- The FLOP models (a launch's GEMM FLOPs from its grid and the kernel's tile loops) equal the
-  FLOPs of the tl.dot calls the kernels execute under the interpreter, on problems that exercise
+- The FLOP models (a launch's GEMM FLOPs from its grid and the kernel's tile loops; attention's
+  is its launch plan's, with the plan's list of kernels) equal the FLOPs of the tl.dot calls the
+  kernels execute under the interpreter, on problems that exercise
   every loop (masks, empty rows, shared queries, grouped keys, negatives, distillation, queries).
 - Every paper workload stays within its budget (BUDGETS): launches, executed FLOPs over useful,
   spill bytes, host synchronisations, host time. Budgets are ceilings: a change that makes a
@@ -21,6 +22,8 @@ from helpers import DEVICE, ON_GPU
 import vlkernels
 from benchmarks import bench_budget, static
 from vlkernels import masks
+from vlkernels.attention import plan as P
+from vlkernels.attention.args import AttentionArgs
 from vlkernels.attention.plan import decode_splits
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="counts the interpreter's tl.dot calls")
@@ -90,7 +93,9 @@ def test_attention_flop_model_counts_the_executed_dots(case):
     forward = {"_attn_fwd"} | ({"_attn_fwd_combine"} if split else set())
     assert split == (Lq <= 16 and Lk >= 256)
     assert {ln.name for ln in launches} == forward | backward
-    assert sum(bench_budget.launch_flops(ln, lowered) for ln in launches) == flops[0]
+    plan = P.plan(AttentionArgs(q, k, v, lowered, 1.0))  # the call's plan: one per signature
+    assert tuple(ln.name for ln in launches) == P.kernels(plan) + P.kernels(plan, backward=True)
+    assert sum(bench_budget.launch_flops(ln, plan, lowered) for ln in launches) == flops[0]
 
 
 @pytest.mark.parametrize("kind", ["clip queues", "clip distill", "siglip", "max over queries"])

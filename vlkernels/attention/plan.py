@@ -1,4 +1,4 @@
-"""Every launch decision of the Triton attention kernels, made once per call signature.
+"""Every launch decision of the attention kernels, made once per call signature, and its cost.
 
 A call's signature is what the decisions and Triton's compiled kernels depend on: the shapes,
 strides and dtypes of q, k, v and of the mask's tensors, the mask's integers and flags, whether
@@ -7,7 +7,12 @@ soft-capping and dropout are on, the device. ``plan(a)`` computes a ``Plan`` for
 backward's path, dq partial chunks, the compile-time constants) and returns the same object for
 every later call of that signature; the backward takes the forward's. Each plan also keeps the
 compiled kernels its launches used (``_triton_utils.launch``), so a later call with the same
-signature launches them without Triton's argument binding and cache lookup.
+signature launches them without Triton's argument binding and cache lookup. The CUDA C++ ops take
+the decisions that apply to them (decode splits, dq chunks) as arguments (``cuda.launch``).
+
+The cost model (``kernels``, ``gemm_flops``, ``hbm_bytes``) states what a plan's launches execute
+from the kernels' grids and tile loops; benchmarks/bench_budget.py reads it and
+tests/test_budget.py holds it to the launches and tl.dot calls the interpreter runs.
 """
 
 from __future__ import annotations
@@ -237,3 +242,95 @@ def _make(a: A.AttentionArgs) -> Plan:
         per_chunk=per_chunk,
         launched={},
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost model: what a plan's launches execute, from the kernels' own grids and tile loops
+# ----------------------------------------------------------------------------------------------
+
+
+def kernels(p: Plan, backward: bool = False) -> tuple[str, ...]:
+    """The Triton kernels one forward (or backward) of plan ``p`` launches, in order (a dense
+    mask's span kernel runs before, in the backend's prepare; a float bias's gradient after)."""
+    if not backward:
+        return ("_attn_fwd", "_attn_fwd_combine") if p.splits > 1 else ("_attn_fwd",)
+    out = ("_attn_bwd_delta",) if p.bwd == "split" else ()
+    if p.bwd != "queries_fused":
+        out += ("_attn_bwd_dkdv",)
+    if p.bwd != "keys_fused":
+        out += ("_attn_bwd_dq", "_attn_bwd_dq_sum") if p.shared else ("_attn_bwd_dq",)
+    return out
+
+
+def row_intervals(lo: torch.Tensor, hi: torch.Tensor, B: int, Lk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, query row) allowed keys [lo, hi) as the kernels bound their loops: [B, Lq],
+    an empty row as [Lk, 0) (``_row_bounds``). ``lo``, ``hi``: a mask's intervals, broadcastable."""
+    Lq = max(lo.shape[-1], hi.shape[-1])
+    lo, hi = lo.expand(B, Lq), hi.expand(B, Lq)
+    empty = lo >= hi
+    return torch.where(empty, Lk, lo), torch.where(empty, 0, hi)
+
+
+def _query_tiles(lo, hi, BM, Lk):
+    """lo, hi padded to whole query tiles: [B, n_tiles, BM]."""
+    B, Lq = lo.shape
+    pad = -Lq % BM
+    lo = torch.nn.functional.pad(lo, (0, pad), value=Lk).view(B, -1, BM)
+    hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(B, -1, BM)
+    return lo, hi
+
+
+def _key_tiles_visited(lo, hi, BM, BN, Lk, per_split=None):
+    """Iterations of the forward's (and dq's) key loop per query tile: [B, n_tiles]; with
+    ``per_split`` (flash-decoding), summed over the key splits, each loop clipped to its split."""
+    lo, hi = _query_tiles(lo, hi, BM, Lk)
+    start, end = lo.amin(-1) // BN * BN, hi.amax(-1)
+    if per_split is None:
+        return torch.clamp(-((start - end) // BN), min=0)
+    total = torch.zeros_like(start)
+    for s0 in range(0, Lk, per_split):
+        a, b = torch.clamp(start, min=s0), torch.clamp(end, max=s0 + per_split)
+        total += torch.clamp(-((a - b) // BN), min=0)
+    return total
+
+
+def gemm_flops(p: Plan, kernel: str, BLOCK_M: int, BLOCK_N: int, lo: torch.Tensor, hi: torch.Tensor) -> int:
+    """Executed GEMM FLOPs of one launch of ``kernel`` under plan ``p`` with tiles BLOCK_M x
+    BLOCK_N (tile waste included): the tiles each program's loops visit, times the tile GEMMs of
+    one visit. ``lo``, ``hi``: ``row_intervals`` [B, Lq] (CPU)."""
+    if kernel in ("_attn_bwd_delta", "_attn_bwd_dq_sum", "_attn_fwd_combine", "_attn_mask_span"):  # no GEMM
+        return 0
+    B, H, Lq, Lk = p.B, p.H, p.Lq, p.Lk
+    BM, BN = BLOCK_M, BLOCK_N
+    tile = 2 * BM * BN * p.consts["BLOCK_D"]  # one tile GEMM
+    if kernel == "_attn_fwd":  # S = QKᵀ, O += PV
+        per_split = p.keys_per_split if p.splits > 1 else None
+        heads = H
+        if p.pack:  # a program's rows: the query rows of each head of a group, head-major
+            group = p.consts["GROUP"]
+            lo, hi, heads = lo.repeat(1, group), hi.repeat(1, group), H // group
+        return heads * int(_key_tiles_visited(lo, hi, BM, BN, Lk, per_split).sum()) * 2 * tile
+    if kernel == "_attn_bwd_dq":  # S, dP = dO Vᵀ, dQ += dS K; fused: dV and dK too
+        fused = p.bwd == "queries_fused"
+        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * (5 if fused else 3) * tile
+    if kernel == "_attn_bwd_dkdv" and p.bwd == "keys_fused":  # every query tile: S, dV, dP, dK, dQ
+        return H * B * triton.cdiv(Lq, BM) * 5 * tile
+    if kernel == "_attn_bwd_dkdv":  # per key tile, the query tiles from the first to the last that touch it
+        lo, hi = _query_tiles(lo, hi, BM, Lk)
+        n0 = torch.arange(0, Lk, BN)
+        touch = ((lo[..., None] < n0 + BN) & (hi[..., None] > n0)).any(dim=2)  # [B, n_m, n_n]
+        tiles = torch.arange(touch.shape[1])[None, :, None]
+        first = torch.where(touch, tiles, touch.shape[1]).amin(1)
+        last = torch.where(touch, tiles, -1).amax(1)
+        return H * int(torch.clamp(last - first + 1, min=0).sum()) * 4 * tile  # S, dV, dP, dK
+    raise KeyError(kernel)
+
+
+def hbm_bytes(p: Plan, element_size: int) -> tuple[int, int]:
+    """(forward, backward) fewest HBM bytes: every input read once, every output written once
+    (forward: q, k, v in; out, lse out. Backward: q, k, v, out, dout, lse in; dq, dk, dv out)."""
+    Bq = 1 if p.shared else p.B
+    qkv = (Bq * p.H * p.Lq + 2 * p.B * p.Hk * p.Lk) * p.D * element_size
+    out = p.B * p.H * p.Lq * p.D * element_size
+    lse = p.B * p.H * p.Lq * 4
+    return qkv + out + lse, qkv + 2 * out + lse + qkv
