@@ -65,6 +65,9 @@ def _launchers(arch_dtypes):
                         1,
                         16,
                         bias=torch.empty(1, H, Lq, Lk, dtype=dtype, device=dev),
+                        row_lo=torch.empty(B, Lq, dtype=torch.int64, device=dev),
+                        row_hi=torch.empty(B, Lq, dtype=torch.int64, device=dev),
+                        row_run=torch.empty(B, Lq, dtype=torch.uint8, device=dev),
                     ),
                     "off": MaskArgs(),
                     "mixed": MaskArgs(
@@ -79,7 +82,11 @@ def _launchers(arch_dtypes):
                     ),
                 }[variant]
                 on = variant == "all_on"  # soft-capping and dropout too
-                a = AttentionArgs(q, k, k, mask, 0.125, 50.0 if on else 0.0, 0.1 if on else 0.0, 2**40 + 3)
+                seed = torch.empty((), dtype=torch.int64, device=dev)  # the dropout seed: a device tensor
+                a = AttentionArgs(q, k, k, mask, 0.125, 50.0 if on else 0.0, 0.1 if on else 0.0, seed)
+                if on:  # a dense bool mask's span and runs, a float bias's span
+                    for live in (torch.empty(B, 1, Lq, Lk, dtype=torch.bool, device=dev), mask.bias):
+                        attn._with_span(a._replace(mask=MaskArgs(dense_mask=live)))
                 out, lse = attn._forward(a)
                 attn._backward(AttentionGradArgs(out, out, lse, a))
                 if variant == "all_on":  # the float bias's gradient
@@ -193,11 +200,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
 
     # per variant: attention fwd and its backward (fused: 1; split: delta, dk/dv, dq, and with
     # shared queries the sum of the dq partials; with a float bias its gradient; decoding's split
-    # forward and combine); contrastive row
+    # forward and combine; the mask span kernel); contrastive row
     # fwd, bwd (a second bwd for "off"); the fused loss: bands, finish, two bwd, finish; gated fwd, bwd, dgate
     def attention(variant, backward):
         decode = 2 * (variant != "mixed")  # split forward and combine
-        return 1 + (1 if backward != "split" else 3 + (variant == "mixed")) + (variant == "all_on") + decode
+        spans = 2 * (variant == "all_on")  # the span kernel for a bool mask and for a float bias
+        bias_grad = variant == "all_on"
+        return 1 + (1 if backward != "split" else 3 + (variant == "mixed")) + bias_grad + decode + spans
 
     n = sum(attention(v, bw) + 2 + (v == "off") + 5 + 3 for _, _, v, bw in VARIANTS)
     assert f"({n} launches)" in out.stdout, out.stdout

@@ -139,3 +139,55 @@ def test_triton_span_kernel_is_the_spans_definition():
             want = a.mask.with_span(B, Lq, Lk)
             got = T._with_span(a).mask
             assert torch.equal(got.row_lo, want.row_lo) and torch.equal(got.row_hi, want.row_hi), shape
+            if mask.dtype != torch.bool:
+                assert got.row_run is None  # a float bias is added everywhere: no row skips its loads
+                continue
+            full = mask.reshape((1,) * (4 - mask.dim()) + mask.shape).expand(B, -1, Lq, Lk)
+            span = (want.row_hi - want.row_lo).clamp(min=0)
+            run = (full.sum((1, 3)) == full.shape[1] * span) | (span == 0)
+            assert torch.equal(got.row_run, run.to(torch.uint8)), shape
+
+
+def _run_rows_mask(B, H, Lq, Lk, g):
+    """A bool [B, H, Lq, Lk] mask whose rows are random runs of keys (some empty, some whole),
+    with a hole punched into every third row (on one head only in some), and which rows are runs."""
+    lo = torch.randint(0, Lk, (B, 1, Lq, 1), generator=g)
+    hi = torch.minimum(lo + torch.randint(0, Lk, (B, 1, Lq, 1), generator=g), torch.tensor(Lk))
+    hi[:, :, ::7] = lo[:, :, ::7]  # empty rows
+    n = torch.arange(Lk)
+    mask = ((n >= lo) & (n < hi)).expand(B, H, Lq, Lk).clone()
+    holes = (torch.arange(Lq) % 3 == 0) & (hi - lo >= 3).view(B, Lq)  # [B, Lq]
+    mid = ((lo + hi) // 2).view(B, Lq)
+    for b, i in holes.nonzero().tolist():
+        mask[b, (b + i) % H if i % 2 else slice(None), i, mid[b, i]] = False
+    return mask, ~holes
+
+
+def test_triton_dense_mask_rows_that_are_runs_load_no_mask_element():
+    """A dense bool mask's rows whose allowed keys are one run on every head are bounded by their
+    span alone: the kernels (forward, dq, dk/dv) load none of their mask elements. Shown by giving
+    the kernels, with the span computed from the true mask, a dense mask that is False on every run
+    row: the results still equal the float64 reference under the true mask."""
+    from vlkernels.attention import triton as T
+    from vlkernels.reference import attention_ref
+
+    g = torch.Generator().manual_seed(3)
+    for B, H, Hk, Lq, Lk in ((2, 2, 2, 45, 70), (3, 4, 2, 20, 33), (2, 2, 1, 70, 30)):
+        mask, runs = _run_rows_mask(B, H, Lq, Lk, g)
+        q, k, v, do = (
+            torch.randn(s, generator=g, dtype=torch.float64)
+            for s in [(B, H, Lq, 16), (B, Hk, Lk, 16), (B, Hk, Lk, 16), (B, H, Lq, 16)]
+        )
+        q, k, v, do = (t.float().to(DEVICE) for t in (q, k, v, do))
+        mask = mask.to(DEVICE)
+        a = T._with_span(A.AttentionArgs(q, k, v, masks.lower(mask, B, H, Lq, Lk, q.device), 0.25))
+        assert torch.equal(a.mask.row_run.bool().cpu(), runs)
+        garbage = mask & ~a.mask.row_run.bool()[:, None, :, None]  # run rows: nothing allowed
+        a = a._replace(mask=a.mask._replace(dense_mask=garbage))
+        out, lse = T._forward(a)
+        dq, dk, dv = T._backward(A.AttentionGradArgs(do, out, lse, a))
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        want = attention_ref(*leaves, mask, scale=0.25, upcast=True)
+        grads = torch.autograd.grad(want, leaves, do.double())
+        for got, ref in zip((out, dq, dk, dv), (want, *grads), strict=True):
+            torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)

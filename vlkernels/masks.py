@@ -293,6 +293,10 @@ class MaskArgs(NamedTuple):
                        mask's run; for a dense mask or float bias, ``with_span``: its first
                        allowed key over the heads)
     row_hi:            int64 [B, Lq]: one past the last
+    row_run:           uint8 [B, Lq], with a dense bool mask's span: 1 where the dense mask allows
+                       exactly the keys [row_lo, row_hi) of the row on every head (causal,
+                       padding, prefix-LM, an image's block: one run), so the kernels that take
+                       it bound the row by its span and load none of its mask elements
     """
 
     dense_mask: torch.Tensor | None = None
@@ -308,6 +312,7 @@ class MaskArgs(NamedTuple):
     bias: torch.Tensor | None = None
     row_lo: torch.Tensor | None = None
     row_hi: torch.Tensor | None = None
+    row_run: torch.Tensor | None = None
 
     def restricts(self) -> bool:
         """Whether any part besides the bias may disallow a key (False: ``allowed`` is all True)."""

@@ -117,9 +117,13 @@ def _row_bounds(offs_m, b, Lq, Lk, m):
 @triton.jit
 def _allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk):
     ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
-    if m.dense_mask is not None:
+    if m.dense_mask is not None:  # (outside [0, Lq) x [0, Lk) the intervals allow nothing)
+        need = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+        if m.row_run is not None:  # rows whose mask is their span: no element loaded
+            run = tl.load(m.row_run + b * Lq + offs_m, mask=offs_m < Lq, other=1)
+            need = need & (run == 0)[:, None]
         ptrs = _block(m.dense_mask.ptr, m.dense_mask.stride, b, h, offs_m, offs_n)
-        ok = ok & (tl.load(ptrs, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0) != 0)
+        ok = ok & (tl.load(ptrs, mask=need, other=1) != 0)
     return ok
 
 
@@ -361,14 +365,17 @@ def _attn_fwd_combine(PO, PLSE, O, LSE, spo_split, spo, so, SPLITS, H, Lq, D, BL
 
 
 @triton.jit
-def _attn_mask_span(M, LO, HI, sm, HM, Lq, Lk, BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn_mask_span(M, LO, HI, RUN, sm, HM, Lq, Lk, BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """Per query row of batch entry b, the span [lo, hi) of the keys a dense mask allows (BIAS: a
-    float mask, allowed where not -inf) over its HM heads: LO, HI [B, Lq] int64, [Lk, 0) for none."""
+    float mask, allowed where not -inf) over its HM heads: LO, HI [B, Lq] int64, [Lk, 0) for none;
+    RUN (a bool mask's) [B, Lq] uint8: 1 where every head allows every key of the span (the
+    allowed count is HM times the span's length), or none."""
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     lo = tl.zeros([BLOCK_M], tl.int32) + Lk
     hi = tl.zeros([BLOCK_M], tl.int32)
+    count = tl.zeros([BLOCK_M], tl.int32)
     for h in tl.range(0, HM):
         for n0 in tl.range(0, Lk, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -377,9 +384,13 @@ def _attn_mask_span(M, LO, HI, sm, HM, Lq, Lk, BIAS: tl.constexpr, BLOCK_M: tl.c
             live = ok & ((x != float("-inf")) if BIAS else (x != 0))
             lo = tl.minimum(lo, tl.min(tl.where(live, offs_n[None, :], Lk), axis=1))
             hi = tl.maximum(hi, tl.max(tl.where(live, offs_n[None, :] + 1, 0), axis=1))
+            count += tl.sum(live.to(tl.int32), axis=1)
     row = b * Lq + offs_m
     tl.store(LO + row, lo.to(tl.int64), mask=offs_m < Lq)
     tl.store(HI + row, hi.to(tl.int64), mask=offs_m < Lq)
+    if RUN is not None:
+        run = (count == HM * (hi - lo)) | (hi <= lo)
+        tl.store(RUN + row, run.to(tl.uint8), mask=offs_m < Lq)
 
 
 @triton.jit
@@ -599,7 +610,8 @@ _SPANS: dict = {}  # the mask's (shape, strides, dtype) and the sizes -> _attn_m
 def _with_span(a: A.AttentionArgs) -> A.AttentionArgs:
     """The backend's ``prepare``: a dense mask's or float bias's per-row span of allowed keys
     (``masks.MaskArgs.with_span``'s rule, in one kernel: _attn_mask_span), so that the kernels
-    skip the key tiles outside it and never read the keys outside it."""
+    skip the key tiles outside it and never read the keys outside it; for a bool mask also the
+    rows whose mask is their span (``row_run``), whose mask elements the kernels do not load."""
     m = a.mask
     live = m.dense_mask if m.bias is None else m.bias
     if live is None:
@@ -612,16 +624,17 @@ def _with_span(a: A.AttentionArgs) -> A.AttentionArgs:
     live = live.expand(B, live.shape[1], Lq, Lk)
     lo = poisoned(a.q.new_empty((B, Lq), dtype=torch.int64))
     hi = poisoned(a.q.new_empty((B, Lq), dtype=torch.int64))
+    run = None if m.bias is not None else poisoned(a.q.new_empty((B, Lq), dtype=torch.uint8))
     key = (live.shape, live.stride(), live.dtype, a.q.device)
     if key not in _SPANS and len(_SPANS) >= P.MAX_PLANS:
         del _SPANS[next(iter(_SPANS))]
     launch(
-        _attn_mask_span, (triton.cdiv(Lq, 32), B), _SPANS.setdefault(key, {}), "span", (live, lo, hi),
-        M=live, LO=lo, HI=hi, sm=live.stride(), HM=live.shape[1], Lq=Lq, Lk=Lk, BIAS=m.bias is not None,
-        BLOCK_M=32, BLOCK_N=64,
+        _attn_mask_span, (triton.cdiv(Lq, 32), B), _SPANS.setdefault(key, {}), "span", (live, lo, hi, run),
+        M=live, LO=lo, HI=hi, RUN=run, sm=live.stride(), HM=live.shape[1], Lq=Lq, Lk=Lk,
+        BIAS=m.bias is not None, BLOCK_M=32, BLOCK_N=64,
     )  # fmt: skip
     LAUNCHES["attention_mask_span"] += 1
-    return a._replace(mask=m._replace(row_lo=lo, row_hi=hi))
+    return a._replace(mask=m._replace(row_lo=lo, row_hi=hi, row_run=run))
 
 
 def _forward(a: A.AttentionArgs):
