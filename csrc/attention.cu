@@ -20,6 +20,7 @@ struct Cfg {
   static constexpr int LD = DP + 16 / int(sizeof(T));
   // forward: BM queries x BN keys
   static constexpr int FWD_BM = 64, FWD_BN = ROW_BYTES >= 512 ? 32 : 64;
+  static_assert(SPLIT_KEYS % FWD_BN == 0, "a run of split keys holds whole key tiles");
   // dq: BM queries x BN keys; dk/dv: BN keys (the warps' rows) x BM queries
   static constexpr int DQ_BM = ROW_BYTES >= 1024 ? 32 : 64, DQ_BN = ROW_BYTES >= 512 ? 32 : 64;
   static constexpr int KV_BN = ROW_BYTES >= 1024 ? 32 : 64, KV_BM = ROW_BYTES >= 512 ? 32 : 64;

@@ -124,17 +124,6 @@ struct Launch {
   void check(const char* op, const char* err) const { TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err); }
 };
 
-int multiprocessors(const Tensor& t) {
-#ifndef VLK_EMULATE
-  int n = 0;
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.device().index());
-  return n;
-#else
-  (void)t;
-  return 1;
-#endif
-}
-
 void strides4(int64_t* s, const Tensor& t) {
   for (int i = 0; i < 4; ++i) s[i] = t.stride(i);
 }
@@ -248,25 +237,21 @@ Attention attn_args(const Args& in) {
   return r;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Flash-decoding's split of the keys (vlkernels/attention/triton.py: decode_splits, same rule with
-// group 1: these kernels give each query head its own programs, they do not pack a group's): a
-// few query rows (Lq <= 16) over many keys, when the query rows alone leave the GPU idle (fewer
-// than two programs per SM); splits of a multiple of 128 keys, at least 256 (emulation: 64 and
-// 128, four splits wanted, as the Triton interpreter).
-void decode_splits(vlk::AttnArgs& a, int sms) {
-#ifdef VLK_EMULATE
-  const int64_t unit = 64, least = 128, target = 4;
-  (void)sms;
-#else
-  const int64_t unit = 128, least = 256;
-  const int64_t target = ceil_div(2 * int64_t(sms), int64_t(a.B) * a.H * ceil_div(a.Lq, 16));
-#endif
-  if (a.Lq > 16 || a.Lk < 2 * least || target < 2) return;
-  const int64_t per_split = std::max(least, ceil_div(ceil_div(a.Lk, target), unit) * unit);
-  const int64_t splits = ceil_div(a.Lk, per_split);
+// The plan's launch decisions (vlkernels/attention/plan.py, the op's last arguments): flash-decoding's
+// key splits and a shared-query backward's dq partial sums, checked to cover every key and batch entry.
+void launch_args(const Args& in, const char* op, vlk::AttnArgs& a, bool shared) {
+  const int64_t splits = in.integer("splits"), per_split = in.integer("keys_per_split");
+  const int64_t chunks = in.integer("dq_chunks"), per_chunk = in.integer("per_chunk");
+  TORCH_CHECK(splits == 1 || (splits > 1 && per_split > 0 && per_split % vlk::SPLIT_KEYS == 0 &&
+                              (splits - 1) * per_split < a.Lk && splits * per_split >= a.Lk),
+              op, ": splits and keys_per_split must be 1 or cover the ", a.Lk, " keys in runs of a multiple of ",
+              vlk::SPLIT_KEYS, " keys, got ", splits, " x ", per_split);
+  TORCH_CHECK(per_chunk >= 1 && chunks >= 1 && (chunks - 1) * per_chunk < a.B && chunks * per_chunk >= a.B &&
+                  (shared || per_chunk == 1),
+              op, ": dq_chunks and per_chunk must cover the batch of ", a.B,
+              shared ? "" : " one entry per chunk (the queries are not shared)", ", got ", chunks, " x ", per_chunk);
   if (splits > 1) a.splits = int(splits), a.keys_per_split = int(per_split);
+  a.dq_chunks = int(chunks), a.b_per_chunk = int(per_chunk);
 }
 
 void attention_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
@@ -280,7 +265,7 @@ void attention_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
   strides4(a.so, out);
   a.lse = lse.data_ptr<float>();
   Tensor o_partial, lse_partial;
-  decode_splits(a, multiprocessors(r.q));
+  launch_args(in, op, a, r.q.size(0) == 1 && a.B > 1);
   if (a.splits > 1) {
     const auto f32 = r.q.options().dtype(at::kFloat);
     o_partial = poisoned(at::empty({a.splits, a.B, a.H, a.Lq, a.D}, f32));
@@ -322,16 +307,11 @@ void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
   strides4(a.sdk, dk);
   strides4(a.sdv, dv);
   const bool shared = q.size(0) == 1 && a.B > 1;
+  launch_args(in, op, a, shared);
   Tensor partial;
-  if (shared) {  // enough programs to fill the GPU; partial dq sums reduced below
-    const int64_t tiles = a.H * ((a.Lq + 63) / 64);
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(a.B, (2 * multiprocessors(q) + tiles - 1) / tiles));
-    a.b_per_chunk = int((a.B + chunks - 1) / chunks);
-    a.dq_chunks = (a.B + a.b_per_chunk - 1) / a.b_per_chunk;
+  if (shared) {  // partial dq sums, reduced below
     partial = poisoned(at::empty({a.dq_chunks, a.H, a.Lq, a.D}, q.options().dtype(at::kFloat)));
     a.dq_partial = partial.data_ptr<float>();
-  } else {
-    a.dq_chunks = a.B;
   }
   Launch l(q);
   l.check(op, vlk::attention_bwd(a, dtype_of(op, "q", q), l.stream));

@@ -47,7 +47,7 @@ struct AttnArgs {
   // flash-decoding: the forward's keys in `splits` runs of keys_per_split (a multiple of the key
   // tile); each writes an fp32 partial output [splits, B, H, Lq, D] and lse [splits, B, H, Lq]
   // (log2, -inf: no key), which a second kernel combines into o and lse
-  int splits = 1, keys_per_split = 0;
+  int splits = 1, keys_per_split = 0;  // keys_per_split: a multiple of SPLIT_KEYS
   float *o_partial = nullptr, *lse_partial = nullptr;
   MaskArgs mask;
 };
@@ -78,6 +78,9 @@ struct GatedArgs {
   float* partial = nullptr;
   int64_t n = 0;
 };
+
+// Flash-decoding's runs of keys are multiples of this (every forward key tile divides it).
+constexpr int SPLIT_KEYS = 64;
 
 // Each returns nullptr on success, or the CUDA error string of the launch.
 const char* attention_fwd(const AttnArgs& a, DType dt, void* stream);

@@ -15,7 +15,14 @@ from helpers import DEVICE, use_cuda_backend
 
 import vlkernels
 from vlkernels import _extension, _schema, masks
-from vlkernels.attention.args import AttentionArgs, AttentionGradArgs
+from vlkernels.attention import cuda as cuda_attention
+from vlkernels.attention.args import (
+    AttentionArgs,
+    AttentionGradArgs,
+    AttentionLaunch,
+    PlannedAttentionArgs,
+    PlannedAttentionGradArgs,
+)
 from vlkernels.contrastive.args import RowPass, RowPassGrad, RowStats
 from vlkernels.gated.args import GatedResidualArgs, GatedResidualGradArgs
 from vlkernels.masks import MaskArgs
@@ -30,12 +37,21 @@ def _op(ns, name):
     return getattr(getattr(torch.ops, ns), name)
 
 
+def _fwd(a: AttentionArgs, launch=None) -> tuple:
+    """The C++ forward's flat arguments: ``a`` and its plan's launch decisions (or ``launch``)."""
+    return _schema.flatten(PlannedAttentionArgs(a, launch or cuda_attention.launch(a)))
+
+
+def _bwd(g: AttentionGradArgs, launch=None) -> tuple:
+    return _schema.flatten(PlannedAttentionGradArgs(g, launch or cuda_attention.launch(g.fwd)))
+
+
 def test_attention_op_checks_inputs_on_the_cpp_side(ns):
     op = _op(ns, "cuda_attention_fwd")
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
 
     def call(q, k, v, **mask):
-        return op(*_schema.flatten(AttentionArgs(q, k, v, MaskArgs(**mask), 0.25)))
+        return op(*_fwd(AttentionArgs(q, k, v, MaskArgs(**mask), 0.25)))
 
     with pytest.raises(RuntimeError, match="attention_fwd: q must be float16, bfloat16 or float32, got Int"):
         call(q.int(), q, q)
@@ -51,17 +67,39 @@ def test_attention_op_checks_inputs_on_the_cpp_side(ns):
     with pytest.raises(RuntimeError, match="attention_fwd: row_hi must be int32, got Long"):
         call(q, q, q, row_lo=starts, row_hi=starts.long() + 8)
     with pytest.raises(RuntimeError, match=r"attention_fwd: softcap must be finite and >= 0, got -1"):
-        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, -1.0)))
+        op(*_fwd(AttentionArgs(q, q, q, MaskArgs(), 0.25, -1.0)))
     seed = torch.tensor(5, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"attention_fwd: dropout_p must be in \[0, 1\], got 1.5"):
-        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 1.5, seed)))
+        op(*_fwd(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 1.5, seed)))
     with pytest.raises(RuntimeError, match="attention_fwd: dropout needs a seed"):
-        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 0.5, None)))
+        op(*_fwd(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 0.5, None)))
     with pytest.raises(RuntimeError, match="attention_fwd: seed must be one int64 element, got Int"):
-        op(*_schema.flatten(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 0.5, seed.int())))
+        op(*_fwd(AttentionArgs(q, q, q, MaskArgs(), 0.25, 0.0, 0.5, seed.int())))
     lengths = torch.tensor([3], device=DEVICE)
     with pytest.raises(RuntimeError, match="attention_fwd: key_lengths must be int32, got Long"):
         call(q, q, q, key_lengths=lengths)
+
+
+def test_attention_op_checks_the_plans_launch_arguments(ns):
+    """Launch decisions that would leave keys or batch entries out are refused, not run."""
+    fwd, bwd = _op(ns, "cuda_attention_fwd"), _op(ns, "cuda_attention_bwd")
+    q = torch.randn(1, 2, 4, 16, device=DEVICE)
+    k = torch.randn(3, 2, 300, 16, device=DEVICE)
+    a = AttentionArgs(q, k, k, MaskArgs(), 0.25)
+    want = cuda_attention.launch(a)
+    assert want.splits > 1 and want.keys_per_split % 64 == 0 and want.dq_chunks * want.per_chunk >= 3
+    out, lse = fwd(*_fwd(a))
+    bwd(*_bwd(AttentionGradArgs(torch.ones_like(out), out, lse, a)))
+    for bad in (want._replace(keys_per_split=100), want._replace(splits=2, keys_per_split=64)):
+        with pytest.raises(RuntimeError, match="attention_fwd: splits and keys_per_split must be 1 or cover"):
+            fwd(*_fwd(a, bad))
+    grad = AttentionGradArgs(torch.ones_like(out), out, lse, a)
+    cover = "attention_bwd: dq_chunks and per_chunk must cover the batch of 3,"
+    with pytest.raises(RuntimeError, match=cover):
+        bwd(*_bwd(grad, want._replace(dq_chunks=1, per_chunk=2)))
+    unshared = a._replace(q=q.expand(3, -1, -1, -1))
+    with pytest.raises(RuntimeError, match="one entry per chunk"):
+        fwd(*_fwd(unshared, AttentionLaunch(1, 0, 1, 3)))
 
 
 def test_attention_opcheck_and_compile(ns):
@@ -70,10 +108,10 @@ def test_attention_opcheck_and_compile(ns):
     args = AttentionArgs(
         q.detach(), k.detach(), v.detach(), MaskArgs(key_lengths=lengths, causal=True), 1 / math.sqrt(32)
     )
-    torch.library.opcheck(_op(ns, "cuda_attention_fwd").default, _schema.flatten(args))
-    out, lse = _op(ns, "cuda_attention_fwd")(*_schema.flatten(args))
+    torch.library.opcheck(_op(ns, "cuda_attention_fwd").default, _fwd(args))
+    out, lse = _op(ns, "cuda_attention_fwd")(*_fwd(args))
     grad_args = AttentionGradArgs(torch.randn_like(out), out, lse, args)
-    torch.library.opcheck(_op(ns, "cuda_attention_bwd").default, _schema.flatten(grad_args))
+    torch.library.opcheck(_op(ns, "cuda_attention_bwd").default, _bwd(grad_args))
 
     def f(q, k, v):
         return vlkernels.attention(q, k, v, masks.causal(), backend="cuda").sum()
@@ -145,10 +183,11 @@ def test_extension_fake_kernels_give_shapes_and_dtypes():
         q = torch.empty(1, 4, 19, 72, dtype=torch.bfloat16, device="cuda")
         k = torch.empty(3, 2, 50, 72, dtype=torch.bfloat16, device="cuda")
         fwd = AttentionArgs(q, k, k, MaskArgs(), 0.1)
-        out, lse = ops.cuda_attention_fwd(*_schema.flatten(fwd))
+        shared = AttentionLaunch(1, 0, 1, 3)  # one dq chunk of the 3 batch entries
+        out, lse = ops.cuda_attention_fwd(*_fwd(fwd, shared))
         assert out.shape == (3, 4, 19, 72) and out.dtype == torch.bfloat16 and lse.dtype == torch.float32
         assert lse.shape == (3, 4, 19) and out.transpose(1, 2).is_contiguous()
-        dq, dk, dv = ops.cuda_attention_bwd(*_schema.flatten(AttentionGradArgs(out, out, lse, fwd)))
+        dq, dk, dv = ops.cuda_attention_bwd(*_bwd(AttentionGradArgs(out, out, lse, fwd), shared))
         assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dq.dtype == torch.bfloat16
         x = torch.empty(2, 7, 16, dtype=torch.float16, device="cuda")
         gate = torch.empty(1, device="cuda")

@@ -51,6 +51,32 @@ class AttentionGradArgs(NamedTuple):
     fwd: AttentionArgs
 
 
+class AttentionLaunch(NamedTuple):
+    """The launch decisions the CUDA C++ ops take from the plan (plan.py) as arguments: the forward
+    splits the keys into ``splits`` runs of ``keys_per_split`` (flash-decoding; 1 and 0: none), a
+    shared-query backward sums dq over ``dq_chunks`` chunks of ``per_chunk`` batch entries (queries
+    not shared: B chunks of 1)."""
+
+    splits: int
+    keys_per_split: int
+    dq_chunks: int
+    per_chunk: int
+
+
+class PlannedAttentionArgs(NamedTuple):
+    """The CUDA C++ forward's arguments: the attention's and the plan's launch decisions."""
+
+    fwd: AttentionArgs
+    launch: AttentionLaunch
+
+
+class PlannedAttentionGradArgs(NamedTuple):
+    """The CUDA C++ backward's arguments: the gradient's and the plan's launch decisions."""
+
+    grad: AttentionGradArgs
+    launch: AttentionLaunch
+
+
 def with_span(a: AttentionArgs) -> AttentionArgs:
     """The kernel backends' ``prepare``: a dense mask's or float bias's per-row span of allowed
     keys (``MaskArgs.with_span``), so that they skip the key tiles outside it and never read the

@@ -8,10 +8,26 @@ import torch
 
 from vlkernels import _dispatch, _extension
 from vlkernels.attention import args as A
+from vlkernels.attention import plan as P
 from vlkernels.masks import MaskArgs
 
-_fwd_op = _extension.declare("cuda_attention_fwd", A.AttentionArgs, A.FWD_RETURNS, A.fwd_fake)
-_bwd_op = _extension.declare("cuda_attention_bwd", A.AttentionGradArgs, A.BWD_RETURNS, A.bwd_fake)
+_fwd_op = _extension.declare(
+    "cuda_attention_fwd", A.PlannedAttentionArgs, A.FWD_RETURNS, lambda p: A.fwd_fake(p.fwd)
+)
+_bwd_op = _extension.declare(
+    "cuda_attention_bwd", A.PlannedAttentionGradArgs, A.BWD_RETURNS, lambda p: A.bwd_fake(p.grad)
+)
+
+
+def launch(a: A.AttentionArgs) -> A.AttentionLaunch:
+    """The plan's decisions for these kernels (plan.py's rules; they give each query head its own
+    programs, so flash-decoding's split is that of a group of one)."""
+    B, _, Lk, _ = a.k.shape
+    H, Lq = a.q.shape[1], a.q.shape[2]
+    splits, per_split = P.decode_splits(B, H, Lq, Lk, a.q.device)
+    chunks = P.dq_chunks(B, H, Lq, a.shared_queries, a.q.device)
+    per_chunk = -(-B // chunks)
+    return A.AttentionLaunch(splits, per_split if splits > 1 else 0, -(-B // per_chunk), per_chunk)
 
 
 def _int32(m: MaskArgs) -> MaskArgs:
@@ -28,11 +44,12 @@ def _int32(m: MaskArgs) -> MaskArgs:
 
 
 def _forward(a: A.AttentionArgs):
-    return _fwd_op(a._replace(mask=_int32(a.mask)))
+    return _fwd_op(A.PlannedAttentionArgs(a._replace(mask=_int32(a.mask)), launch(a)))
 
 
 def _backward(g: A.AttentionGradArgs):
-    return _bwd_op(g._replace(fwd=g.fwd._replace(mask=_int32(g.fwd.mask))))
+    fwd = g.fwd._replace(mask=_int32(g.fwd.mask))
+    return _bwd_op(A.PlannedAttentionGradArgs(g._replace(fwd=fwd), launch(g.fwd)))
 
 
 def _limits(a: A.AttentionArgs) -> list[str]:
