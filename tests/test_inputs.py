@@ -540,3 +540,39 @@ def test_other_ops_any_layout(backend, op):
             torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
     (contrastive if op == "contrastive" else gated)()
+
+
+_FAR_ROWS = """
+import torch
+import vlkernels
+from vlkernels.reference import attention_ref
+
+g = torch.Generator().manual_seed(0)
+Lq, Lk, row = 5, 24, 2**29 + 64  # row 4 of the mask starts 2**31 + 256 elements in
+store = torch.zeros(row * (Lq - 1) + Lk, dtype=torch.bool, device=DEVICE)
+mask = store.as_strided((1, 1, Lq, Lk), (0, 0, row, 1))
+pattern = torch.rand(Lq, Lk, generator=g) > 0.5
+pattern[:, 0] = True
+mask[0, 0].copy_(pattern)
+q, k, v = (torch.randn(2, 2, n, 16, generator=g) for n in (Lq, Lk, Lk))
+want = attention_ref(q.double(), k.double(), v.double(), pattern, upcast=True)
+for backend in BACKENDS:
+    out = vlkernels.attention(*(t.to(DEVICE) for t in (q, k, v)), mask, backend=backend)
+    torch.testing.assert_close(out.double().cpu(), want, atol=1e-5, rtol=1e-5, msg=backend)
+print("every row read where it lies")
+"""
+
+
+def test_offsets_past_2_31_elements_do_not_wrap():
+    """A mask view whose rows lie 2**29 + 64 elements apart, in 2 GB (row 4 starts past 2**31):
+    each backend reads every row where it lies (int32 offsets wrapped: another row, garbage or a
+    crash, hence a child process). The kernels build every tensor offset in int64."""
+    import subprocess
+    import sys
+
+    device = torch.device(DEVICE).type
+    backends = ["torch", "triton"] + (["cuda"] if device == "cuda" else [])
+    code = f"DEVICE = {device!r}\nBACKENDS = {backends!r}\n" + _FAR_ROWS
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "every row read where it lies" in run.stdout

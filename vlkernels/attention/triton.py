@@ -68,7 +68,10 @@ def _kernel_mask(m: MaskArgs, B: int, H: int, Lq: int, Lk: int) -> MaskArgs:
 
 @triton.jit
 def _block(P, stride, b, h, rows, cols):
-    """Pointers to P[b, h, rows, cols], [len(rows), len(cols)]; ``h`` one head or one per row."""
+    """Pointers to P[b, h, rows, cols], [len(rows), len(cols)]; ``h`` one head or one per row.
+    ``b`` and ``h`` are int64 (or 0), rows and cols become int64: an offset past 2**31 elements (a
+    [B, L, H, D] view with L·H·D >= 2**31, a dense mask with Lq·Lk >= 2**31) does not wrap."""
+    rows, cols = rows.to(tl.int64), cols.to(tl.int64)
     return P + b * stride[0] + (h * stride[1] + rows * stride[2])[:, None] + cols[None, :] * stride[3]
 
 
@@ -344,7 +347,8 @@ def _attn_fwd_combine(PO, PLSE, O, LSE, spo_split, spo, so, SPLITS, H, Lq, D, BL
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_rows = tl.num_programs(1) * Lq
-    for s in tl.range(0, SPLITS):
+    for split in tl.range(0, SPLITS):
+        s = tl.cast(split, tl.int64)
         row = s * n_rows + bh * Lq + offs_m
         hi_s = tl.load(PLSE + 2 * row, mask=m_ok, other=float("-inf"))
         lo_s = tl.load(PLSE + 2 * row + 1, mask=m_ok, other=0.0)
@@ -380,7 +384,7 @@ def _attn_mask_span(M, LO, HI, RUN, sm, HM, Lq, Lk, BIAS: tl.constexpr, BLOCK_M:
         for n0 in tl.range(0, Lk, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-            x = tl.load(_block(M, sm, b, h, offs_m, offs_n), mask=ok, other=0)
+            x = tl.load(_block(M, sm, b, tl.cast(h, tl.int64), offs_m, offs_n), mask=ok, other=0)
             live = ok & ((x != float("-inf")) if BIAS else (x != 0))
             lo = tl.minimum(lo, tl.min(tl.where(live, offs_n[None, :], Lk), axis=1))
             hi = tl.maximum(hi, tl.max(tl.where(live, offs_n[None, :] + 1, 0), axis=1))
@@ -540,13 +544,13 @@ def _store_zero_tile(DK, DV, sdk, sdv, b, hk, start_n, offs_d, d_ok, Lk, zero, B
 @triton.jit
 def _attn_bwd_dq_sum(PART, DQ, spart, sdq, CHUNKS, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Shared queries: DQ[0, h] = the sum of the fp32 partials PART[c, h] over the chunks."""
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for c in tl.range(0, CHUNKS):
-        dq += tl.load(_block(PART, spart, c, h, offs_m, offs_d), mask=ok, other=0.0)
+        dq += tl.load(_block(PART, spart, tl.cast(c, tl.int64), h, offs_m, offs_d), mask=ok, other=0.0)
     tl.store(_block(DQ, sdq, 0, h, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=ok)
 
 
