@@ -13,7 +13,7 @@ __device__ __forceinline__ float tanh_gate(const float* g) { return tanhf(*g); }
 template <typename T>
 __device__ __forceinline__ void load8(float* out, const T* p, int64_t i, int64_t n, bool vec) {
   if (vec && i + PER_THREAD <= n) {
-    T tmp[PER_THREAD];
+    alignas(16) T tmp[PER_THREAD];  // written as uint4
 #pragma unroll
     for (int j = 0; j < PER_THREAD; j += 16 / int(sizeof(T)))
       *reinterpret_cast<uint4*>(tmp + j) = *reinterpret_cast<const uint4*>(p + i + j);
