@@ -10,8 +10,8 @@ compiled kernels its launches used (``_triton_utils.launch``), so a later call w
 signature launches them without Triton's argument binding and cache lookup. The CUDA C++ ops take
 the decisions that apply to them (decode splits, dq chunks) as arguments (``cuda.launch``).
 
-The cost model (``kernels``, ``gemm_flops``, ``hbm_bytes``) states what a plan's launches execute
-from the kernels' grids and tile loops; benchmarks/bench_budget.py reads it and
+The cost model (``kernels``, ``gemm_flops``, ``hbm_bytes``, ``span_bytes``) states what a plan's
+launches execute from the kernels' grids and tile loops; benchmarks/bench_budget.py reads it and
 tests/test_budget.py holds it to the launches and tl.dot calls the interpreter runs.
 """
 
@@ -334,3 +334,13 @@ def hbm_bytes(p: Plan, element_size: int) -> tuple[int, int]:
     out = p.B * p.H * p.Lq * p.D * element_size
     lse = p.B * p.H * p.Lq * 4
     return qkv + out + lse, qkv + 2 * out + lse + qkv
+
+
+def span_bytes(live: torch.Tensor, B: int, Lq: int, Lk: int) -> int:
+    """HBM bytes of the span pass over a dense mask or float bias ``live`` (broadcastable to
+    [B, H, Lq, Lk]; read once per batch entry over its own heads) that the Triton backend's prepare
+    runs once per forward: the mask read, each row's span written (int64 lo, hi) and, for a bool
+    mask, whether the row is one run (uint8)."""
+    heads = live.shape[-3] if live.dim() >= 3 else 1
+    per_row = 16 + (live.dtype == torch.bool)
+    return B * heads * Lq * Lk * live.element_size() + B * Lq * per_row
