@@ -263,3 +263,42 @@ def test_transformers_is_in_the_supported_range():
 
     (spec,) = [Requirement(r).specifier for r in requires("vlkernels") if r.startswith("transformers")]
     assert spec.contains(T.__version__), (T.__version__, str(spec))
+
+
+def _cast(inputs, dtype):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(dtype)
+    return {
+        k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in inputs.items()
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_low_precision_patched_models_within_twice_the_eager_error(name, backend, dtype):
+    """A patched model in bf16 / fp16 is as accurate as the unpatched one in that dtype, by
+    FlashAttention's rule: its output's largest error against the unpatched model in float64 is
+    at most twice the unpatched model's own (plus 1e-6)."""
+    from vlkernels._triton_utils import LAUNCHES
+
+    torch.manual_seed(0)
+    model, inputs, field = FAMILIES[name]()
+    model = model.to(DEVICE).eval()
+    inputs = _to_device(inputs)
+    want = call(copy.deepcopy(model).double(), _cast(inputs, torch.float64), field)
+    eager = call(copy.deepcopy(model).to(dtype), _cast(inputs, dtype), field)
+    ours = vlkernels.patch(copy.deepcopy(model)).to(dtype)
+    before = sum(LAUNCHES.values())
+    vlkernels.set_backend(backend)
+    try:
+        got = call(ours, _cast(inputs, dtype), field)
+    finally:
+        vlkernels.set_backend(None)
+    assert got.dtype == dtype
+    if backend == "triton":
+        assert sum(LAUNCHES.values()) > before, "no kernel ran"
+    ours_err = (got.double() - want).abs().max().item()
+    eager_err = (eager.double() - want).abs().max().item()
+    assert ours_err <= 2 * eager_err + 1e-6, f"{ours_err:.3g} > 2 x {eager_err:.3g}"
