@@ -345,52 +345,15 @@ def attention_flops(launch, plan, mask) -> int:
     return P.gemm_flops(plan, launch.name, a.get("BLOCK_M", 0), a.get("BLOCK_N", 0), lo, hi)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _contrastive_flops(launch) -> int:
-    if launch.name in ("_loss_fwd_finish", "_loss_bwd_finish"):  # one program adding up statistics
-        return 0
-    a = launch.args
-    BM, BN, BD, D = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_D"], a["D"]
-    tile = 2 * BM * BN * BD  # one feature chunk of a similarity tile
-    d_chunks = _cdiv(D, BD)
-    clip = a["KIND"] == 0
-    if launch.name == "_loss_fwd_bands":  # per program: the row tiles of its band x the column tiles
-        X, NX, NY, N, band = a["X"], a["NX"], a["NY"], a["N"], a["BAND"]
-        tiles = band // BN
-        row_tiles = [_cdiv(min(band, N - r), BM) for r in range(0, N, band)]
-        flops = 0
-        for cols, q in ((N, X.q), *(((NY.n, X.q), (NX.n, 1)) if clip else ())):
-            col_tiles = sum(min(tiles, _cdiv(cols - c, BN)) for c in range(0, cols, band))
-            flops += sum(row_tiles) * col_tiles * q * d_chunks * tile
-        return flops
-    R, C, NEG = a["R"], a["C"], a["NEG"]
-    programs = _cdiv(a["M"], BM)
-    main_tiles = _cdiv(C.n, BN)
-    if launch.name == "_ctr_fwd":
-        neg_tiles = _cdiv(NEG.n, BN) if clip else 0
-        sims = 1 + (a["RM"] is not None and clip)  # the momentum tile too (distillation)
-        return programs * sims * (main_tiles * R.q * C.q + neg_tiles * R.q) * d_chunks * tile
-    if launch.name == "_ctr_bwd":  # each tile once; dR over every feature chunk
-        own = a["OWN"]
-        neg_tiles = _cdiv(NEG.n, BN) if (clip and own) else 0
-        sims = 1 + (a["RM"] is not None and clip and own)
-        sim = (main_tiles * R.q * C.q + neg_tiles * R.q) * d_chunks * tile * sims
-        out_chunks = 1 if a["IN_REGS"] else _cdiv(D, a["BLOCK_DO"])
-        grad_dots = (main_tiles * C.q + neg_tiles) if R.q == 1 else (main_tiles + neg_tiles) * R.q
-        return programs * (sim + out_chunks * grad_dots * 2 * BM * BN * a["BLOCK_DO"])
-    raise KeyError(launch.name)
-
-
 def launch_flops(launch, plan=None, mask=None) -> int:
     """Executed GEMM FLOPs of one recorded launch (tile waste included); attention's from its
     ``plan`` and ``mask``."""
     if launch.name.startswith("_attn"):
         return attention_flops(launch, plan, mask)
     if launch.name.startswith(("_ctr", "_loss")):
-        return _contrastive_flops(launch)
+        from vlkernels.contrastive import plan as CP
+
+        return CP.gemm_flops(launch.name, launch.args)
     return 0
 
 
@@ -518,6 +481,13 @@ def budget(w: Workload, compile_kernels: bool = True, host: bool = True) -> dict
                 raise AssertionError(f"{w.name}: launched {ran}, the plan says {kernels}")
     else:
         bytes_f, bytes_b = w.min_bytes(inp)
+    if w.op == "contrastive":
+        from vlkernels.contrastive import plan as CP
+
+        for rec, kernels in ((fwd_rec, CP.kernels()), (bwd_rec, CP.kernels(backward=True))):
+            ran = tuple(ln.name for ln in rec.launches)
+            if ran != kernels:  # the plan's launch model is what ran
+                raise AssertionError(f"{w.name}: launched {ran}, the plan says {kernels}")
     peer_f, peer_b = w.peer_flops(inp)
     peer_bytes_f, peer_bytes_b = w.peer_bytes(inp) if w.peer_bytes else (bytes_f, bytes_b)
     exec_f = sum(launch_flops(ln, plan, mask) for ln in fwd_rec.launches)

@@ -25,6 +25,7 @@ from vlkernels import masks
 from vlkernels.attention import plan as P
 from vlkernels.attention.args import AttentionArgs
 from vlkernels.attention.plan import decode_splits
+from vlkernels.contrastive import plan as CP
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="counts the interpreter's tl.dot calls")
 
@@ -124,6 +125,8 @@ def test_contrastive_flop_model_counts_the_executed_dots(kind):
         torch.autograd.grad(loss, (x, y))
     fused = {"_loss_fwd_bands", "_loss_fwd_finish", "_ctr_bwd", "_loss_bwd_finish"}
     assert {ln.name for ln in launches} == ({"_ctr_fwd", "_ctr_bwd"} if kind == "clip distill" else fused)
+    if kind != "clip distill":  # the fused loss: the plan's list of kernels
+        assert tuple(ln.name for ln in launches) == CP.kernels() + CP.kernels(backward=True)
     assert sum(bench_budget.launch_flops(ln) for ln in launches) == flops[0]
 
 

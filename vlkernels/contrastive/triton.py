@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 
 from vlkernels import _dispatch, _schema
-from vlkernels._dispatch import interpreter_on
 from vlkernels._triton_utils import LAUNCHES, autotuned, next_pow2, poisoned
 from vlkernels.contrastive import args as A
+from vlkernels.contrastive import plan as P
 from vlkernels.contrastive import rows
 
 
@@ -241,14 +241,7 @@ def _bwd_columns(R, RM, C, ACC, dr, sums, offs_m, row_ok, start_n, s, b, lse_row
     return dr, sums
 
 
-_BWD_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-    for m, n, w, st in ((64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2))
-]
-
-
-@autotuned(_BWD_CONFIGS, ["M_KEY", "D", "KIND", "OWN", "OTHER", "IN_REGS", "PRECISION"], _BWD_INTERPRET)
+@autotuned(P.BWD_CONFIGS, P.BWD_KEY, P.BWD_INTERPRET)
 @triton.jit
 def _ctr_bwd(
     R, RM, C, NEG, SCALE, BIAS, GOUT, LSE_ROW, LSEM_ROW, LSE_COL, DR, sdr, ACC, DSB, M, D, row_off, col_off,
@@ -527,18 +520,6 @@ def _loss_bwd_finish(DSBX, DSBY, GOUT, DS, DB, N, KIND: tl.constexpr, BLOCK: tl.
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(t: torch.Tensor) -> dict:
-    """Tile sizes and precision of the row-pass kernels for features ``t``."""
-    interp = interpreter_on()
-    return dict(
-        PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
-        UPCAST=interp and t.dtype == torch.bfloat16,
-        BLOCK_M=32 if interp else 64,
-        BLOCK_N=32 if interp else 64,
-        BLOCK_D=min(64, next_pow2(t.shape[-1])),
-    )
-
-
 def _operands(a: A.RowPass) -> dict:
     """The kernel arguments both row passes share, from the row pass's arguments."""
     return dict(
@@ -553,7 +534,7 @@ def _operands(a: A.RowPass) -> dict:
         row_off=a.row_off,
         col_off=a.col_off,
         KIND=A.KINDS.index(a.kind),
-        **_blocks(a.rows),
+        **P.blocks(a.rows),
     )
 
 
@@ -571,8 +552,7 @@ def _row_grad(g: A.RowPassGrad, dr: torch.Tensor, gout: torch.Tensor | None) -> 
     a = g.fwd
     op = {k: v for k, v in _operands(a).items() if k not in ("BLOCK_M", "BLOCK_N")}  # autotuned
     M, QR, D = a.rows.shape
-    block_do = min(32 if interpreter_on() else 64, next_pow2(D))
-    in_regs = QR == 1 and D <= block_do
+    block_do, in_regs = P.out_tiles(QR, D)
     acc = a.rows if in_regs else a.rows.new_empty(a.rows.shape, dtype=torch.float32)
     dsb = poisoned(a.rows.new_empty((M, len(A.ScaleBiasSums._fields)), dtype=torch.float32))
     _ctr_bwd[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
@@ -617,22 +597,13 @@ _bwd_op = _schema.python_op(
 ROWS = _dispatch.Backend("triton", _fwd_op, _bwd_op)
 
 
-def _band(N: int) -> int:
-    """Rows (and columns) per program of the fused forward: a power of two, at least 16 bands a
-    side when N allows (programs for every SM), at most 2048 (the column statistics the program
-    keeps in registers). Under the interpreter: 64, so that small tests span several bands."""
-    if interpreter_on():
-        return 64
-    return min(2048, max(256, next_pow2(N // 16)))
-
-
 def _loss_forward(a: A.LossArgs) -> tuple[torch.Tensor, torch.Tensor]:
     N, D = a.y.shape
     clip = a.kind == "clip"
     smooth = clip and a.smooth > 0
     X, Y = _features(a.x, a.y), _features(a.y, a.y)
     NX, NY = _features(a.neg_x, a.y), _features(a.neg_y, a.y)
-    band = _band(N)
+    band = P.band(N)
     n_bands, n_nx, n_ny = (triton.cdiv(n, band) for n in (N, NX.n, NY.n))
     f32 = dict(dtype=torch.float32)
     px = a.y.new_empty((n_bands + n_ny, N), **f32)
@@ -642,7 +613,7 @@ def _loss_forward(a: A.LossArgs) -> tuple[torch.Tensor, torch.Tensor]:
     sigp = a.y.new_empty(n_bands * n_bands, **f32)
     stats, loss = (poisoned(t) for t in A.loss_fwd_fake(a)[::-1])
     kind = A.KINDS.index(a.kind)
-    blocks = {k: v for k, v in _blocks(a.y).items() if k in ("PRECISION", "UPCAST", "BLOCK_D")}
+    blocks = {k: v for k, v in P.blocks(a.y).items() if k in ("PRECISION", "UPCAST", "BLOCK_D")}
     programs = n_bands * n_bands + (n_bands * (n_nx + n_ny) if clip else 0)
     # fmt: off
     _loss_fwd_bands[(programs,)](
