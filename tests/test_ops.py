@@ -1,13 +1,15 @@
 """torch.library registration (opcheck, torch.compile), the argument declarations, backend
 dispatch, and bad-input errors."""
 
+import typing
+
 import pytest
 import torch
 from helpers import DEVICE, ON_GPU, assert_launched
 
 import vlkernels
 from vlkernels import _dispatch, _extension, _schema, masks
-from vlkernels.attention.args import AttentionArgs, AttentionGradArgs
+from vlkernels.attention.args import AttentionArgs, AttentionGradArgs, AttentionLaunch
 from vlkernels.masks import MaskArgs
 from vlkernels.reference import attention_ref
 
@@ -64,20 +66,24 @@ def test_schemas_are_derived_from_the_declarations():
     assert _schema.schema(MaskArgs, "()") == (
         "(Tensor? dense_mask, Tensor? key_lengths, Tensor? prefix_lengths, Tensor? text_to_media, "
         "bool causal, int qformer_queries, int qformer_mode, int media_mode, int latents_per_media, "
-        "int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi) -> ()"
+        "int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi, Tensor? row_run) -> ()"
     )
     fwd = str(torch.ops.vlkernels.triton_attention_fwd.default._schema)
     assert fwd.startswith("vlkernels::triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? dense_mask,")
     assert fwd.endswith(
-        "int latents_per_media, int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi, float scale, "
-        "float softcap, float dropout_p, Tensor? seed) "
-        "-> (Tensor, Tensor)"
+        "int latents_per_media, int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi, Tensor? row_run, "
+        "float scale, float softcap, float dropout_p, Tensor? seed) -> (Tensor, Tensor)"
     )
     for name in ("attention", "contrastive", "gated_residual"):  # the Triton and C++ ops share a declaration
         for direction in ("fwd", "bwd"):
             handle = getattr(torch.ops.vlkernels, f"triton_{name}_{direction}").default
             cpp = next(o for o in _extension._DECLARED if o.name == f"cuda_{name}_{direction}")
-            schema = _schema.schema(cpp.args, cpp.returns)
+            args = cpp.args
+            if name == "attention":  # the C++ ops take the plan's launch decisions after them
+                args, launch = typing.get_type_hints(cpp.args).values()
+                assert launch is AttentionLaunch
+                assert _schema.fields(cpp.args) == _schema.fields(args) + _schema.fields(AttentionLaunch)
+            schema = _schema.schema(args, cpp.returns)
             assert str(handle._schema) == f"vlkernels::triton_{name}_{direction}{schema}"
     args = _op_args("media")
     assert _schema.unflatten(AttentionArgs, _schema.flatten(args)) == args
