@@ -191,3 +191,63 @@ def test_triton_dense_mask_rows_that_are_runs_load_no_mask_element():
         grads = torch.autograd.grad(want, leaves, do.double())
         for got, ref in zip((out, dq, dk, dv), (want, *grads), strict=True):
             torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+GRIDS = textwrap.dedent(
+    """
+    import torch
+    from benchmarks import static
+    from vlkernels import masks
+    from vlkernels.attention import args as A
+    from vlkernels.attention import triton as T
+
+    cases = [  # (B, H, Hk, Lq, Lk, D, mask)
+        (2048, 32, 8, 1, 4096, 128, None),  # decoding a batch of 2048: 65,536 (batch, head) pairs
+        (2048, 40, 40, 1, 1024, 64, "bias"),  # a float bias and its gradient
+        (8192, 12, 12, 64, 64, 64, "dense"),  # a Q-Former batch of 8192 under a dense mask
+        (3000, 32, 32, 200, 200, 64, "shared"),  # shared queries: dq in chunks
+        (4, 8, 8, 1, 8192, 64, None),  # few rows over many keys: split keys, then the combine
+    ]
+    with static.fake_cuda(), static.recording() as rec:
+        for B, H, Hk, Lq, Lk, D, kind in cases:
+            q = torch.empty(1 if kind == "shared" else B, H, Lq, D, dtype=torch.bfloat16, device="cuda")
+            k = torch.empty(B, Hk, Lk, D, dtype=torch.bfloat16, device="cuda")
+            mask = {
+                "bias": torch.empty(B, H, Lq, Lk, dtype=torch.float32, device="cuda"),
+                "dense": torch.empty(B, 1, Lq, Lk, dtype=torch.bool, device="cuda"),
+            }.get(kind)
+            a = T._with_span(A.AttentionArgs(q, k, k, masks.lower(mask, B, H, Lq, Lk, q.device), 0.1))
+            out, lse = T._forward(a)
+            g = A.AttentionGradArgs(out, out, lse, a)
+            T._backward(g)
+            if kind == "bias":
+                T._bias_grad(g)
+    limits = (2**31 - 1, 65535, 65535)
+    names = set()
+    for ln in rec.launches:
+        grid = (*ln.grid, 1, 1)[:3]
+        assert all(0 < n <= m for n, m in zip(grid, limits)), (ln.name, grid)
+        names.add(ln.name)
+    print("grids", len(rec.launches), sorted(names))
+    """
+)
+
+
+def test_grids_stay_within_cudas_limits_at_large_batches():
+    """Every attention kernel's grid, recorded on fake CUDA tensors (no interpreter), stays within
+    CUDA's limits (axis 0 below 2**31, axes 1 and 2 at most 65,535) for batches whose (batch,
+    head) pairs pass 65,535: heads and batch entries get axes of their own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLK_POISON")}
+    run = subprocess.run([sys.executable, "-c", GRIDS], capture_output=True, text=True, env=env, cwd=".")
+    assert run.returncode == 0, run.stderr[-3000:]
+    kernels = (
+        "fwd",
+        "fwd_combine",
+        "mask_span",
+        "bwd_delta",
+        "bwd_dkdv",
+        "bwd_dq",
+        "bwd_dq_sum",
+        "bwd_dbias",
+    )
+    assert all(f"_attn_{k}'" in run.stdout for k in kernels), run.stdout

@@ -226,28 +226,26 @@ def _grad_rows(Q, DO, O, LSE, DELTA, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok,
 
 
 @triton.jit
-def _query_tile(H, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The query tile of this program (axis 0: tile, axis 1: outer * H + head): (outer, head, key
-    head, query rows, feature columns)."""
-    outer_h = tl.program_id(1).to(tl.int64)
-    h = outer_h % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return outer_h // H, h, h // GROUP, offs_m, tl.arange(0, BLOCK_D)
+def _query_tile(GROUP, tile, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Query tile ``tile`` of this program (grid axis 1: the head, axis 2: the outer index, a batch
+    entry or a dq chunk; each within CUDA's 65,535): (outer, head, key head, query rows, feature
+    columns)."""
+    h = tl.program_id(1).to(tl.int64)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    return tl.program_id(2).to(tl.int64), h, h // GROUP, offs_m, tl.arange(0, BLOCK_D)
 
 
 @triton.jit
-def _packed_query_tile(H, GROUP, Lq, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The query tile of a program of the packed forward (grouped keys, a few query rows: axis 1
-    is outer * (H // GROUP) + key head): its rows are the (head, query row) pairs of the GROUP
-    query heads of one key head, head-major, so that they read the key head's K and V once.
+def _packed_query_tile(GROUP, Lq, tile, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Query tile ``tile`` of a program of the packed forward (grouped keys, a few query rows: axis
+    1 is the key head, axis 2 the batch entry): its rows are the (head, query row) pairs of the
+    GROUP query heads of one key head, head-major, so that they read the key head's K and V once.
     (outer, the rows' heads, key head, the rows' query rows (Lq past GROUP·Lq), feature columns)."""
-    Hk = H // GROUP
-    outer_hk = tl.program_id(1).to(tl.int64)
-    hk = outer_hk % Hk
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    hk = tl.program_id(1).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     h = hk * GROUP + tl.minimum(rows // Lq, GROUP - 1)
     offs_m = tl.where(rows < GROUP * Lq, rows % Lq, Lq)
-    return outer_hk // Hk, h, hk, offs_m, tl.arange(0, BLOCK_D)
+    return tl.program_id(2).to(tl.int64), h, hk, offs_m, tl.arange(0, BLOCK_D)
 
 
 @triton.jit
@@ -279,25 +277,30 @@ def _attn_fwd(
     CAP: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One query tile over its allowed keys. SPLIT (flash-decoding: few queries, many keys): axis 2
-    is a split of KEYS_PER_SPLIT keys (a multiple of BLOCK_N); the program writes its fp32 partial
-    output (normalised over its keys) at O + split · so_split and its partial lse (log2; -inf for
-    none) at LSE + split · B·H·Lq, for _attn_fwd_combine. PACK: the tile's rows are the query rows
-    of the GROUP heads that share a key head (``_packed_query_tile``)."""
+    """One query tile over its allowed keys. SPLIT (flash-decoding: few queries, many keys): axis 0
+    also numbers the splits of KEYS_PER_SPLIT keys (a multiple of BLOCK_N), split-major; the program
+    writes its fp32 partial output (normalised over its keys) at O + split · so_split and its
+    partial lse (log2; -inf for none) at LSE + split · B·H·Lq, for _attn_fwd_combine. PACK: the
+    tile's rows are the query rows of the GROUP heads that share a key head
+    (``_packed_query_tile``)."""
+    tile = tl.program_id(0)
+    if SPLIT:
+        tiles = tl.cdiv(GROUP * Lq if PACK else Lq, BLOCK_M)
+        split = tile // tiles
+        tile = tile % tiles
     if PACK:
-        b, h, hk, offs_m, offs_d = _packed_query_tile(H, GROUP, Lq, BLOCK_M, BLOCK_D)
+        b, h, hk, offs_m, offs_d = _packed_query_tile(GROUP, Lq, tile, BLOCK_M, BLOCK_D)
     else:
-        b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
+        b, h, hk, offs_m, offs_d = _query_tile(GROUP, tile, BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
     k_lo, k_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)  # the keys any of the rows may attend
     n_start = (k_lo // BLOCK_N) * BLOCK_N
     n_end = k_hi
     if SPLIT:
-        split = tl.program_id(2)
         n_start = tl.maximum(n_start, split * KEYS_PER_SPLIT)
         n_end = tl.minimum(n_end, split * KEYS_PER_SPLIT + KEYS_PER_SPLIT)
         O += split.to(tl.int64) * so_split
-        LSE += split.to(tl.int64) * (2 * tl.num_programs(1) * (GROUP if PACK else 1) * Lq)  # 2·B·H·Lq
+        LSE += split.to(tl.int64) * (2 * tl.num_programs(2) * H * Lq)  # 2·B·H·Lq
 
     d_ok = offs_d < D
     q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
@@ -335,10 +338,11 @@ def _attn_fwd_combine(PO, PLSE, O, LSE, spo_split, spo, so, SPLITS, H, Lq, D, BL
                       BLOCK_D: tl.constexpr):
     """Flash-decoding's second pass: out and lse of each query row from the SPLITS partial outputs
     PO [SPLITS, B, H, Lq, D] fp32 and partial lse PLSE [SPLITS, B·H·Lq, 2] (``_lse_pair``, log2,
-    -inf: no key in the split); a row with no key anywhere gets 0 and lse +inf."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    -inf: no key in the split); a row with no key anywhere gets 0 and lse +inf. Axis 1: the head,
+    axis 2: the batch entry."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
@@ -346,7 +350,7 @@ def _attn_fwd_combine(PO, PLSE, O, LSE, spo_split, spo, so, SPLITS, H, Lq, D, BL
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_rows = tl.num_programs(1) * Lq
+    n_rows = tl.num_programs(2) * H * Lq
     for split in tl.range(0, SPLITS):
         s = tl.cast(split, tl.int64)
         row = s * n_rows + bh * Lq + offs_m
@@ -399,11 +403,11 @@ def _attn_mask_span(M, LO, HI, RUN, sm, HM, Lq, Lk, BIAS: tl.constexpr, BLOCK_M:
 
 @triton.jit
 def _attn_bwd_delta(O, DO, DELTA, so, sdo, H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta[b, h, i] = sum_d o * do (fp32)."""
+    """delta[b, h, i] = sum_d o * do (fp32); axis 1: the head, axis 2: the batch entry."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
@@ -428,9 +432,8 @@ def _attn_bwd_dkdv(
     backward in one pass, FlashAttention's five GEMMs: delta from O and DO, and DQ of every query
     tile, complete since no other program has keys; DELTA is not read."""
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
-    b = bhk // Hk
-    hk = bhk % Hk
+    hk = tl.program_id(1).to(tl.int64)  # axis 2: the batch entry
+    b = tl.program_id(2).to(tl.int64)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -496,7 +499,7 @@ def _attn_bwd_dq(
     in one pass, FlashAttention's five GEMMs: delta from O and DO, and DK, DV of every key tile,
     complete since no other program has queries (zeros for the tiles no query may attend);
     DELTA is not read."""
-    c, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
+    c, h, hk, offs_m, offs_d = _query_tile(GROUP, tl.program_id(0), BLOCK_M, BLOCK_D)
     d_ok = offs_d < D
     q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -566,7 +569,7 @@ def _attn_bwd_dbias(
     rowsum(P ∘ dO Vᵀ) from a first pass (not from the rounded output: dS is not averaged over a
     feature dim, so delta's rounding error would show in it). With dropout, dS = P ∘ (dO Vᵀ ∘ Z -
     delta), Z the dropout factor."""
-    b, h, hk, offs_m, offs_d = _query_tile(H, GROUP, BLOCK_M, BLOCK_D)
+    b, h, hk, offs_m, offs_d = _query_tile(GROUP, tl.program_id(0), BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
     k_lo, k_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)
     d_ok = offs_d < D
@@ -653,7 +656,7 @@ def _forward(a: A.AttentionArgs):
         o_lse = poisoned(a.q.new_empty((p.splits, B * H * Lq, 2), dtype=torch.float32))
         so_split = o.stride(0)
     group = p.consts["GROUP"] if p.pack else 1
-    grid = lambda meta: (triton.cdiv(p.rows, meta["BLOCK_M"]), B * H // group, p.splits)
+    grid = lambda meta: (triton.cdiv(p.rows, meta["BLOCK_M"]) * p.splits, H // group, B)
     launch(
         _attn_fwd, grid, p.launched, "fwd", (a.q, a.k, a.v, o, o_lse, *dyn),
         Q=a.q, K=a.k, V=a.v, O=o, LSE=o_lse, sq=p.sq, sk=a.k.stride(), sv=a.v.stride(), so=o.stride()[-4:],
@@ -663,7 +666,7 @@ def _forward(a: A.AttentionArgs):
     )  # fmt: skip
     if p.splits > 1:
         launch(
-            _attn_fwd_combine, (triton.cdiv(Lq, 16), B * H), p.launched, "combine", (o, o_lse, out, lse),
+            _attn_fwd_combine, (triton.cdiv(Lq, 16), H, B), p.launched, "combine", (o, o_lse, out, lse),
             PO=o, PLSE=o_lse, O=out, LSE=lse, spo_split=o.stride(0), spo=o.stride()[1:], so=out.stride(),
             SPLITS=p.splits, H=H, Lq=Lq, D=D, BLOCK_M=16, BLOCK_D=p.consts["BLOCK_D"],
         )  # fmt: skip
@@ -693,20 +696,20 @@ def _backward(g: A.AttentionGradArgs):
     )  # fmt: skip
     if p.bwd == "split":
         launch(
-            _attn_bwd_delta, (triton.cdiv(Lq, 32), B * H), p.launched, "delta",
+            _attn_bwd_delta, (triton.cdiv(Lq, 32), H, B), p.launched, "delta",
             (g.out, g.grad_out, delta, g.grad_out.stride()),
             O=g.out, DO=g.grad_out, DELTA=delta, so=g.out.stride(), sdo=g.grad_out.stride(), H=H, Lq=Lq, D=D,
             BLOCK_M=32, BLOCK_D=p.consts["BLOCK_D"],
         )  # fmt: skip
     if not queries_fused:
-        grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * p.Hk)
+        grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), p.Hk, B)
         launch(
             _attn_bwd_dkdv, grid_kv, p.launched, "dkdv", tensors,
             **common, DQ=dq, sdq=dq.stride(), Hk=p.Hk, FUSED=keys_fused,
         )  # fmt: skip
     if not keys_fused:
         dq_acc = poisoned(a.q.new_empty((p.chunks, H, Lq, D), dtype=torch.float32)) if p.shared else dq
-        grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), p.chunks * H)
+        grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), H, p.chunks)
         launch(
             _attn_bwd_dq, grid_q, p.launched, "dq", (*tensors, dq_acc),
             **common, DQ=dq_acc, sdq=dq_acc.stride(), B=B, B_PER_PROG=p.per_chunk, FUSED=queries_fused,
@@ -730,7 +733,7 @@ def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
     block = 32 if interpreter_on() else 64
     c = p.consts
     launch(
-        _attn_bwd_dbias, (triton.cdiv(Lq, block), B * H), p.launched, "dbias",
+        _attn_bwd_dbias, (triton.cdiv(Lq, block), H, B), p.launched, "dbias",
         (a.q, a.k, a.v, g.grad_out, g.lse, db, g.grad_out.stride(), *dyn),
         Q=a.q, K=a.k, V=a.v, DO=g.grad_out, LSE=g.lse, DB=db, sq=p.sq, sk=a.k.stride(), sv=a.v.stride(),
         sdo=g.grad_out.stride(), sdb=db.stride(), mask=mask, H=H, GROUP=c["GROUP"], Lq=Lq, Lk=Lk, D=D,
