@@ -37,5 +37,5 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	PYTHONPATH=$(TF_OLDEST_PATH) $(PY) -m pytest -q $(PATCH_TESTS)
