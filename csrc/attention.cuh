@@ -1,0 +1,553 @@
+// Masked attention's kernels and launchers, forward and backward, on tensor cores (mma.sync
+// m16n8k16, fp32 accumulation; fp32 inputs use exact FMA products). Semantics are those of
+// vlkernels/attention/ (the arguments in args.py, the mask as masks.MaskArgs): per query row an
+// allowed key interval [lo, hi) from the analytic mask (row_bounds) and a dense bool mask on top,
+// key tiles outside the union of a block's intervals skipped and keys outside it never read (so a
+// key no row may attend, NaN after the valid length of a KV buffer, reaches no result), rows with
+// nothing to attend give 0 and lse = +inf, lse in log2 units.
+//
+// Each warp owns 16 rows of a tile (queries forward and for dq, keys for dk/dv); the tiles it
+// multiplies sit in shared memory, row stride LD = DP + pad (DP: the head dim rounded up to 32, 64,
+// 128 or 256; padded columns are zero). Tile sizes are fixed per (dtype, DP) in Cfg.
+#pragma once
+#include "vlk.cuh"
+
+namespace vlk {
+namespace {
+
+template <typename T, int DP>
+struct Cfg {
+  static constexpr int ROW_BYTES = int(sizeof(T)) * DP;
+  static constexpr int LD = DP + 16 / int(sizeof(T));
+  // forward: BM queries x BN keys
+  static constexpr int FWD_BM = 64, FWD_BN = ROW_BYTES >= 512 ? 32 : 64;
+  static_assert(SPLIT_KEYS % FWD_BN == 0, "a run of split keys holds whole key tiles");
+  // dq: BM queries x BN keys; dk/dv: BN keys (the warps' rows) x BM queries
+  static constexpr int DQ_BM = ROW_BYTES >= 1024 ? 32 : 64, DQ_BN = ROW_BYTES >= 512 ? 32 : 64;
+  static constexpr int KV_BN = ROW_BYTES >= 1024 ? 32 : 64, KV_BM = ROW_BYTES >= 512 ? 32 : 64;
+  static constexpr int smem(int tile_rows, int small_rows) {
+    return tile_rows * LD * int(sizeof(T)) + small_rows * 4 * 4;
+  }
+};
+
+struct VecFlags {
+  bool q, k, v, o, dout;
+};
+
+// Allowed key interval [lo, hi) of query `row` of batch b (empty rows: [Lk, 0)): the C++ statement
+// of masks.MaskArgs.intervals (vlkernels/masks.py; _row_bounds in vlkernels/attention/triton.py).
+__device__ __forceinline__ void row_bounds(const MaskArgs& m, int64_t b, int row, int Lq, int Lk, int& lo,
+                                           int& hi) {
+  lo = 0;
+  hi = Lk;
+  if (m.causal) hi = min(hi, row + (Lk - Lq) + 1);
+  if (m.key_lengths) hi = min(hi, m.key_lengths[b]);
+  const int nq = m.qformer_queries;
+  if (m.qformer_mode == 1) hi = min(hi, row < nq ? nq : max(row + 1, nq));
+  if (m.qformer_mode == 2) {
+    hi = min(hi, row < nq ? nq : Lk);
+    lo = max(lo, row < nq ? 0 : nq);
+  }
+  if (m.prefix_lengths) hi = min(hi, max(m.prefix_lengths[b], row + 1));
+  if (m.media_mode != 0) {
+    int t = row < Lq ? m.text_to_media[b * m.stb + int64_t(row) * m.stm] : 0;
+    hi = min(hi, t * m.latents_per_media);
+    if (m.media_mode == 1) lo = max(lo, (t - 1) * m.latents_per_media);
+  }
+  if (m.window > 0) lo = max(lo, row + (Lk - Lq) - m.window + 1);
+  if (m.row_lo && row < Lq) {  // per-row bounds: a document's run, a dense mask's span
+    lo = max(lo, m.row_lo[b * Lq + row]);
+    hi = min(hi, m.row_hi[b * Lq + row]);
+  }
+  if (row >= Lq || lo >= hi) {
+    lo = Lk;
+    hi = 0;
+  }
+}
+
+__device__ __forceinline__ bool allowed(const MaskArgs& m, int64_t b, int h, int row, int col, int lo, int hi) {
+  bool ok = col >= lo && col < hi;
+  if (ok && m.dense) ok = m.dense[b * m.smb + h * m.smh + int64_t(row) * m.smm + int64_t(col) * m.smn] != 0;
+  return ok;
+}
+
+// A score in log2 units from q·k: scaled, then capped (softcap > 0: softcap * tanh(s / softcap),
+// Gemma 2); dcap = the cap's derivative (1 without a cap). X: the kernel was instantiated for
+// soft-capping or dropout (extras()); without, neither is compiled in.
+template <bool X>
+__device__ __forceinline__ float score(const AttnArgs& a, float qk, float& dcap) {
+  if (X && a.softcap > 0.f) {
+    const float t = tanhf(qk * a.scale / a.softcap);
+    dcap = 1.f - t * t;
+    return t * a.softcap * 1.4426950408889634f;
+  }
+  dcap = 1.f;
+  return qk * a.scale * 1.4426950408889634f;
+}
+
+// Philox-4x32-10's first output word (as triton.language.philox and vlkernels/attention/dropout.py).
+__device__ __forceinline__ uint32_t philox(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int i = 0; i < 10; ++i) {
+    const uint64_t p0 = uint64_t(0xCD9E8D57u) * c2, p2 = uint64_t(0xD2511F53u) * c0;
+    c0 = uint32_t(p0 >> 32) ^ c1 ^ k0;
+    c2 = uint32_t(p2 >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(p0);
+    c3 = uint32_t(p2);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// The dropout seed of a call (read once per thread; 0 without dropout).
+template <bool X>
+__device__ __forceinline__ uint64_t dropout_seed(const AttnArgs& a) {
+  return X && a.dropout ? uint64_t(*a.seed) : 0;
+}
+
+// Attention dropout's factor of probability (b, h, row, col): 1 / (1 - p) kept, 0 dropped, 1 off.
+template <bool X>
+__device__ __forceinline__ float keep(const AttnArgs& a, uint64_t seed, int64_t b, int h, int row, int col) {
+  if (!X || !a.dropout) return 1.f;
+  const uint32_t r = philox(seed, uint32_t(col), uint32_t(row), uint32_t(b * a.H + h), 0u);
+  return int(r >> 8) >= a.dropout_threshold ? a.dropout_scale : 0.f;
+}
+
+// Per-row mask bounds (and optionally two per-row fp32 values) of the BM rows starting at m0,
+// written to shared memory by the first BM threads.
+__device__ __forceinline__ void tile_rows(const AttnArgs& a, int64_t b, int h, int m0, int BM, int* lo_s,
+                                          int* hi_s, float* lse_s, float* delta_s) {
+  int i = threadIdx.x;
+  if (i < BM) {
+    int row = m0 + i;
+    row_bounds(a.mask, b, row, a.Lq, a.Lk, lo_s[i], hi_s[i]);
+    if (lse_s) {
+      int64_t at = (b * a.H + h) * a.Lq + row;
+      lse_s[i] = row < a.Lq ? a.lse[at] : 0.f;
+      delta_s[i] = row < a.Lq ? a.delta[at] : 0.f;
+    }
+  }
+}
+
+// Union of the intervals of rows [r0, r0 + n) (read from shared memory).
+__device__ __forceinline__ void range_of(const int* lo_s, const int* hi_s, int r0, int n, int& lo, int& hi) {
+  lo = INT32_MAX;
+  hi = 0;
+  for (int i = r0; i < r0 + n; ++i) {
+    lo = min(lo, lo_s[i]);
+    hi = max(hi, hi_s[i]);
+  }
+}
+
+template <typename T, int DP, bool X>
+__global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec) {
+  using C = Cfg<T, DP>;
+  const uint64_t seed = dropout_seed<X>(a);
+  constexpr int BM = C::FWD_BM, BN = C::FWD_BN, LD = C::LD;
+  VLK_SMEM(smem);
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* Ks = Qs + BM * LD;
+  T* Vs = Ks + BN * LD;
+  int* lo_s = reinterpret_cast<int*>(Vs + BN * LD);
+  int* hi_s = lo_s + BM;
+
+  const int tiles_m = (a.Lq + BM - 1) / BM, split = blockIdx.x / tiles_m;
+  const int m0 = (blockIdx.x % tiles_m) * BM, h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int hk = h / (a.H / a.Hk);
+  const int k_lo = a.splits > 1 ? split * a.keys_per_split : 0;  // this program's keys
+  const int k_hi = a.splits > 1 ? k_lo + a.keys_per_split : a.Lk;
+  const T* q = cptr<T>(a.q) + b * a.sq[0] + h * a.sq[1] + m0 * a.sq[2];
+  const T* k = cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1];
+  const T* v = cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1];
+  load_tile(Qs, LD, q, a.sq[2], a.sq[3], BM, DP, a.Lq - m0, a.D, vec.q);
+  tile_rows(a, b, h, m0, BM, lo_s, hi_s, nullptr, nullptr);
+  __syncthreads();
+
+  const int r0 = warp_id() * 16, g = lane_id() >> 2;
+  int blo, bhi, wlo, whi;
+  range_of(lo_s, hi_s, 0, BM, blo, bhi);
+  range_of(lo_s, hi_s, r0, 16, wlo, whi);
+  const int lo[2] = {lo_s[r0 + g], lo_s[r0 + g + 8]}, hi[2] = {hi_s[r0 + g], hi_s[r0 + g + 8]};
+  float m_i[2] = {NEG_INF, NEG_INF}, l_i[2] = {0.f, 0.f};
+  float acc[DP / 8][4];
+#pragma unroll
+  for (int dj = 0; dj < DP / 8; ++dj) acc[dj][0] = acc[dj][1] = acc[dj][2] = acc[dj][3] = 0.f;
+
+  for (int n0 = max((blo / BN) * BN, k_lo); n0 < min(bhi, k_hi); n0 += BN) {
+    __syncthreads();
+    load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
+    load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
+    __syncthreads();
+    if (n0 >= whi || n0 + BN <= wlo) continue;  // nothing of this tile for this warp's rows
+
+    float s[BN / 8][4];
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    mm_nt<T, DP, BN / 8>(s, Qs, Ks, LD, r0);
+
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, col = n0 + j * 8 + c_col(e);
+        const bool ok = allowed(a.mask, b, h, m0 + r0 + c_row(e), col, lo[r], hi[r]);
+        float dcap = 1.f;  // (masked elements: score is not called)
+        s[j][e] = ok ? score<X>(a, s[j][e], dcap) : NEG_INF;
+        mx[r] = fmaxf(mx[r], s[j][e]);
+      }
+    float m_safe[2], alpha[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m_i[r], quad_max(mx[r]));
+      m_safe[r] = m_new == NEG_INF ? 0.f : m_new;
+      alpha[r] = exp2f(m_i[r] - m_safe[r]);
+      m_i[r] = m_new;
+    }
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = exp2f(s[j][e] - m_safe[e >> 1]);
+        rs[e >> 1] += s[j][e];
+        s[j][e] *= keep<X>(a, seed, b, h, m0 + r0 + c_row(e), n0 + j * 8 + c_col(e));  // after the sum: dropout
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_i[r] = l_i[r] * alpha[r] + quad_sum(rs[r]);
+#pragma unroll
+    for (int dj = 0; dj < DP / 8; ++dj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[dj][e] *= alpha[e >> 1];
+    mm_pv<T, DP, BN / 16>(acc, s, Vs, LD);
+  }
+
+  const int64_t rows0 = (int64_t(split) * a.B + b) * a.H + h;  // split 0 is the output itself
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    inv[r] = l_i[r] > 0.f ? 1.f / l_i[r] : 0.f;
+    const int row = m0 + r0 + g + 8 * r;
+    const float empty = a.splits > 1 ? NEG_INF : POS_INF;  // a split without keys weighs 0
+    float* lse = a.splits > 1 ? a.lse_partial : a.lse;
+    if ((lane_id() & 3) == 0 && row < a.Lq) lse[rows0 * a.Lq + row] = l_i[r] > 0.f ? m_i[r] + log2f(l_i[r]) : empty;
+  }
+  T* o = static_cast<T*>(a.o) + b * a.so[0] + h * a.so[1] + m0 * a.so[2];
+  float* op = a.splits > 1 ? a.o_partial + (rows0 * a.Lq + m0) * a.D : nullptr;
+#pragma unroll
+  for (int dj = 0; dj < DP / 8; ++dj)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float x0 = acc[dj][2 * r] * inv[r], x1 = acc[dj][2 * r + 1] * inv[r];
+      if (a.splits > 1)
+        store_frag(op, a.D, 1, r0 + g + 8 * r, dj * 8 + c_col(0), a.Lq - m0, a.D, x0, x1);
+      else
+        store_frag(o, a.so[2], a.so[3], r0 + g + 8 * r, dj * 8 + c_col(0), a.Lq - m0, a.D, x0, x1);
+    }
+}
+
+// Flash-decoding's second pass: each thread combines the `splits` partial outputs and lse of one
+// query row (b, h, i) into o and lse; a row with no key in any split gets 0 and lse +inf.
+template <typename T>
+__global__ void __launch_bounds__(128) attn_combine_kernel(AttnArgs a) {
+  const int64_t n = int64_t(a.B) * a.H * a.Lq, r = int64_t(blockIdx.x) * 128 + threadIdx.x;
+  if (r >= n) return;
+  const int64_t b = r / (int64_t(a.H) * a.Lq), h = (r / a.Lq) % a.H, row = r % a.Lq;
+  T* o = static_cast<T*>(a.o) + b * a.so[0] + h * a.so[1] + row * a.so[2];
+  float m = NEG_INF;
+  for (int s = 0; s < a.splits; ++s) m = fmaxf(m, a.lse_partial[s * n + r]);
+  if (m == NEG_INF) {
+    for (int d = 0; d < a.D; ++d) o[d * a.so[3]] = from_f<T>(0.f);
+    a.lse[r] = POS_INF;
+    return;
+  }
+  float l = 0.f;
+  for (int s = 0; s < a.splits; ++s) l += exp2f(a.lse_partial[s * n + r] - m);
+  for (int d = 0; d < a.D; ++d) {
+    float acc = 0.f;
+    for (int s = 0; s < a.splits; ++s) acc += exp2f(a.lse_partial[s * n + r] - m) * a.o_partial[(s * n + r) * a.D + d];
+    o[d * a.so[3]] = from_f<T>(acc / l);
+  }
+  a.lse[r] = m + log2f(l);
+}
+
+// delta[b, h, i] = sum_d out * grad_out (fp32), one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(128) attn_delta_kernel(AttnArgs a) {
+  const int row = blockIdx.x * 4 + warp_id(), h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  if (row >= a.Lq) return;
+  const T* o = cptr<T>(a.out) + b * a.so[0] + h * a.so[1] + row * a.so[2];
+  const T* d = cptr<T>(a.grad_out) + b * a.sdo[0] + h * a.sdo[1] + row * a.sdo[2];
+  float acc = 0.f;
+  for (int i = lane_id(); i < a.D; i += 32) acc += to_f(o[i * a.so[3]]) * to_f(d[i * a.sdo[3]]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(FULL, acc, off);
+  if (lane_id() == 0) a.delta[(b * a.H + h) * a.Lq + row] = acc;
+}
+
+// dq of one query tile, summed over the batch entries of chunk blockIdx.z (shared queries: into
+// dq_partial[chunk]; otherwise the chunk is one batch entry and dq is written directly).
+template <typename T, int DP, bool X>
+__global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) {
+  using C = Cfg<T, DP>;
+  const uint64_t seed = dropout_seed<X>(a);
+  constexpr int BM = C::DQ_BM, BN = C::DQ_BN, LD = C::LD;
+  VLK_SMEM(smem);
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* Os = Qs + BM * LD;
+  T* Ks = Os + BM * LD;
+  T* Vs = Ks + BN * LD;
+  int* lo_s = reinterpret_cast<int*>(Vs + BN * LD);
+  int* hi_s = lo_s + BM;
+  float* lse_s = reinterpret_cast<float*>(hi_s + BM);
+  float* delta_s = lse_s + BM;
+
+  const int m0 = blockIdx.x * BM, h = blockIdx.y, c = blockIdx.z;
+  const int hk = h / (a.H / a.Hk);
+  const int r0 = warp_id() * 16, g = lane_id() >> 2;
+  float dq[DP / 8][4];
+#pragma unroll
+  for (int dj = 0; dj < DP / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
+
+  const int b_end = min(a.B, (c + 1) * a.b_per_chunk);
+  for (int64_t b = int64_t(c) * a.b_per_chunk; b < b_end; ++b) {
+    __syncthreads();
+    load_tile(Qs, LD, cptr<T>(a.q) + b * a.sq[0] + h * a.sq[1] + m0 * a.sq[2], a.sq[2], a.sq[3], BM, DP,
+              a.Lq - m0, a.D, vec.q);
+    load_tile(Os, LD, cptr<T>(a.grad_out) + b * a.sdo[0] + h * a.sdo[1] + m0 * a.sdo[2], a.sdo[2], a.sdo[3],
+              BM, DP, a.Lq - m0, a.D, vec.dout);
+    tile_rows(a, b, h, m0, BM, lo_s, hi_s, lse_s, delta_s);
+    __syncthreads();
+    int blo, bhi, wlo, whi;
+    range_of(lo_s, hi_s, 0, BM, blo, bhi);
+    range_of(lo_s, hi_s, r0, 16, wlo, whi);
+    const int lo[2] = {lo_s[r0 + g], lo_s[r0 + g + 8]}, hi[2] = {hi_s[r0 + g], hi_s[r0 + g + 8]};
+    const float lse[2] = {lse_s[r0 + g], lse_s[r0 + g + 8]};
+    const float delta[2] = {delta_s[r0 + g], delta_s[r0 + g + 8]};
+    const T* k = cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1];
+    const T* v = cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1];
+
+    for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
+      __syncthreads();
+      load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
+      load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
+      __syncthreads();
+      if (n0 >= whi || n0 + BN <= wlo) continue;
+
+      float p[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p[j][e] = dp[j][e] = 0.f;
+      mm_nt<T, DP, BN / 8>(p, Qs, Ks, LD, r0);
+      mm_nt<T, DP, BN / 8>(dp, Os, Vs, LD, r0);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
+          const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
+          float dcap = 1.f;  // (masked elements: score is not called)
+          const float pe = ok ? exp2f(score<X>(a, p[j][e], dcap) - lse[r]) : 0.f;
+          p[j][e] = pe * dcap * (dp[j][e] * keep<X>(a, seed, b, h, row, col) - delta[r]);  // dS
+        }
+      mm_pv<T, DP, BN / 16>(dq, p, Ks, LD);
+    }
+  }
+  const int rows_valid = a.Lq - m0;
+  if (a.dq_partial) {
+    float* out = a.dq_partial + ((int64_t(c) * a.H + h) * a.Lq + m0) * a.D;
+#pragma unroll
+    for (int dj = 0; dj < DP / 8; ++dj)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        store_frag(out, a.D, 1, r0 + g + 8 * r, dj * 8 + c_col(0), rows_valid, a.D, dq[dj][2 * r] * a.scale,
+                   dq[dj][2 * r + 1] * a.scale);
+  } else {
+    T* out = static_cast<T*>(a.dq) + int64_t(c) * a.sdq[0] + h * a.sdq[1] + m0 * a.sdq[2];
+#pragma unroll
+    for (int dj = 0; dj < DP / 8; ++dj)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        store_frag(out, a.sdq[2], a.sdq[3], r0 + g + 8 * r, dj * 8 + c_col(0), rows_valid, a.D,
+                   dq[dj][2 * r] * a.scale, dq[dj][2 * r + 1] * a.scale);
+  }
+}
+
+// dk, dv of one key tile (the warps' rows are keys): loops over the query heads that share it and
+// over the query tiles whose allowed intervals touch it.
+template <typename T, int DP, bool X>
+__global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec) {
+  using C = Cfg<T, DP>;
+  const uint64_t seed = dropout_seed<X>(a);
+  constexpr int BN = C::KV_BN, BM = C::KV_BM, LD = C::LD;
+  VLK_SMEM(smem);
+  T* Ks = reinterpret_cast<T*>(smem);
+  T* Vs = Ks + BN * LD;
+  T* Qs = Vs + BN * LD;
+  T* Os = Qs + BM * LD;
+  int* lo_s = reinterpret_cast<int*>(Os + BM * LD);
+  int* hi_s = lo_s + BM;
+  float* lse_s = reinterpret_cast<float*>(hi_s + BM);
+  float* delta_s = lse_s + BM;
+
+  const int n0 = blockIdx.x * BN, hk = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int G = a.H / a.Hk;
+  const int r0 = warp_id() * 16, g = lane_id() >> 2;
+  int klo = INT32_MAX, khi = 0;  // the span of every row's interval: keys outside it are not read
+  for (int m0 = 0; m0 < a.Lq; m0 += BM) {
+    __syncthreads();
+    tile_rows(a, b, 0, m0, BM, lo_s, hi_s, nullptr, nullptr);
+    __syncthreads();
+    int tlo, thi;
+    range_of(lo_s, hi_s, 0, BM, tlo, thi);
+    klo = min(klo, tlo), khi = max(khi, thi);
+  }
+  load_tile(Ks, LD, cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1] + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP,
+            khi - n0, a.D, vec.k, klo - n0);
+  load_tile(Vs, LD, cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1] + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP,
+            khi - n0, a.D, vec.v, klo - n0);
+  float dk[DP / 8][4], dv[DP / 8][4];
+#pragma unroll
+  for (int dj = 0; dj < DP / 8; ++dj)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[dj][e] = dv[dj][e] = 0.f;
+
+  for (int h = hk * G; h < hk * G + G; ++h) {
+    for (int m0 = 0; m0 < a.Lq; m0 += BM) {
+      __syncthreads();
+      tile_rows(a, b, h, m0, BM, lo_s, hi_s, lse_s, delta_s);
+      const int i = threadIdx.x;
+      const bool touch = i < BM && lo_s[i] < n0 + BN && hi_s[i] > n0;
+      if (!__syncthreads_or(touch)) continue;
+      load_tile(Qs, LD, cptr<T>(a.q) + b * a.sq[0] + h * a.sq[1] + m0 * a.sq[2], a.sq[2], a.sq[3], BM, DP,
+                a.Lq - m0, a.D, vec.q);
+      load_tile(Os, LD, cptr<T>(a.grad_out) + b * a.sdo[0] + h * a.sdo[1] + m0 * a.sdo[2], a.sdo[2],
+                a.sdo[3], BM, DP, a.Lq - m0, a.D, vec.dout);
+      __syncthreads();
+
+      float pt[BM / 8][4], dpt[BM / 8][4];  // P^T and dP^T: rows are keys, columns queries
+#pragma unroll
+      for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pt[j][e] = dpt[j][e] = 0.f;
+      mm_nt<T, DP, BM / 8>(pt, Ks, Qs, LD, r0);
+#pragma unroll
+      for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = j * 8 + c_col(e), key = n0 + r0 + c_row(e);
+          const bool ok = allowed(a.mask, b, h, m0 + qi, key, lo_s[qi], hi_s[qi]);
+          float dcap = 1.f;  // (masked elements: score is not called)
+          const float p = ok ? exp2f(score<X>(a, pt[j][e], dcap) - lse_s[qi]) : 0.f;
+          dpt[j][e] = p * keep<X>(a, seed, b, h, m0 + qi, key);  // P^T after dropout, for dV
+          pt[j][e] = p * dcap;                          // P^T times the cap's derivative, for dS
+        }
+      mm_pv<T, DP, BM / 16>(dv, dpt, Os, LD);
+#pragma unroll
+      for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[j][e] = 0.f;
+      mm_nt<T, DP, BM / 8>(dpt, Vs, Os, LD, r0);
+#pragma unroll
+      for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = j * 8 + c_col(e);
+          const float z = keep<X>(a, seed, b, h, m0 + qi, n0 + r0 + c_row(e));
+          dpt[j][e] = pt[j][e] * (dpt[j][e] * z - delta_s[qi]);  // dS^T
+        }
+      mm_pv<T, DP, BM / 16>(dk, dpt, Qs, LD);
+    }
+  }
+  T* dkp = static_cast<T*>(a.dk) + b * a.sdk[0] + hk * a.sdk[1] + n0 * a.sdk[2];
+  T* dvp = static_cast<T*>(a.dv) + b * a.sdv[0] + hk * a.sdv[1] + n0 * a.sdv[2];
+#pragma unroll
+  for (int dj = 0; dj < DP / 8; ++dj)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = r0 + g + 8 * r, col = dj * 8 + c_col(0);
+      store_frag(dkp, a.sdk[2], a.sdk[3], row, col, a.Lk - n0, a.D, dk[dj][2 * r] * a.scale,
+                 dk[dj][2 * r + 1] * a.scale);
+      store_frag(dvp, a.sdv[2], a.sdv[3], row, col, a.Lk - n0, a.D, dv[dj][2 * r], dv[dj][2 * r + 1]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+bool vec4(const void* p, const int64_t* s, int D) {  // 4-D tensor, rows of D elements
+  constexpr int V = 16 / sizeof(T);
+  return vec_ok<T>(p, s[2], s[3], D) && s[0] % V == 0 && s[1] % V == 0;
+}
+
+template <typename T>
+VecFlags vec_flags(const AttnArgs& a) {
+  return {vec4<T>(a.q, a.sq, a.D), vec4<T>(a.k, a.sk, a.D), vec4<T>(a.v, a.sv, a.D),
+          a.out && vec4<T>(a.out, a.so, a.D), a.grad_out && vec4<T>(a.grad_out, a.sdo, a.D)};
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, int bytes) {
+#ifndef VLK_EMULATE
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+#else
+  (void)kernel, (void)bytes;
+#endif
+}
+
+// Whether a call needs the kernels instantiated with soft-capping and dropout (X = true); the
+// others leave that code out (registers: it made dk/dv spill at head dim 128).
+bool extras(const AttnArgs& a) { return a.softcap > 0.f || a.dropout; }
+
+template <typename T, int DP, bool X>
+const char* fwd(const AttnArgs& a, void* stream) {
+  using C = Cfg<T, DP>;
+  const int smem = C::smem(C::FWD_BM + 2 * C::FWD_BN, C::FWD_BM);
+  auto kernel = attn_fwd_kernel<T, DP, X>;
+  allow_smem(kernel, smem);
+  dim3 grid(cdiv(a.Lq, C::FWD_BM) * a.splits, a.H, a.B);
+  VLK_LAUNCH(kernel, grid, dim3(C::FWD_BM * 2), smem, stream, a, vec_flags<T>(a));
+  if (a.splits > 1) {
+    auto combine = attn_combine_kernel<T>;
+    VLK_LAUNCH(combine, dim3(cdiv(a.B * a.H * a.Lq, 128)), dim3(128), 0, stream, a);
+  }
+  VLK_CHECK_LAUNCH();
+}
+
+template <typename T, int DP, bool X>
+const char* bwd(const AttnArgs& a, void* stream) {
+  using C = Cfg<T, DP>;
+  const VecFlags vec = vec_flags<T>(a);
+  auto delta = attn_delta_kernel<T>;
+  auto dkdv = attn_dkdv_kernel<T, DP, X>;
+  auto dq = attn_dq_kernel<T, DP, X>;
+  VLK_LAUNCH(delta, dim3(cdiv(a.Lq, 4), a.H, a.B), dim3(128), 0, stream, a);
+  const int smem_kv = C::smem(2 * C::KV_BN + 2 * C::KV_BM, C::KV_BM);
+  allow_smem(dkdv, smem_kv);
+  VLK_LAUNCH(dkdv, dim3(cdiv(a.Lk, C::KV_BN), a.Hk, a.B), dim3(C::KV_BN * 2), smem_kv,
+             stream, a, vec);
+  const int smem_q = C::smem(2 * C::DQ_BM + 2 * C::DQ_BN, C::DQ_BM);
+  allow_smem(dq, smem_q);
+  VLK_LAUNCH(dq, dim3(cdiv(a.Lq, C::DQ_BM), a.H, a.dq_chunks), dim3(C::DQ_BM * 2), smem_q,
+             stream, a, vec);
+  VLK_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+// One (dtype, padded head dim): the forward (with the flash-decoding combine) or the backward, the
+// kernels with or without soft-capping and dropout as the call needs. Explicitly instantiated once
+// per (T, DP) in attention_<dtype>_hd<DP>.cu, so that a parallel build compiles them side by side.
+template <typename T, int DP>
+const char* attention_launch(const AttnArgs& a, void* stream, bool forward) {
+  if (extras(a)) return forward ? fwd<T, DP, true>(a, stream) : bwd<T, DP, true>(a, stream);
+  return forward ? fwd<T, DP, false>(a, stream) : bwd<T, DP, false>(a, stream);
+}
+
+}  // namespace vlk

@@ -1,0 +1,5 @@
+#include "attention.cuh"
+
+namespace vlk {
+template const char* attention_launch<__half, 32>(const AttnArgs&, void*, bool);
+}  // namespace vlk
