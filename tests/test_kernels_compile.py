@@ -15,15 +15,38 @@ import time
 import pytest
 import torch
 
+SMEM_KERNELS = {"_attn_fwd": "fwd", "_attn_bwd_dkdv": "dkdv", "_attn_bwd_dq": "dq"}
+
+
+def _smem_bound(ln):
+    """The plan's upper bound on the launch's shared memory (attention's tiled kernels), else None."""
+    from triton import Config
+
+    from vlkernels.attention import plan
+
+    if ln.name not in SMEM_KERNELS:
+        return None
+    a = ln.args
+    config = Config({"BLOCK_M": a["BLOCK_M"], "BLOCK_N": a["BLOCK_N"]}, **ln.options)
+    score_bytes = plan._score_bytes(a["mask"])
+    size, fused = a["Q"].element_size(), bool(a.get("FUSED"))
+    return plan.smem_bound(SMEM_KERNELS[ln.name], config, a["BLOCK_D"], size, score_bytes, fused)
+
 
 def _record(run_launchers, all_configs=False):
-    """The launches ``run_launchers()`` makes (with every autotune config: one job per config), as
-    picklable compile jobs (module, kernel name, signature, constants, attributes, options)."""
+    """The launches ``run_launchers()`` makes (with every autotune config the kernel's prune keeps:
+    one job per config), as picklable compile jobs (module, kernel name, signature, constants,
+    attributes, options, shared-memory bound)."""
     from benchmarks import static
 
     with static.recording(all_configs) as rec:
         run_launchers()
-    return [(ln.kernel.__module__, ln.name, *static.signature(ln), ln.options) for ln in rec.launches]
+    jobs = []
+    for ln in rec.launches:
+        tiles = {n: v for n, v in ln.args.items() if n.startswith("BLOCK_")}
+        bound = _smem_bound(ln)
+        jobs.append((ln.kernel.__module__, ln.name, *static.signature(ln), ln.options, tiles, bound))
+    return jobs
 
 
 def _launchers(arch_dtypes):
@@ -40,7 +63,7 @@ def _launchers(arch_dtypes):
     def run():
         with fake_cuda():
             dev = "cuda"
-            for dtype, variant, backward in arch_dtypes:
+            for dtype, variant, backward, head_dim in arch_dtypes:
                 # the backward's three paths: one key tile holds every key, one query tile every
                 # query (one query head per key head), or neither (shared queries: always)
                 Lq, Lk, Hk = {
@@ -48,7 +71,7 @@ def _launchers(arch_dtypes):
                     "queries_fused": (48, 100, 4),
                     "split": (100, 100, 2),
                 }[backward]
-                B, H, D = 2, 4, 128 if variant == "all_on" else 64
+                B, H, D = 2, 4, head_dim
                 q = torch.empty(1 if variant == "mixed" else B, H, Lq, D, dtype=dtype, device=dev)
                 k = torch.empty(B, Hk, Lk, D, dtype=dtype, device=dev)
                 i32 = torch.empty(B, dtype=torch.int32, device=dev)
@@ -128,15 +151,17 @@ def _launchers(arch_dtypes):
     return run
 
 
-# (arch, dtype, variant, attention backward): every mask part, every contrastive variant, each
-# path of the attention backward, on each dtype and target
+# (arch, dtype, variant, attention backward, head dim): every mask part, every contrastive variant,
+# each path of the attention backward, on each dtype and target; head dim 256 for the largest tiles
 VARIANTS = [
-    (90, torch.bfloat16, "all_on", "keys_fused"),
-    (90, torch.bfloat16, "off", "queries_fused"),
-    (80, torch.float16, "mixed", "split"),
-    (90, torch.float32, "off", "split"),
-    (90, torch.float16, "all_on", "queries_fused"),
+    (90, torch.bfloat16, "all_on", "keys_fused", 128),
+    (90, torch.bfloat16, "off", "queries_fused", 64),
+    (80, torch.float16, "mixed", "split", 64),
+    (90, torch.float32, "off", "split", 64),
+    (90, torch.float16, "all_on", "queries_fused", 128),
+    (90, torch.bfloat16, "off", "split", 256),
 ]
+SMEM_PER_BLOCK = {80: 166912, 90: 232448}  # bytes: an A100's and an H100's opt-in maximum per block
 
 
 def _compile(job):
@@ -146,14 +171,17 @@ def _compile(job):
 
     from benchmarks import static
 
-    module, name, sig, constexprs, attrs, options, arch = job
+    module, name, sig, constexprs, attrs, options, tiles, bound, arch = job
     fn = getattr(importlib.import_module(module), name)
     if isinstance(fn, Autotuner):
         fn = fn.fn
     t0 = time.perf_counter()
     k = static.compile_signature(fn, sig, constexprs, attrs, options, arch)
     assert k.asm.get("cubin"), name
-    return f"{name} sm_{arch}: {time.perf_counter() - t0:.1f} s"
+    shared, limit = k.metadata.shared, SMEM_PER_BLOCK[arch]
+    what = f"{name} {tiles} {options} sm_{arch}: {shared} B shared (bound {bound})"
+    wrong = shared > limit or (bound is not None and shared > bound)
+    return f"{what}, {time.perf_counter() - t0:.1f} s", wrong
 
 
 def main(all_configs: bool):
@@ -163,9 +191,13 @@ def main(all_configs: bool):
     for arch, *variant in VARIANTS:
         jobs += [(*j, arch) for j in _record(_launchers([variant]), all_configs)]
         launches += len(_record(_launchers([variant])))
+    wrong = []
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for line in pool.map(_compile, jobs):
+        for line, past in pool.map(_compile, jobs):
             print(line, flush=True)
+            wrong += [line] * past
+    limits = ", ".join(f"sm_{a} {n} B" for a, n in SMEM_PER_BLOCK.items())
+    assert not wrong, f"shared memory past a block's ({limits}) or the plan's bound:\n" + "\n".join(wrong)
     import triton
 
     print(f"compiled {len(jobs)} kernels ({launches} launches) with triton {triton.__version__}")
@@ -191,6 +223,9 @@ def _tritons():
 
 @pytest.mark.parametrize("triton_path", _tritons())
 def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
+    """Every launch compiles; every config within the target's shared memory per block and, for
+    attention's tiled kernels, within the plan's bound (``plan.smem_bound``, which prunes the
+    configs)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ imports from there
     env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, root, env.get("PYTHONPATH")) if p)
@@ -208,7 +243,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
         bias_grad = variant == "all_on"
         return 1 + (1 if backward != "split" else 3 + (variant == "mixed")) + bias_grad + decode + spans
 
-    n = sum(attention(v, bw) + 2 + (v == "off") + 5 + 3 for _, _, v, bw in VARIANTS)
+    n = sum(attention(v, bw) + 2 + (v == "off") + 5 + 3 for _, _, v, bw, _ in VARIANTS)
     assert f"({n} launches)" in out.stdout, out.stdout
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from helpers import DEVICE
 
@@ -251,3 +252,54 @@ def test_grids_stay_within_cudas_limits_at_large_batches():
         "bwd_dbias",
     )
     assert all(f"_attn_{k}'" in run.stdout for k in kernels), run.stdout
+
+
+def test_batches_and_heads_past_a_grid_axis_go_to_the_torch_backend():
+    """Past 65,535 batch entries or heads (a CUDA grid axis each) both kernel backends say why they
+    cannot serve, and automatic dispatch on the CPU runs the torch backend, which has no such
+    limit (meta tensors: nothing is allocated)."""
+    from vlkernels.attention import cuda as C
+    from vlkernels.attention import triton as T
+
+    past = P.GRID_AXIS_MAX + 1
+    for B, H, Hk in ((past, 1, 1), (1, past, 1), (1, 2 * past, 2)):
+        q = torch.empty(B, H, 1, 16, device="meta")
+        k = torch.empty(B, Hk, 3, 16, device="meta")
+        a = _args(q, k, k)
+        for limits in (T._limits, C._limits):
+            (why,) = [r for r in limits(a) if "grid axis" in r]
+            assert str(past) in why or str(2 * past) in why, why
+    at_limit = torch.empty(P.GRID_AXIS_MAX, P.GRID_AXIS_MAX, 1, 16, device="meta")
+    assert P.grid_reasons(_args(at_limit, at_limit, at_limit)) == []
+    q, k, v = (torch.randn(P.GRID_AXIS_MAX + 1, 1, n, 8) for n in (1, 3, 3))
+    with pytest.warns(UserWarning, match="torch backend.*65535 batch entries and heads"):
+        out = vlkernels.attention(q, k, v)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_configs_past_a_blocks_shared_memory_are_pruned(monkeypatch):
+    """On a GPU the kernels' prunes keep only configs whose shared-memory bound fits a block: the
+    ones Triton 3.6 built above 227 KB for sm_90a (decoding bf16 head dim 256: 274,432 B, fp32 head
+    dim 128: 278,528 B; fused dk/dv fp32 head dim 256: 245,888 B) are gone, and every kernel keeps a
+    config at every head dim, dtype and mask (tests/test_kernels_compile.py holds the bound above
+    what Triton allocates)."""
+    monkeypatch.setattr(P, "interpreter_on", lambda: False)
+    decode = next(c for c in P.FWD_CONFIGS if c.kwargs == {"BLOCK_M": 16, "BLOCK_N": 128})
+    dkdv = next(c for c in P.BWD_CONFIGS if c.kwargs == {"BLOCK_M": 32, "BLOCK_N": 64})
+    for kernel, config, D, size in (("fwd", decode, 256, 2), ("fwd", decode, 128, 4), ("dkdv", dkdv, 256, 4)):
+        assert P.loadable(kernel, [config], D, size) == [], (kernel, config, D, size)
+    for D in (16, 32, 64, 128, 256):
+        for size in (2, 4):
+            for score_bytes in (0, 1, size, 1 + size):
+                assert P.loadable("fwd", P.FWD_CONFIGS, D, size, score_bytes)
+                for kernel in ("dkdv", "dq"):
+                    kept = [
+                        c
+                        for c in P.loadable(kernel, P.BWD_CONFIGS, D, size, score_bytes)
+                        if P._no_spill(c, D)
+                    ]
+                    assert kept, (kernel, D, size, score_bytes)
+    # the plan (made here, not cached) fuses the backward only where a config that fits holds every key
+    q = torch.zeros(2, 2, 64, 256)
+    assert P._largest_bwd_tile("dkdv", "BLOCK_N", _args(q, q, q), 256) == 64
+    assert P._make(_args(q, q, q)).bwd == "keys_fused"

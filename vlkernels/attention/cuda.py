@@ -54,7 +54,7 @@ def _backward(g: A.AttentionGradArgs):
 
 def _limits(a: A.AttentionArgs) -> list[str]:
     D = a.q.shape[-1]
-    reasons = []
+    reasons = P.grid_reasons(a)
     if not (16 <= D <= 256 and D % 8 == 0):
         reasons.append(f"the CUDA C++ kernels take head dims that are multiples of 8 in [16, 256], got {D}")
     if a.mask.bias is not None:

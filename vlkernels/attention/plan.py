@@ -28,6 +28,18 @@ from vlkernels._triton_utils import next_pow2
 from vlkernels.attention import args as A
 
 DECODE_ROWS = 16  # at most this many query rows is decoding: the height of its tiles
+GRID_AXIS_MAX = 65535  # CUDA's limit on grid axes 1 and 2, which the kernels give to heads and batch entries
+
+
+def grid_reasons(a: A.AttentionArgs) -> list[str]:
+    """Why the kernels' grids cannot hold this call (empty: they can): heads and batch entries
+    each take a grid axis of their own (the Triton and CUDA C++ kernels alike)."""
+    B, H, Hk = a.k.shape[0], a.q.shape[1], a.k.shape[1]
+    if max(B, H, Hk) <= GRID_AXIS_MAX:
+        return []
+    big = {name: n for name, n in (("batch", B), ("q heads", H), ("k/v heads", Hk)) if n > GRID_AXIS_MAX}
+    got = ", ".join(f"{name} {n}" for name, n in big.items())
+    return [f"the kernels take at most {GRID_AXIS_MAX} batch entries and heads (a grid axis each), got {got}"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,6 +62,48 @@ BWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32,
 AUTOTUNE_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "GROUP", "MASK_KEY", "CAP", "DROPOUT"]
 
 
+SMEM_PER_BLOCK = 232448  # bytes of shared memory one block may take on an H100/H200 (the opt-in maximum)
+# per kernel: (tiles its loop loads, tiles it keeps), in rows of BLOCK_D elements
+_SMEM_TILES = {"fwd": ("2N", "M"), "dkdv": ("2M", "2N"), "dq": ("2N", "2M")}
+
+
+def smem_bound(
+    kernel: str, config, BLOCK_D: int, element_size: int, score_bytes: int = 0, fused: bool = False
+) -> int:
+    """An upper bound on the shared memory (bytes) of ``kernel`` ("fwd", "dkdv", "dq") compiled with
+    ``config``: the tiles its loop loads, in max(num_stages, 2) buffers (Triton's software
+    pipeline), with ``score_bytes`` per score (a dense mask's or bias's element); the tiles it keeps;
+    an fp32 [BLOCK_M, BLOCK_N] tile (layout conversions) and, for a fused backward kernel, fp32 tiles
+    of what it makes besides its own: dq [BLOCK_M, BLOCK_D] (dk/dv) or dk and dv [BLOCK_N, BLOCK_D]
+    (dq). tests/test_kernels_compile.py holds it above what Triton
+    allocates for every config it builds."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    rows = {"M": m, "N": n, "2M": 2 * m, "2N": 2 * n}
+    looped, kept = (rows[r] for r in _SMEM_TILES[kernel])
+    per_buffer = looped * BLOCK_D * element_size + m * n * score_bytes
+    other = {"dkdv": m, "dq": 2 * n}.get(kernel, 0) if fused else 0  # rows of dq, or of dk and dv
+    scratch = 4 * (m * n + other * BLOCK_D)
+    return max(config.num_stages, 2) * per_buffer + kept * BLOCK_D * element_size + scratch
+
+
+def _score_bytes(mask) -> int:
+    """Bytes per score of the mask tiles a kernel loads (a dense bool mask, a float bias), from a
+    MaskArgs or the kernels' form of it (its tensors as views with a ``ptr``)."""
+    parts = (getattr(t, "ptr", t) for t in (mask.dense_mask, mask.bias) if t is not None)
+    return sum(t.element_size() for t in parts)
+
+
+def loadable(
+    kernel: str, configs, BLOCK_D: int, element_size: int, score_bytes: int = 0, fused: bool = False
+):
+    """The configs of ``kernel`` whose shared memory fits a block on the GPU (``smem_bound``); all
+    of them under the interpreter."""
+    if interpreter_on():
+        return configs
+    bound = functools.partial(smem_bound, kernel, BLOCK_D=BLOCK_D, element_size=element_size)
+    return [c for c in configs if bound(c, score_bytes=score_bytes, fused=fused) <= SMEM_PER_BLOCK]
+
+
 def fit(configs, args):
     """The configs whose tiles are no larger than the problem (rounded up to a power of two): a
     larger tile does the same work on more padding. All of them if none is."""
@@ -59,30 +113,45 @@ def fit(configs, args):
     return fitting or configs
 
 
-def bwd_prune(block: str, length: str):
-    """The backward's configs for a kernel's arguments: with FUSED a program holds every key (dk/dv:
-    BLOCK_N >= Lk) or every query (dq: BLOCK_M >= Lq); from head dim 128 on, no 64 x 64 tile (its
-    dk, dv and dq accumulators spill); then ``fit``."""
+def _loadable_args(kernel: str, configs, args):
+    size, score_bytes = args["Q"].element_size(), _score_bytes(args["mask"])
+    return loadable(kernel, configs, args["BLOCK_D"], size, score_bytes, bool(args.get("FUSED")))
+
+
+def fwd_prune(configs, args):
+    """The forward's configs for a kernel's arguments: those that fit in shared memory, then ``fit``."""
+    return fit(_loadable_args("fwd", configs, args), args)
+
+
+def _no_spill(config, BLOCK_D: int) -> bool:
+    """From head dim 128 on, a backward config has no 64 x 64 tile (its dk, dv and dq accumulators
+    spill)."""
+    return BLOCK_D < 128 or config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] < 64 * 64
+
+
+def bwd_prune(kernel: str, block: str, length: str):
+    """The backward's configs for a kernel's arguments: those that fit in shared memory; with FUSED
+    those where a program holds every key (dk/dv: BLOCK_N >= Lk) or every query (dq: BLOCK_M >=
+    Lq); ``_no_spill``; then ``fit``."""
 
     def prune(configs, args):
-        return fit(
-            [
-                c
-                for c in configs
-                if (not args.get("FUSED") or c.kwargs[block] >= args[length])
-                and (args["BLOCK_D"] < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 64)
-            ],
-            args,
-        )
+        fused = args.get("FUSED")
+        kept = [
+            c
+            for c in _loadable_args(kernel, configs, args)
+            if (not fused or c.kwargs[block] >= args[length]) and _no_spill(c, args["BLOCK_D"])
+        ]
+        return fit(kept, args)
 
     return prune
 
 
-def _largest_bwd_tile(side: str) -> int:
-    """The largest BLOCK_M or BLOCK_N a backward kernel may take here (the fused paths need one tile
-    to hold every query or every key)."""
+def _largest_bwd_tile(kernel: str, side: str, a: A.AttentionArgs, BLOCK_D: int) -> int:
+    """The largest BLOCK_M or BLOCK_N the backward kernel may take here with a config that fits in
+    shared memory (the fused paths need one tile to hold every query or every key); 0 if none."""
     configs = [INTERPRET_CONFIG] if interpreter_on() else BWD_CONFIGS
-    return max(c.kwargs[side] for c in configs)
+    configs = loadable(kernel, configs, BLOCK_D, a.q.element_size(), _score_bytes(a.mask), fused=True)
+    return max((c.kwargs[side] for c in configs if _no_spill(c, BLOCK_D)), default=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,9 +284,10 @@ def _make(a: A.AttentionArgs) -> Plan:
     splits, per_split = decode_splits(B, H, Lq, Lk, a.q.device, group)
     # one key tile holds every key (the Q-Former's [queries ; text]) or one query tile every query
     # (its cross-attention: 32 queries): the whole backward in one kernel
-    if not shared and Lk <= _largest_bwd_tile("BLOCK_N"):
+    BLOCK_D = consts["BLOCK_D"]
+    if not shared and Lk <= _largest_bwd_tile("dkdv", "BLOCK_N", a, BLOCK_D):
         bwd = "keys_fused"
-    elif not shared and H == Hk and Lq <= _largest_bwd_tile("BLOCK_M"):
+    elif not shared and H == Hk and Lq <= _largest_bwd_tile("dq", "BLOCK_M", a, BLOCK_D):
         bwd = "queries_fused"
     else:
         bwd = "split"

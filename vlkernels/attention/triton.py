@@ -269,7 +269,7 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
-@autotuned(P.FWD_CONFIGS, [*P.AUTOTUNE_KEY, "SPLIT", "PACK"], P.INTERPRET_CONFIG, prune=P.fit)
+@autotuned(P.FWD_CONFIGS, [*P.AUTOTUNE_KEY, "SPLIT", "PACK"], P.INTERPRET_CONFIG, prune=P.fwd_prune)
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, sq, sk, sv, so, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, drop, KEYS_PER_SPLIT,
@@ -417,7 +417,9 @@ def _attn_bwd_delta(O, DO, DELTA, so, sdo, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
     tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
-@autotuned(P.BWD_CONFIGS, [*P.AUTOTUNE_KEY, "FUSED"], P.INTERPRET_CONFIG, prune=P.bwd_prune("BLOCK_N", "Lk"))
+@autotuned(
+    P.BWD_CONFIGS, [*P.AUTOTUNE_KEY, "FUSED"], P.INTERPRET_CONFIG, prune=P.bwd_prune("dkdv", "BLOCK_N", "Lk")
+)
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, so, sdo, sdq, sdk, sdv, mask, H, Hk, GROUP, Lq, Lk, D,
@@ -484,7 +486,7 @@ def _attn_bwd_dkdv(
     P.BWD_CONFIGS,
     [*P.AUTOTUNE_KEY, "B_PER_PROG", "FUSED"],
     P.INTERPRET_CONFIG,
-    prune=P.bwd_prune("BLOCK_M", "Lq"),
+    prune=P.bwd_prune("dq", "BLOCK_M", "Lq"),
 )
 @triton.jit
 def _attn_bwd_dq(
@@ -761,7 +763,7 @@ _bwd_op = _schema.python_op(
 
 def _limits(a: A.AttentionArgs) -> list[str]:
     D = a.q.shape[-1]
-    return [] if D <= 256 else [f"the Triton kernels take head dims up to 256, got {D}"]
+    return P.grid_reasons(a) + ([] if D <= 256 else [f"the Triton kernels take head dims up to 256, got {D}"])
 
 
 BACKEND = _dispatch.Backend(
