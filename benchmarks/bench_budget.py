@@ -221,9 +221,10 @@ def _gated_workloads() -> list[Workload]:
         x = torch.randn(8, 2048, 2048, device=d, dtype=torch.bfloat16)
         return dict(x=x, y=torch.randn_like(x), gate=torch.tensor([0.1], device=d))
 
+    from vlkernels.gated import plan as GP
+
     def nbytes(inp):
-        n = inp["x"].numel() * inp["x"].element_size()
-        return 3 * n, 3 * n  # x, y in, out; dout, y in, dy out
+        return GP.hbm_bytes(inp["x"].numel(), inp["x"].element_size())
 
     return [
         Workload(
@@ -483,6 +484,10 @@ def budget(w: Workload, compile_kernels: bool = True, host: bool = True) -> dict
         from vlkernels.contrastive import plan as CP
 
         planned = (CP.kernels(), CP.kernels(backward=True))
+    if w.op == "gated_residual":
+        from vlkernels.gated import plan as GP
+
+        planned = (GP.kernels(), GP.kernels(backward=True))
     for rec, kernels in zip((fwd_rec, bwd_rec), planned, strict=True) if planned else ():
         ran = tuple(ln.name for ln in rec.launches)
         if ran != kernels:  # the plan's launch model is what ran
@@ -804,13 +809,14 @@ def cuda_over_budget(kernels: dict[str, dict]) -> list[str]:
     ]
 
 
-def run(quick: bool, progress=print) -> list[dict]:
+def run(quick: bool, progress=print, rows=None) -> list[dict]:
     from benchmarks.common import environment
 
     env = environment()
     bare = bare_launch_us()
     progress(f"one bare Triton launch (5 arguments), host path: {bare:.1f} us")
-    rows = [
+    rows = [] if rows is None else rows  # benchmarks.run passes a StreamedRows
+    rows.append(
         dict(
             env,
             op="budget_bare_triton_launch",
@@ -824,7 +830,7 @@ def run(quick: bool, progress=print) -> list[dict]:
             p80=bare,
             device="cpu",
         )
-    ]
+    )
     for w in workloads():
         progress(f"{w.name}: launches, FLOPs, bytes, compiled kernels, host time")
         b = budget(w, host=True)

@@ -1,6 +1,7 @@
-"""The Triton backend of the tanh-gated residual: one kernel forward, two backward; the gate is
-read on the device (no host synchronisation). The backward writes dy and per-program partial sums
-of ``Σ dout·y``; a one-program kernel reduces them into the gate's gradient, ``Σ·(1 − tanh²)``."""
+"""The Triton backend of the tanh-gated residual: one kernel forward, two backward (launch
+decisions: ``plan.py``); the gate is read on the device (no host synchronisation). The backward
+writes dy and per-program partial sums of ``Σ dout·y``; a one-program kernel reduces them into the
+gate's gradient, ``Σ·(1 − tanh²)``."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import triton.language as tl
 from vlkernels import _dispatch, _schema
 from vlkernels._triton_utils import LAUNCHES, poisoned
 from vlkernels.gated import args as A
-
-BLOCK = 1024
+from vlkernels.gated import plan as P
 
 
 @triton.jit
@@ -43,11 +43,11 @@ def _gated_bwd(DOUT, Y, G, DY, PARTIAL, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gated_dgate(PARTIAL, G, DG, P, BLOCK: tl.constexpr):
+def _gated_dgate(PARTIAL, G, DG, N_PARTIAL, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in tl.range(0, P, BLOCK):
+    for start in tl.range(0, N_PARTIAL, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(PARTIAL + offs, mask=offs < P, other=0.0)
+        acc += tl.load(PARTIAL + offs, mask=offs < N_PARTIAL, other=0.0)
     t = _tanh(tl.load(G).to(tl.float32))
     tl.store(DG, (tl.sum(acc, axis=0) * (1.0 - t * t)).to(DG.dtype.element_ty))
 
@@ -56,7 +56,7 @@ def _forward(a: A.GatedResidualArgs) -> torch.Tensor:
     xf, yf = a.x.contiguous().view(-1), a.y.contiguous().view(-1)
     out = poisoned(torch.empty_like(xf))
     n = xf.numel()
-    _gated_fwd[(triton.cdiv(n, BLOCK),)](xf, yf, a.gate, out, n, BLOCK=BLOCK)
+    _gated_fwd[(P.programs(n),)](xf, yf, a.gate, out, n, BLOCK=P.BLOCK)
     LAUNCHES["gated_residual_fwd"] += 1
     return out.view(a.x.shape)
 
@@ -64,12 +64,12 @@ def _forward(a: A.GatedResidualArgs) -> torch.Tensor:
 def _backward(g: A.GatedResidualGradArgs) -> tuple[torch.Tensor, torch.Tensor]:
     gf, yf = g.grad_out.contiguous().view(-1), g.y.contiguous().view(-1)
     n = gf.numel()
-    programs = triton.cdiv(n, BLOCK)
+    programs = P.programs(n)
     dy = poisoned(torch.empty_like(yf))
     partial = poisoned(g.y.new_empty(programs, dtype=torch.float32))
     dgate = poisoned(torch.empty_like(g.gate))
-    _gated_bwd[(programs,)](gf, yf, g.gate, dy, partial, n, BLOCK=BLOCK)
-    _gated_dgate[(1,)](partial, g.gate, dgate, programs, BLOCK=BLOCK)
+    _gated_bwd[(programs,)](gf, yf, g.gate, dy, partial, n, BLOCK=P.BLOCK)
+    _gated_dgate[(1,)](partial, g.gate, dgate, programs, BLOCK=P.BLOCK)
     LAUNCHES["gated_residual_bwd"] += 1
     return dy.view(g.y.shape), dgate
 
