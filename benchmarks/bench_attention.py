@@ -291,14 +291,14 @@ def _measure_cpu(fns: dict, q, k, v, mask, dense, quick) -> dict[str, list[tuple
     return res
 
 
-def run(quick: bool, dtype=None, progress=print) -> list[dict]:
+def run(quick: bool, dtype=None, progress=print, rows=None) -> list[dict]:
     """Measure every case x provider x mode; returns CSV rows (see benchmarks.common.FIELDS)."""
     from benchmarks.common import environment
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     env = environment()
-    rows = []
+    rows = [] if rows is None else rows  # benchmarks.run passes a StreamedRows
     provs = providers(device)
     for name, why in provs.items():
         if isinstance(why, str):

@@ -63,13 +63,13 @@ def matmul_ceiling_tflops() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def _run_gpu(quick: bool, progress) -> list[dict]:
+def _run_gpu(quick: bool, progress, rows: list) -> None:
     from benchmarks.common import environment, peak_mib, time_ms
 
     env = environment()
     ceiling = matmul_ceiling_tflops()
     progress(f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
-    rows = [
+    rows.append(
         dict(
             op="matmul_8192",
             provider="torch",
@@ -82,7 +82,7 @@ def _run_gpu(quick: bool, progress) -> list[dict]:
             p80=ceiling,
             **env,
         )
-    ]
+    )
     sizes = [4096, 16384, 32768] if quick else [4096, 8192, 16384, 32768, 65536]
     for kind in ("clip", "siglip"):
         provs = providers(kind, torch.device("cuda"))
@@ -121,7 +121,6 @@ def _run_gpu(quick: bool, progress) -> list[dict]:
                         dict(base, mode="full", metric="peak_MiB", p20=mem, p50=mem, p80=mem),
                         dict(base, mode="full", metric="TFLOP/s", p20=tflops, p50=tflops, p80=tflops),
                     ]
-    return rows
 
 
 _CPU_PROBE = textwrap.dedent("""
@@ -144,12 +143,11 @@ _CPU_PROBE = textwrap.dedent("""
 """)
 
 
-def _run_cpu(quick: bool, progress) -> list[dict]:
+def _run_cpu(quick: bool, progress, rows: list) -> None:
     from benchmarks.common import environment
 
     env = environment()
-    rows = []
-    sizes = [500, 1000, 2000, 4000] if quick else [1000, 2000, 4000, 8000, 16000]
+    sizes = [500, 2000] if quick else [1000, 2000, 4000, 8000, 16000]
     penv = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for kind in ("clip", "siglip"):
@@ -185,8 +183,9 @@ def _run_cpu(quick: bool, progress) -> list[dict]:
                             **env,
                         )
                     )
+
+
+def run(quick: bool, progress=print, rows=None) -> list[dict]:
+    rows = [] if rows is None else rows  # benchmarks.run passes a StreamedRows
+    (_run_gpu if torch.cuda.is_available() else _run_cpu)(quick, progress, rows)
     return rows
-
-
-def run(quick: bool, progress=print) -> list[dict]:
-    return _run_gpu(quick, progress) if torch.cuda.is_available() else _run_cpu(quick, progress)

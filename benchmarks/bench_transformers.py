@@ -121,7 +121,7 @@ def _measure(models: dict, kw: dict, output, rounds: int, device) -> dict:
     return {k: sorted(t) for k, t in times.items()}, {p: peak(fns[p]["full"]) for p in models}
 
 
-def run(quick: bool, progress=print) -> list[dict]:
+def run(quick: bool, progress=print, rows=None) -> list[dict]:
     from benchmarks.common import environment
 
     try:
@@ -133,7 +133,7 @@ def run(quick: bool, progress=print) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     env = dict(environment(), dtype=str(dtype).replace("torch.", ""))
     rounds = 3 if quick else 11
-    rows = []
+    rows = [] if rows is None else rows  # benchmarks.run passes a StreamedRows
     for name, (make, batch) in MODELS.items():
         torch.manual_seed(0)
         model, kw, output, shape = make(device, dtype, 2 if quick else batch)

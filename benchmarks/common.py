@@ -36,10 +36,14 @@ FIELDS = [
 def environment() -> dict:
     import triton
 
+    commit = os.environ.get("VLK_COMMIT")  # set by gpu_session.sh: the device's copy has no .git
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        commit = (
+            commit
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -117,3 +121,27 @@ def append_rows(rows: list[dict], path: pathlib.Path = RESULTS) -> None:
         if new:
             w.writeheader()
         w.writerows(rows)
+
+
+class StreamedRows(list):
+    """A benchmark's rows, each measured one (p50 not NaN) appended to the CSV at ``path`` as it is
+    added: a run stopped part-way (a time limit) keeps what it measured."""
+
+    def __init__(self, path: pathlib.Path):
+        super().__init__()
+        self.path, self.written = path, 0
+
+    def append(self, row: dict) -> None:
+        self.extend([row])
+
+    def extend(self, rows) -> None:
+        rows = list(rows)
+        super().extend(rows)
+        measured = [r for r in rows if r["p50"] == r["p50"]]
+        if measured:
+            append_rows(measured, self.path)
+            self.written += len(measured)
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self

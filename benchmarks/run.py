@@ -35,10 +35,12 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:], "--quick"], env)
 
-    from benchmarks.common import PAIRED, RESULTS, append_rows
+    from benchmarks.common import PAIRED, RESULTS, StreamedRows
 
     module = importlib.import_module(f"benchmarks.bench_{args.op}")
-    rows = module.run(args.quick, progress=lambda s: print(s, flush=True))
+    out = args.out or getattr(module, "RESULTS", RESULTS)
+    rows = StreamedRows(out)  # each measured row reaches the CSV as soon as it is measured
+    module.run(args.quick, progress=lambda s: print(s, flush=True), rows=rows)
     measured = [r for r in rows if r["p50"] == r["p50"]]  # without a GPU nothing is timed (NaN)
     if len(measured) < len(rows):
         print(
@@ -47,9 +49,7 @@ def main(argv=None) -> None:
         )
     if not measured:
         return
-    out = args.out or getattr(module, "RESULTS", RESULTS)
-    append_rows(measured, out)
-    print(f"\n{len(measured)} rows appended to {out}\n")
+    print(f"\n{rows.written} rows appended to {out}\n")
     if hasattr(module, "summary"):
         module.summary(measured)
         return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import re
 import shutil
@@ -266,6 +267,15 @@ def _signature(value, path, constexprs, attrs):
     raise TypeError(f"no Triton signature type for {type(value).__name__}")
 
 
+def _constexpr_indices(fn) -> set:
+    """The positions of a kernel's tl.constexpr parameters: a JITFunction's ``constexprs``; read
+    from the annotations of an interpreted one's function."""
+    if hasattr(fn, "constexprs"):
+        return set(fn.constexprs)
+    params = inspect.signature(fn.fn).parameters.values()
+    return {i for i, p in enumerate(params) if "constexpr" in str(p.annotation)}
+
+
 def signature(launch: Launch) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of a recorded launch, as ``triton.compiler.ASTSource`` takes
     them. The interpreter's bf16 work-around (UPCAST) is off: this is the GPU path."""
@@ -273,13 +283,42 @@ def signature(launch: Launch) -> tuple[dict, dict, dict]:
     if "UPCAST" in args:
         args["UPCAST"] = False
     sig, constexprs, attrs = {}, {}, {}
+    constant = _constexpr_indices(fn)
     for i, name in enumerate(fn.arg_names):
-        if i in fn.constexprs:
+        if i in constant:
             sig[name] = "constexpr"
             constexprs[(i,)] = args[name]
         else:
             sig[name] = _signature(args[name], (i,), constexprs, attrs)
     return sig, constexprs, attrs
+
+
+def record_compiles(directory: str) -> None:
+    """From now on, under the interpreter, keep each distinct compile that a GPU run of the same
+    launches would make (kernel, signature, constants, specialisation; the interpreter's tile
+    config) and write them to ``directory`` when the process exits (one pickle per process), for
+    ``benchmarks/gpu_estimate.py``."""
+    import atexit
+    import pickle
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    jobs, run = {}, InterpretedFunction.run
+
+    def recorded(self, *args, grid, warmup, **kwargs):
+        a = dict(zip(self.arg_names, args, strict=False)) | kwargs
+        sig, constexprs, attrs = signature(Launch(self, (), a, {}))
+        key = (self.fn.__module__, self.__name__, repr(sig), repr(sorted(constexprs.items())), repr(attrs))
+        jobs.setdefault(key, (self.fn.__module__, self.__name__, sig, constexprs, attrs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    def dump():
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"compiles-{os.getpid()}.pkl"), "wb") as f:
+            pickle.dump(list(jobs.values()), f)
+
+    InterpretedFunction.run = recorded
+    atexit.register(dump)
 
 
 def compile_signature(kernel, sig: dict, constexprs: dict, attrs: dict, options: dict, arch: int = 90):

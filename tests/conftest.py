@@ -17,6 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import BACKENDS, use_cuda_backend
 
+if os.environ.get("VLK_RECORD_COMPILES"):  # the GPU run's compile count (benchmarks/gpu_estimate.py)
+    from benchmarks import static
+
+    static.record_compiles(os.environ["VLK_RECORD_COMPILES"])
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):

@@ -1,6 +1,6 @@
 """benchmarks/gpu_session.sh, the one script a GPU session runs, rehearsed on this CPU (DRY=1: the
 interpreter, a smoke subset of the tests, --quick benchmarks) so that it cannot rot between the
-sessions that are lent a GPU."""
+sessions that are lent a GPU. CPU only: on the GPU the script itself runs."""
 
 import os
 import pathlib
@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal of the GPU session")
 def test_gpu_session_script_dry_run(tmp_path):
     env = dict(os.environ, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable)
     out = subprocess.run(
@@ -24,9 +26,11 @@ def test_gpu_session_script_dry_run(tmp_path):
     )
     steps = (tmp_path / "steps.txt").read_text()
     assert out.returncode == 0, steps + out.stdout[-3000:] + out.stderr[-3000:]
-    assert [line.split()[0] for line in steps.splitlines()] == ["info", "tests", "demo", "bench"]
+    names = [line.split()[0] for line in steps.splitlines()]
+    assert names == ["install", "info", "tests", "demo", "bench", "table"]
     assert "rc=0" in steps and "rc=1" not in steps
     assert "passed" in (tmp_path / "tests.log").read_text()
     assert "Q-Former" in (tmp_path / "demo.txt").read_text()
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert rows[0].startswith("op,provider,mode") and len(rows) > 1
+    assert (tmp_path / "gpu_table.md").read_text().startswith("Device ")
