@@ -14,6 +14,8 @@ export VLK_GPU_TRITON_PATH ?= $(abspath $(VENV))/gpu-triton
 TF_OLDEST ?= transformers==5.17.0 huggingface-hub==1.5.0 httpx anyio httpcore h11 idna certifi sniffio
 TF_OLDEST_PATH ?= $(abspath $(VENV))/tf-oldest
 PATCH_TESTS := tests/test_patch.py tests/test_generate.py tests/test_patch_families.py
+# pytest-xdist workers (auto: one per core)
+TEST_WORKERS ?= auto
 
 $(VENV)/.installed: setup.py Makefile $(wildcard csrc/*)
 	python3 -m venv $(VENV)
@@ -26,7 +28,25 @@ $(VENV)/.installed: setup.py Makefile $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(TF_OLDEST_PATH) $(TF_OLDEST)
 	touch $@
 
-.PHONY: install demo test lint
+# `make gpu-prep`: the GPU session's bundle (benchmarks/gpu_session.sh), prepared here with the GPU
+# machine's versions: vlkernels._C built for its Python 3.12 and torch 2.11.0+cu130 (sm_90a), the
+# peer wheels in .whl/ and the commit in .whl/COMMIT; then the script's DRY rehearsal in that
+# environment (numpy 2.2.6 over its 2.5 for the rehearsal only: Triton 3.6's interpreter fails with
+# numpy >= 2.4; the device never runs the interpreter). The device call carries
+# vlkernels/_C.cpython-312-x86_64-linux-gnu.so and .whl.
+GPU_VENV ?= .venv-gpu
+GPU_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+GPU_VERSIONS ?= torch==2.11.0 triton==3.6.0 "numpy==2.5.*" transformers==5.17.0 pytest pytest-xdist \
+	pybind11 ninja setuptools wheel
+GPU_REHEARSAL ?= /tmp/vlkernels-gpu-rehearsal
+
+$(GPU_VENV)/.installed:
+	$(GPU_PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q $(GPU_VERSIONS)
+	$(GPU_VENV)/bin/python -m pip install -q --target $(GPU_VENV)/numpy-interpreter numpy==2.2.6
+	touch $@
+
+.PHONY: install demo test lint gpu-prep
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -37,5 +57,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q --durations=15 tests
-	PYTHONPATH=$(TF_OLDEST_PATH) $(PY) -m pytest -q $(PATCH_TESTS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
+	PYTHONPATH=$(TF_OLDEST_PATH) $(PY) -m pytest -q -n $(TEST_WORKERS) $(PATCH_TESTS)
+
+gpu-prep: $(GPU_VENV)/.installed
+	VLK_CUDA_ARCHS=90a $(GPU_VENV)/bin/python setup.py -q build_ext --inplace
+	bash benchmarks/fetch_wheels.sh
+	git rev-parse --short HEAD > .whl/COMMIT
+	rm -rf $(GPU_REHEARSAL)
+	DRY=1 OUT=$(GPU_REHEARSAL) PYTHON=$(GPU_VENV)/bin/python PYTHONPATH=$(abspath $(GPU_VENV))/numpy-interpreter \
+		bash benchmarks/gpu_session.sh

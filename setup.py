@@ -51,6 +51,7 @@ setup(
     extras_require={
         "test": [
             "pytest",
+            "pytest-xdist",
             "hypothesis",
             "ruff",
             "open-clip-torch",
