@@ -20,6 +20,18 @@ from vlkernels._dispatch import interpreter_on
 
 # Kernel launches by name; tests read it to prove that a kernel (not an eager fallback) ran.
 LAUNCHES: collections.Counter = collections.Counter()
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x · LOG2E); host code: LOG2E.value
+
+
+@triton.jit
+def tanh(x):
+    """tanh in fp32 to a few ulps (the interpreter has no libdevice): the odd series below 0.25,
+    (1 - e) / (1 + e) with e = exp(-2|x|) above."""
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))  # tensor first: a constexpr times a tensor is not one
+    far = (1.0 - e) / (1.0 + e)
+    return tl.where(tl.abs(x) < 0.25, series, tl.where(x < 0, -far, far))
 
 
 def autotuned(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, prune=None):

@@ -19,13 +19,11 @@ import triton.language as tl
 
 from vlkernels import _dispatch, _schema
 from vlkernels._dispatch import interpreter_on
-from vlkernels._triton_utils import LAUNCHES, autotuned, launch, next_pow2, poisoned
+from vlkernels._triton_utils import LAUNCHES, LOG2E, autotuned, launch, next_pow2, poisoned, tanh
 from vlkernels.attention import args as A
 from vlkernels.attention import dropout
 from vlkernels.attention import plan as P
 from vlkernels.masks import MaskArgs
-
-LOG2E = 1.4426950408889634
 
 
 class _View(NamedTuple):
@@ -131,17 +129,6 @@ def _allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk):
 
 
 @triton.jit
-def _tanh(x):
-    """tanh in fp32 to a few ulps (the interpreter has no libdevice): the odd series below 0.25,
-    (1 - e) / (1 + e) with e = exp(-2|x|) above."""
-    x2 = x * x
-    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
-    far = (1.0 - e) / (1.0 + e)
-    return tl.where(tl.abs(x) < 0.25, series, tl.where(x < 0, -far, far))
-
-
-@triton.jit
 def _scores(q, k, qk_scale, softcap, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION: tl.constexpr,
             UPCAST: tl.constexpr, CAP: tl.constexpr):
     """Scores of a tile in log2 units, fp32: q kᵀ · scale, capped (CAP: softcap · tanh(· / softcap)),
@@ -149,15 +136,15 @@ def _scores(q, k, qk_scale, softcap, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION:
     s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
     dcap = 1.0
     if CAP:
-        t = _tanh(s * (1.0 / (softcap * 1.4426950408889634)))
-        s = t * (softcap * 1.4426950408889634)
+        t = tanh(s * (1.0 / (softcap * LOG2E)))
+        s = t * (softcap * LOG2E)
         dcap = 1.0 - t * t
     if m.bias is not None:
         ptrs = _block(m.bias.ptr, m.bias.stride, b, h, offs_m, offs_n)
         ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
         bias = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
         # log2 units; a finite bias stays finite (finfo.min · log2(e) would overflow to -inf)
-        finite = tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38)
+        finite = tl.maximum(bias * LOG2E, -3.4028234663852886e38)
         s += tl.where(bias == float("-inf"), bias, finite)
     return s, dcap
 
@@ -662,7 +649,7 @@ def _forward(a: A.AttentionArgs):
     launch(
         _attn_fwd, grid, p.launched, "fwd", (a.q, a.k, a.v, o, o_lse, *dyn),
         Q=a.q, K=a.k, V=a.v, O=o, LSE=o_lse, sq=p.sq, sk=a.k.stride(), sv=a.v.stride(), so=o.stride()[-4:],
-        mask=mask, H=H, Lq=Lq, Lk=Lk, D=D, qk_scale=a.scale * LOG2E,
+        mask=mask, H=H, Lq=Lq, Lk=Lk, D=D, qk_scale=a.scale * LOG2E.value,
         softcap=a.softcap, drop=drop, KEYS_PER_SPLIT=p.keys_per_split, so_split=so_split, SPLIT=p.splits > 1,
         PACK=p.pack, **{**p.consts, "LQ_KEY": next_pow2(p.rows)},
     )  # fmt: skip
@@ -693,7 +680,7 @@ def _backward(g: A.AttentionGradArgs):
     common = dict(
         Q=a.q, K=a.k, V=a.v, O=g.out, DO=g.grad_out, LSE=g.lse, DELTA=delta, DK=dk, DV=dv, sq=p.sq,
         sk=a.k.stride(), sv=a.v.stride(), so=g.out.stride(), sdo=g.grad_out.stride(), sdk=dk.stride(),
-        sdv=dv.stride(), mask=mask, H=H, Lq=Lq, Lk=Lk, D=D, qk_scale=a.scale * LOG2E,
+        sdv=dv.stride(), mask=mask, H=H, Lq=Lq, Lk=Lk, D=D, qk_scale=a.scale * LOG2E.value,
         sm_scale=a.scale, softcap=a.softcap, drop=drop, **p.consts,
     )  # fmt: skip
     if p.bwd == "split":
@@ -739,8 +726,9 @@ def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
         (a.q, a.k, a.v, g.grad_out, g.lse, db, g.grad_out.stride(), *dyn),
         Q=a.q, K=a.k, V=a.v, DO=g.grad_out, LSE=g.lse, DB=db, sq=p.sq, sk=a.k.stride(), sv=a.v.stride(),
         sdo=g.grad_out.stride(), sdb=db.stride(), mask=mask, H=H, GROUP=c["GROUP"], Lq=Lq, Lk=Lk, D=D,
-        qk_scale=a.scale * LOG2E, softcap=a.softcap, drop=drop, PRECISION=c["PRECISION"], UPCAST=c["UPCAST"],
-        CAP=c["CAP"], DROPOUT=c["DROPOUT"], BLOCK_D=c["BLOCK_D"], BLOCK_M=block, BLOCK_N=block,
+        qk_scale=a.scale * LOG2E.value, softcap=a.softcap, drop=drop, PRECISION=c["PRECISION"],
+        UPCAST=c["UPCAST"], CAP=c["CAP"], DROPOUT=c["DROPOUT"], BLOCK_D=c["BLOCK_D"], BLOCK_M=block,
+        BLOCK_N=block,
     )  # fmt: skip
     LAUNCHES["attention_bias_grad"] += 1
     return db

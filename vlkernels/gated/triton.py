@@ -10,21 +10,16 @@ import triton
 import triton.language as tl
 
 from vlkernels import _dispatch, _schema
-from vlkernels._triton_utils import LAUNCHES, poisoned
+from vlkernels._triton_utils import LAUNCHES, poisoned, tanh
 from vlkernels.gated import args as A
 from vlkernels.gated import plan as P
-
-
-@triton.jit
-def _tanh(g):
-    return 2.0 * tl.sigmoid(2.0 * g) - 1.0
 
 
 @triton.jit
 def _gated_fwd(X, Y, G, OUT, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    t = _tanh(tl.load(G).to(tl.float32))
+    t = tanh(tl.load(G).to(tl.float32))
     x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
     y = tl.load(Y + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(OUT + offs, (x + t * y).to(OUT.dtype.element_ty), mask=ok)
@@ -35,7 +30,7 @@ def _gated_bwd(DOUT, Y, G, DY, PARTIAL, N, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    t = _tanh(tl.load(G).to(tl.float32))
+    t = tanh(tl.load(G).to(tl.float32))
     do = tl.load(DOUT + offs, mask=ok, other=0.0).to(tl.float32)
     y = tl.load(Y + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(DY + offs, (t * do).to(DY.dtype.element_ty), mask=ok)
@@ -48,7 +43,7 @@ def _gated_dgate(PARTIAL, G, DG, N_PARTIAL, BLOCK: tl.constexpr):
     for start in tl.range(0, N_PARTIAL, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(PARTIAL + offs, mask=offs < N_PARTIAL, other=0.0)
-    t = _tanh(tl.load(G).to(tl.float32))
+    t = tanh(tl.load(G).to(tl.float32))
     tl.store(DG, (tl.sum(acc, axis=0) * (1.0 - t * t)).to(DG.dtype.element_ty))
 
 
