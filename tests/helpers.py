@@ -4,6 +4,10 @@ that a backend's kernels ran, and the CPU emulation of the CUDA C++ backend."""
 from __future__ import annotations
 
 import contextlib
+import os
+import pathlib
+import shutil
+import sys
 
 import torch
 
@@ -129,10 +133,6 @@ EMULATED = _extension.Extension("vlkernels_emu", "cpu", "CPU emulation")
 
 def build_emulated_cuda_ops() -> str | None:
     """Build csrc/ for the CPU emulation once per session; None (and the reason) if impossible."""
-    import os
-    import pathlib
-    import shutil
-
     if "ns" in _EMU:
         return _EMU["ns"]
     root = pathlib.Path(__file__).resolve().parent.parent
@@ -143,7 +143,8 @@ def build_emulated_cuda_ops() -> str | None:
         return None
     from torch.utils import cpp_extension
 
-    build = root / "build" / "emulated"
+    # one build per Python and torch (the rehearsal's environment builds beside the test venv's)
+    build = root / "build" / f"emulated-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
     build.mkdir(parents=True, exist_ok=True)
     sources = [str(root / "csrc" / "bindings.cpp")]
     for cu in sorted((root / "csrc").glob("*.cu")):

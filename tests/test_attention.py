@@ -364,7 +364,7 @@ def test_float_bias_low_precision_two_x_rule(backend, dtype):
 
 
 def _sdpa_samples():
-    """PyTorch's own SDPA sample inputs (OpInfo), without dropout (issue: training features)."""
+    """PyTorch's own SDPA sample inputs (OpInfo), without dropout (SDPA draws its own random masks)."""
     pytest.importorskip("expecttest")
     from torch.testing._internal.common_methods_invocations import op_db
 
