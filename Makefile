@@ -36,8 +36,8 @@ $(VENV)/.installed: setup.py Makefile $(wildcard csrc/*)
 # vlkernels/_C.cpython-312-x86_64-linux-gnu.so and .whl.
 GPU_VENV ?= .venv-gpu
 GPU_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
-GPU_VERSIONS ?= torch==2.11.0 triton==3.6.0 "numpy==2.5.*" transformers==5.17.0 pytest pytest-xdist \
-	pybind11 ninja setuptools wheel
+GPU_VERSIONS ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy==2.5.*" transformers==5.17.0 timm \
+	pytest pytest-xdist pybind11 ninja setuptools wheel
 GPU_REHEARSAL ?= /tmp/vlkernels-gpu-rehearsal
 
 $(GPU_VENV)/.installed:

@@ -28,8 +28,9 @@ def load(directory: str) -> list[tuple]:
     for path in sorted(glob.glob(os.path.join(directory, "compiles-*.pkl"))):
         with open(path, "rb") as f:
             for job in pickle.load(f):
-                module, name, sig, constexprs, attrs = job
-                jobs.setdefault((module, name, repr(sig), repr(sorted(constexprs.items())), repr(attrs)), job)
+                module, name, sig, constexprs, attrs, sizes = job
+                key = (module, name, repr(sig), repr(sorted(constexprs.items())), repr(attrs), sizes)
+                jobs.setdefault(key, job)
     return list(jobs.values())
 
 
@@ -40,7 +41,7 @@ def _compile(job) -> tuple[str, float]:
 
     from benchmarks import static
 
-    module, name, sig, constexprs, attrs = job
+    module, name, sig, constexprs, attrs, _ = job
     fn = importlib.import_module(module).__dict__[name]
     if isinstance(fn, Autotuner):
         fn = fn.fn

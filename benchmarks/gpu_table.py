@@ -38,7 +38,7 @@ def markdown(out: pathlib.Path) -> str:
         return "\n".join([*lines, "No timed rows."])
     peers = sorted({r["provider"] for r in timed if not r["provider"].startswith("vlkernels")})
     lines += [
-        "| workload | shape | mode | vlkernels ms | " + " | ".join(f"{p} ms (x)" for p in peers) + " |",
+        "| workload | shape | mode | vlkernels ms |" + "".join(f" {p} ms (x) |" for p in peers),
         "|---|---|---|---|" + "---|" * len(peers),
     ]
     cases = {}
@@ -51,7 +51,7 @@ def markdown(out: pathlib.Path) -> str:
             v = by.get(p)
             cells.append("-" if v is None else f"{v:.3g}" + (f" ({v / ours:.2f}x)" if ours else ""))
         mine = "-" if ours is None else f"{ours:.3g}"
-        lines.append(f"| {op} | {shape} | {mode} | {mine} | {' | '.join(cells)} |")
+        lines.append(f"| {op} | {shape} | {mode} | {mine} |" + "".join(f" {c} |" for c in cells))
     return "\n".join(lines)
 
 

@@ -295,9 +295,9 @@ def signature(launch: Launch) -> tuple[dict, dict, dict]:
 
 def record_compiles(directory: str) -> None:
     """From now on, under the interpreter, keep each distinct compile that a GPU run of the same
-    launches would make (kernel, signature, constants, specialisation; the interpreter's tile
-    config) and write them to ``directory`` when the process exits (one pickle per process), for
-    ``benchmarks/gpu_estimate.py``."""
+    launches would make (kernel, signature, constants, specialisation, the autotune keys' size
+    classes; the interpreter's tile config) and write them to ``directory`` when the process
+    exits (one pickle per process), for ``benchmarks/gpu_estimate.py``."""
     import atexit
     import pickle
 
@@ -308,8 +308,10 @@ def record_compiles(directory: str) -> None:
     def recorded(self, *args, grid, warmup, **kwargs):
         a = dict(zip(self.arg_names, args, strict=False)) | kwargs
         sig, constexprs, attrs = signature(Launch(self, (), a, {}))
-        key = (self.fn.__module__, self.__name__, repr(sig), repr(sorted(constexprs.items())), repr(attrs))
-        jobs.setdefault(key, (self.fn.__module__, self.__name__, sig, constexprs, attrs))
+        # the autotune keys' size classes too: on the GPU each may take another first config
+        sizes = tuple(a.get(k) for k in ("LQ_KEY", "LK_KEY", "M_KEY"))
+        job = (self.fn.__module__, self.__name__, sig, constexprs, attrs, sizes)
+        jobs.setdefault((*job[:2], repr(sig), repr(sorted(constexprs.items())), repr(attrs), sizes), job)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     def dump():
