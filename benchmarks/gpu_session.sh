@@ -11,6 +11,7 @@
 # stopped step is recorded and the next one still runs. Exit status 0 only when every step passed.
 #
 #   STEPS, TEST_ARGS, TEST_WORKERS, BENCH_OPS, BENCH_FLAGS, DEADLINE   (defaults below)
+#   WHEELS  the directory of the peer wheels to install (default .whl; empty: none)
 #   DRY=1   the rehearsal on a CPU machine: the Triton interpreter, a smoke subset of the tests,
 #       the caller's Python (tests/test_gpu_session.py in CI; `make gpu-prep` with the device's
 #       versions).
@@ -23,6 +24,7 @@ mkdir -p "$OUT"
 export SITE=${SITE:-$OUT/site}  # the carried wheels, installed here
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 STEPS=${STEPS:-"install info tests demo bench table"}
+export WHEELS=${WHEELS-.whl}
 # the commit the bundle was prepared at (the device's copy of the tree has no .git)
 [ -f .whl/COMMIT ] && export VLK_COMMIT=${VLK_COMMIT:-$(cat .whl/COMMIT)}
 if [ "$DRY" = 1 ]; then
@@ -40,9 +42,9 @@ fi
 export BENCH_OPS=${BENCH_OPS:-"attention contrastive models"}
 
 install() {
-  if compgen -G ".whl/*.whl" > /dev/null; then
+  if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      .whl/*.whl || return 1
+      "$WHEELS"/*.whl || return 1
   fi
   # _C as carried (built for this Python and torch by `make gpu-prep`): no compiler runs here.
   # DRY: reported, not required (a CPU machine may have no CUDA toolkit)

@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal of the GPU session")
 def test_gpu_session_script_dry_run(tmp_path):
-    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable)
+    # WHEELS empty: the peer wheels in .whl/ (make gpu-prep) are the device's Python's, not this one's
+    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, WHEELS="")
     out = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_session.sh")],
         capture_output=True,
