@@ -37,15 +37,13 @@ def environment() -> dict:
     import triton
 
     commit = os.environ.get("VLK_COMMIT")  # set by gpu_session.sh: the device's copy has no .git
-    try:
-        commit = (
-            commit
-            or subprocess.run(
+    if not commit:
+        try:
+            commit = subprocess.run(
                 ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
             ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return dict(
         device=device,
@@ -123,6 +121,11 @@ def append_rows(rows: list[dict], path: pathlib.Path = RESULTS) -> None:
         w.writerows(rows)
 
 
+def measured(rows) -> list[dict]:
+    """The rows that hold a measurement (p50 not NaN: without a GPU some rows are not timed)."""
+    return [r for r in rows if r["p50"] == r["p50"]]
+
+
 class StreamedRows(list):
     """A benchmark's rows, each measured one (p50 not NaN) appended to the CSV at ``path`` as it is
     added: a run stopped part-way (a time limit) keeps what it measured."""
@@ -137,10 +140,10 @@ class StreamedRows(list):
     def extend(self, rows) -> None:
         rows = list(rows)
         super().extend(rows)
-        measured = [r for r in rows if r["p50"] == r["p50"]]
-        if measured:
-            append_rows(measured, self.path)
-            self.written += len(measured)
+        kept = measured(rows)
+        if kept:
+            append_rows(kept, self.path)
+            self.written += len(kept)
 
     def __iadd__(self, rows):
         self.extend(rows)

@@ -24,13 +24,13 @@ import time
 
 def load(directory: str) -> list[tuple]:
     """The distinct compiles recorded under ``directory`` (every process's file merged)."""
+    from benchmarks import static  # (imports vlkernels: after main() has set the environment)
+
     jobs = {}
     for path in sorted(glob.glob(os.path.join(directory, "compiles-*.pkl"))):
         with open(path, "rb") as f:
             for job in pickle.load(f):
-                module, name, sig, constexprs, attrs, sizes = job
-                key = (module, name, repr(sig), repr(sorted(constexprs.items())), repr(attrs), sizes)
-                jobs.setdefault(key, job)
+                jobs.setdefault(static.compile_key(job), job)
     return list(jobs.values())
 
 

@@ -35,31 +35,31 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:], "--quick"], env)
 
-    from benchmarks.common import PAIRED, RESULTS, StreamedRows
+    from benchmarks.common import PAIRED, RESULTS, StreamedRows, measured
 
     module = importlib.import_module(f"benchmarks.bench_{args.op}")
     out = args.out or getattr(module, "RESULTS", RESULTS)
     rows = StreamedRows(out)  # each measured row reaches the CSV as soon as it is measured
     module.run(args.quick, progress=lambda s: print(s, flush=True), rows=rows)
-    measured = [r for r in rows if r["p50"] == r["p50"]]  # without a GPU nothing is timed (NaN)
-    if len(measured) < len(rows):
+    timed = measured(rows)
+    if len(timed) < len(rows):
         print(
             f"\nWithout a GPU: {len({(r['op'], r['provider']) for r in rows})} (case, provider) pairs "
             "ran; timings need a GPU."
         )
-    if not measured:
+    if not timed:
         return
     print(f"\n{rows.written} rows appended to {out}\n")
     if hasattr(module, "summary"):
-        module.summary(measured)
+        module.summary(timed)
         return
     ours = {
         (r["op"], r["shape"], r["mode"], r["metric"]): r["p50"]
-        for r in measured
+        for r in timed
         if r["provider"].startswith("vlkernels") and not r["metric"].startswith(PAIRED)
     }
     print(f"{'op':<22} {'shape':<26} {'provider':<17} {'mode':<8} {'metric':<9} {'p50':>10} {'/ ours':>7}")
-    for r in measured:
+    for r in timed:
         base = ours.get((r["op"], r["shape"], r["mode"], r["metric"]))
         ratio = f"{r['p50'] / base:.2f}x" if base else "-"
         print(

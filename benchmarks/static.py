@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from vlkernels.attention.plan import SMEM_PER_BLOCK
+
 _DTYPES = {
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
@@ -293,6 +295,13 @@ def signature(launch: Launch) -> tuple[dict, dict, dict]:
     return sig, constexprs, attrs
 
 
+def compile_key(job: tuple) -> tuple:
+    """What makes a recorded compile (module, kernel, signature, constants, attributes, the
+    autotune keys' size classes) distinct, as a hashable key."""
+    module, name, sig, constexprs, attrs, sizes = job
+    return module, name, repr(sig), repr(sorted(constexprs.items())), repr(attrs), sizes
+
+
 def record_compiles(directory: str) -> None:
     """From now on, under the interpreter, keep each distinct compile that a GPU run of the same
     launches would make (kernel, signature, constants, specialisation, the autotune keys' size
@@ -311,7 +320,7 @@ def record_compiles(directory: str) -> None:
         # the autotune keys' size classes too: on the GPU each may take another first config
         sizes = tuple(a.get(k) for k in ("LQ_KEY", "LK_KEY", "M_KEY"))
         job = (self.fn.__module__, self.__name__, sig, constexprs, attrs, sizes)
-        jobs.setdefault((*job[:2], repr(sig), repr(sorted(constexprs.items())), repr(attrs), sizes), job)
+        jobs.setdefault(compile_key(job), job)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     def dump():
@@ -351,7 +360,7 @@ H100 = dict(
     sms=132,
     regs_per_sm=65536,
     smem_per_sm=228 * 1024,
-    smem_per_block=227 * 1024,
+    smem_per_block=SMEM_PER_BLOCK,
     warps_per_sm=64,
     blocks_per_sm=32,
 )

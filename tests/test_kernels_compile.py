@@ -15,6 +15,8 @@ import time
 import pytest
 import torch
 
+from vlkernels.attention import plan
+
 SMEM_KERNELS = {"_attn_fwd": "fwd", "_attn_bwd_dkdv": "dkdv", "_attn_bwd_dq": "dq"}
 
 
@@ -22,15 +24,10 @@ def _smem_bound(ln):
     """The plan's upper bound on the launch's shared memory (attention's tiled kernels), else None."""
     from triton import Config
 
-    from vlkernels.attention import plan
-
     if ln.name not in SMEM_KERNELS:
         return None
-    a = ln.args
-    config = Config({"BLOCK_M": a["BLOCK_M"], "BLOCK_N": a["BLOCK_N"]}, **ln.options)
-    score_bytes = plan._score_bytes(a["mask"])
-    size, fused = a["Q"].element_size(), bool(a.get("FUSED"))
-    return plan.smem_bound(SMEM_KERNELS[ln.name], config, a["BLOCK_D"], size, score_bytes, fused)
+    config = Config({"BLOCK_M": ln.args["BLOCK_M"], "BLOCK_N": ln.args["BLOCK_N"]}, **ln.options)
+    return plan.smem_bound(SMEM_KERNELS[ln.name], config, **plan.bound_kwargs(ln.args))
 
 
 def _record(run_launchers, all_configs=False):
@@ -161,7 +158,8 @@ VARIANTS = [
     (90, torch.float16, "all_on", "queries_fused", 128),
     (90, torch.bfloat16, "off", "split", 256),
 ]
-SMEM_PER_BLOCK = {80: 166912, 90: 232448}  # bytes: an A100's and an H100's opt-in maximum per block
+# bytes: an A100's opt-in maximum per block, and an H100's (the limit the kernels' prunes use)
+SMEM_PER_BLOCK = {80: 166912, 90: plan.SMEM_PER_BLOCK}
 
 
 def _compile(job):

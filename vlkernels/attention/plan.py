@@ -75,8 +75,8 @@ def smem_bound(
     pipeline), with ``score_bytes`` per score (a dense mask's or bias's element); the tiles it keeps;
     an fp32 [BLOCK_M, BLOCK_N] tile (layout conversions) and, for a fused backward kernel, fp32 tiles
     of what it makes besides its own: dq [BLOCK_M, BLOCK_D] (dk/dv) or dk and dv [BLOCK_N, BLOCK_D]
-    (dq). tests/test_kernels_compile.py holds it above what Triton
-    allocates for every config it builds."""
+    (dq). tests/test_kernels_compile.py holds it above what Triton allocates for every config it
+    builds."""
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     rows = {"M": m, "N": n, "2M": 2 * m, "2N": 2 * n}
     looped, kept = (rows[r] for r in _SMEM_TILES[kernel])
@@ -113,9 +113,19 @@ def fit(configs, args):
     return fitting or configs
 
 
+def bound_kwargs(args: dict) -> dict:
+    """``smem_bound``'s arguments after the kernel and config, from a tiled attention kernel's
+    arguments (as its prune and a recorded launch have them)."""
+    return dict(
+        BLOCK_D=args["BLOCK_D"],
+        element_size=args["Q"].element_size(),
+        score_bytes=_score_bytes(args["mask"]),
+        fused=bool(args.get("FUSED")),
+    )
+
+
 def _loadable_args(kernel: str, configs, args):
-    size, score_bytes = args["Q"].element_size(), _score_bytes(args["mask"])
-    return loadable(kernel, configs, args["BLOCK_D"], size, score_bytes, bool(args.get("FUSED")))
+    return loadable(kernel, configs, **bound_kwargs(args))
 
 
 def fwd_prune(configs, args):
