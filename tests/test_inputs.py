@@ -314,21 +314,37 @@ def test_float_bias_is_added_in_fp32(backend, dtype):
 
 
 def test_nan_in_a_query_row_is_nan_in_that_row_only(backend):
-    """NaN or inf in a query row makes that row's output NaN (as float64 does) on every backend,
-    with or without a mask; the other rows are unaffected. (PyTorch's CPU kernel gives some such
-    rows 0, as if they had nothing to attend.)"""
+    """NaN in a query row, or an inf that makes a score +inf, makes that row's output NaN (as
+    float64 does) on every backend, with or without a mask; the other rows are unaffected. (PyTorch's
+    CPU kernel gives some such rows 0, as if they had nothing to attend.) An inf that makes every
+    allowed score -inf leaves the row nothing to attend: 0, as SDPA gives."""
     B, H, L, D = 2, 2, 10, 16
-    for mask in (None, masks.causal(), torch.rand(B, 1, L, L, device=DEVICE) > 0.3):
-        q, k, v = _qkv(B, H, L, L, D)
-        with torch.no_grad():
-            q[0, 1, 2] = float("nan")
-            q[1, 0, 5, 3] = float("inf")
-        out = vlkernels.attention(q, k, v, mask, backend=backend)
-        bad = torch.zeros(B, H, L, dtype=torch.bool, device=DEVICE)
-        bad[0, 1, 2] = bad[1, 0, 5] = True
-        assert torch.isnan(out[bad]).all(), _describe(mask)
-        ref = attention_ref(q.detach(), k.detach(), v.detach(), mask, upcast=True)
-        torch.testing.assert_close(out[~bad].double(), ref[~bad], rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(3)
+    dense = (torch.rand(B, 1, L, L, generator=g) > 0.3).to(DEVICE)
+    dense[..., 0] = True  # every row allows a key
+    for mask in (None, masks.causal(), dense):
+        for sign in (1.0, -1.0):
+            q, k, v = _qkv(B, H, L, L, D)
+            with torch.no_grad():
+                q[0, 1, 2] = float("nan")
+                q[1, 0, 5, 3] = float("inf")
+                k[1, 0, :, 3] = sign * k[1, 0, :, 3].abs()  # the inf row's scores: all +inf or all -inf
+            out = vlkernels.attention(q, k, v, mask, backend=backend)
+            bad = torch.zeros(B, H, L, dtype=torch.bool, device=DEVICE)
+            bad[0, 1, 2] = True
+            if sign > 0:
+                bad[1, 0, 5] = True
+            else:
+                sdpa_mask = mask if mask is None or torch.is_tensor(mask) else mask.to_dense(B, L, L)
+                sdpa = torch.nn.functional.scaled_dot_product_attention(
+                    *(t.detach().double() for t in (q, k, v)), attn_mask=sdpa_mask
+                )
+                assert out[1, 0, 5].eq(0).all() and sdpa[1, 0, 5].eq(0).all(), _describe(mask)
+            assert torch.isnan(out[bad]).all(), _describe(mask)
+            ref = attention_ref(q.detach(), k.detach(), v.detach(), mask, upcast=True)
+            good = ~bad
+            good[1, 0, 5] = False
+            torch.testing.assert_close(out[good].double(), ref[good], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
