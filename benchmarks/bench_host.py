@@ -13,15 +13,19 @@ mask with none, a bool mask with it, ``causal()`` with ``is_causal``, the analyt
 bool mask stands for (Q-Former ITG, Flamingo's media) with that bool mask, shared queries with
 the queries expanded over the batch.
 
-``cpp-op`` is what a C++ entry point could get to: one C++ op with a C++ autograd kernel over the
-same CPU kernel as vlkernels' torch backend (``aten._scaled_dot_product_flash_attention_for_cpu``,
-its additive mask made once, as the torch backend keeps it), called from Python with no Python
-between the call and the kernel.
+``vlkernels-cuda`` is the CUDA C++ backend's entry point: the public call, then one C++ op whose
+autograd kernel records the backward in C++ (csrc/bindings.cpp), run here on the CPU emulation of
+csrc/ with VLK_EMULATE_LAUNCHES=0 (every check, allocation and launch decision, no kernel work).
+``aten-op`` is the floor of any Python call into a C++ op: PyTorch's own C++ op for the same CPU
+attention as vlkernels' torch backend (``aten._scaled_dot_product_flash_attention_for_cpu``, its
+additive mask made once, as the torch backend keeps it), called from Python with nothing between
+the call and the op.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import statistics
 import time
@@ -34,8 +38,8 @@ from benchmarks.common import PAIRED, environment
 B, H, L, D = 2, 1, 8, 16
 DTYPE = torch.bfloat16  # (its kernels compile in a second for sm_90; the host path is the same in fp32)
 MODES = ("fwd", "fwd+bwd")
-PROVIDERS = ("sdpa", "vlkernels-torch", "vlkernels-triton", "cpp-op")
-CHECKED = ("vlkernels-torch", "vlkernels-triton")  # held to TARGETS and CEILINGS
+PROVIDERS = ("sdpa", "vlkernels-torch", "vlkernels-triton", "vlkernels-cuda", "aten-op")
+CHECKED = ("vlkernels-torch", "vlkernels-triton", "vlkernels-cuda")  # held to TARGETS and CEILINGS
 
 # vlkernels' host time over SDPA's, every case: where it should get to, and the ceilings CI holds
 # it to (tests/test_host_cost.py; generous: a loaded machine moves a ratio too; lower them as the
@@ -83,7 +87,7 @@ def _call(provider: str, q, k, v, mask, sdpa_kw):
 
     if provider == "sdpa":
         return F.scaled_dot_product_attention(q.expand(B, *q.shape[1:]), k, v, **sdpa_kw)
-    if provider == "cpp-op":
+    if provider == "aten-op":
         causal = sdpa_kw.get("is_causal", False)
         cpu_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         return cpu_kernel(q.expand(B, *q.shape[1:]), k, v, 0.0, causal, attn_mask=sdpa_kw.get("attn_mask"))[0]
@@ -93,18 +97,30 @@ def _call(provider: str, q, k, v, mask, sdpa_kw):
 @contextlib.contextmanager
 def _host_path():
     """Triton on its launch path with a driver that launches nothing, CPU tensors taken as if they
-    were CUDA ones, one thread for the path's own CPU operations."""
-    from benchmarks import static
-    from vlkernels import _dispatch
+    were CUDA ones; the C++ backend's ops from the CPU emulation, its launches returning at once;
+    one thread for the paths' own CPU operations."""
+    from benchmarks import emulated, static
+    from vlkernels import _dispatch, _extension
 
-    saved, threads = _dispatch.device_reasons, torch.get_num_threads()
+    if emulated.build() is None:
+        raise RuntimeError(
+            f"the host-cost benchmark runs the C++ entry point emulated, which {emulated.why()}"
+        )
+    saved = _dispatch.device_reasons, _extension.get, os.environ.get("VLK_EMULATE_LAUNCHES")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     _dispatch.device_reasons = lambda backend, device: []
+    _extension.get = lambda: emulated.EXTENSION
+    os.environ["VLK_EMULATE_LAUNCHES"] = "0"
     try:
         with static.host_launch_path():
             yield
     finally:
-        _dispatch.device_reasons = saved
+        _dispatch.device_reasons, _extension.get = saved[:2]
+        if saved[2] is None:
+            os.environ.pop("VLK_EMULATE_LAUNCHES")
+        else:
+            os.environ["VLK_EMULATE_LAUNCHES"] = saved[2]
         torch.set_num_threads(threads)
 
 
@@ -120,7 +136,7 @@ def measure(rounds: int = 30, calls: int = 20, cases=None) -> dict:
             for mode in MODES:
 
                 def run(provider, q=q, k=k, v=v, mask=mask, kw=kw, additive=additive, mode=mode):
-                    out = _call(provider, q, k, v, mask, additive if provider == "cpp-op" else kw)
+                    out = _call(provider, q, k, v, mask, additive if provider == "aten-op" else kw)
                     if mode == "fwd+bwd":
                         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 

@@ -1,7 +1,9 @@
 // The one file with torch includes: checks the inputs, allocates the outputs, fills the launch
 // structs of vlk.h and registers the kernels with torch.library:
-//   TORCH_LIBRARY_IMPL(vlkernels, CUDA)  vlkernels::cuda_attention_*, cuda_gated_residual_*,
-//                                        cuda_contrastive_*
+//   TORCH_LIBRARY_IMPL(vlkernels, CUDA)      vlkernels::cuda_attention_*, cuda_gated_residual_*,
+//                                            cuda_contrastive_*
+//   TORCH_LIBRARY_IMPL(vlkernels, Autograd)  vlkernels::cuda_attention_fwd: its backward recorded in
+//                                            C++ (no Python between a call and its kernels)
 // The ops' schemas are not written here: each op family declares its argument list once
 // (vlkernels/<family>/args.py) and vlkernels/_extension.py defines the schemas and fake kernels
 // from it. The kernels are boxed and read their arguments by name from the schema (class Args).
@@ -11,10 +13,12 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <Python.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -22,6 +26,7 @@
 
 #ifdef VLK_EMULATE
 #define VLK_NS vlkernels_emu
+#define VLK_NS_STR "vlkernels_emu"
 #define VLK_KEY CPU
 #define VLK_DEVICE_NAME "CPU"
 constexpr bool kCuda = false;
@@ -30,6 +35,7 @@ constexpr bool kCuda = false;
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #define VLK_NS vlkernels
+#define VLK_NS_STR "vlkernels"
 #define VLK_KEY CUDA
 #define VLK_DEVICE_NAME "CUDA"
 constexpr bool kCuda = true;
@@ -102,11 +108,14 @@ void check_dim(const char* op, const char* name, const Tensor& t, int64_t dim, c
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ", shape(t));
 }
 
-// A fresh output; filled with NaN under VLK_POISON=1 (the tests set it) so that an element a
-// kernel forgets to write shows up.
+// A fresh output; filled with NaN (integers: their minimum) under VLK_POISON=1 (the tests set it)
+// so that an element a kernel forgets to write shows up.
 Tensor poisoned(Tensor t) {
   const char* p = std::getenv("VLK_POISON");
-  if (p && std::string(p) == "1") t.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (p && std::string(p) == "1") {
+    if (t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+    else t.fill_(std::numeric_limits<int32_t>::min());
+  }
   return t;
 }
 
@@ -149,11 +158,12 @@ struct Attention {
   Tensor q, k, v;
   optional<Tensor> dense;
   vlk::AttnArgs a;
+  Tensor span_lo, span_hi;  // a dense mask's spans, when computed here (dense_span)
 };
 
 Attention attn_args(const Args& in) {
   const char* op = in.op();
-  Attention r{in.tensor("q"), in.tensor("k"), in.tensor("v"), in.opt_tensor("dense_mask"), {}};
+  Attention r{in.tensor("q"), in.tensor("k"), in.tensor("v"), in.opt_tensor("dense_mask"), {}, {}, {}};
   const Tensor &q = r.q, &k = r.k, &v = r.v;
   TORCH_CHECK(!in.opt_tensor("bias"), op, ": the CUDA C++ kernels take no float bias (a float attn_mask)");
   const optional<Tensor> key_lengths = in.opt_tensor("key_lengths"), prefix_lengths = in.opt_tensor("prefix_lengths"),
@@ -237,6 +247,23 @@ Attention attn_args(const Args& in) {
   return r;
 }
 
+// A dense mask given without its rows' spans: the spans, computed on the device (csrc/mask_span.cu,
+// one launch on `l`'s stream), so that the kernels skip the key tiles outside them and never read
+// the keys outside them.
+void dense_span(Attention& r, const Launch& l, const char* op) {
+  vlk::MaskArgs& mk = r.a.mask;
+  if (!mk.dense || mk.row_lo) return;
+  const Tensor& d = *r.dense;  // [B, H, Lq, Lk] bytes, broadcast strides
+  vlk::MaskSpanArgs s;
+  s.dense = mk.dense, s.smb = mk.smb, s.smh = mk.smh, s.smm = mk.smm, s.smn = mk.smn;
+  s.B = r.a.B, s.H = mk.smh == 0 ? 1 : int(d.size(1)), s.Lq = r.a.Lq, s.Lk = r.a.Lk;
+  r.span_lo = poisoned(at::empty({r.a.B, r.a.Lq}, r.q.options().dtype(at::kInt)));
+  r.span_hi = poisoned(at::empty({r.a.B, r.a.Lq}, r.q.options().dtype(at::kInt)));
+  s.lo = r.span_lo.data_ptr<int32_t>(), s.hi = r.span_hi.data_ptr<int32_t>();
+  l.check(op, vlk::mask_span(s, l.stream));
+  mk.row_lo = s.lo, mk.row_hi = s.hi;
+}
+
 // The plan's launch decisions (vlkernels/attention/plan.py, the op's last arguments): flash-decoding's
 // key splits and a shared-query backward's dq partial sums, checked to cover every key and batch entry.
 void launch_args(const Args& in, const char* op, vlk::AttnArgs& a, bool shared) {
@@ -273,6 +300,7 @@ void attention_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
     a.o_partial = o_partial.data_ptr<float>(), a.lse_partial = lse_partial.data_ptr<float>();
   }
   Launch l(r.q);
+  dense_span(r, l, op);
   l.check(op, vlk::attention_fwd(a, dtype_of(op, "q", r.q), l.stream));
   in.done(out, lse);
 }
@@ -314,9 +342,111 @@ void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
     a.dq_partial = partial.data_ptr<float>();
   }
   Launch l(q);
+  dense_span(r, l, op);
   l.check(op, vlk::attention_bwd(a, dtype_of(op, "q", q), l.stream));
   if (shared) dq.copy_(partial.sum(0, true));
   in.done(dq, dk, dv);
+}
+
+// The autograd of cuda_attention_fwd, in C++: its Autograd kernel records AttentionFn, whose
+// forward calls the op again below autograd (the kernel above, or a fake kernel under
+// torch.compile) and whose backward calls cuda_attention_bwd with the forward's arguments, matched
+// by name. Only q, k and v are differentiable (the kernels take no float bias).
+struct AttentionOps {
+  c10::OperatorHandle fwd, bwd;
+  size_t q, k, v;                  // their positions among the forward's arguments
+  std::vector<int64_t> bwd_source;  // per backward argument: a forward argument's position, or
+                                    // GRAD_OUT / OUT / LSE
+  static constexpr int64_t GRAD_OUT = -1, OUT = -2, LSE = -3;
+};
+
+const AttentionOps& attention_ops() {
+  static const AttentionOps ops = [] {
+    auto& d = c10::Dispatcher::singleton();
+    AttentionOps o{d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_fwd", ""),
+                   d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_bwd", ""), 0, 0, 0, {}};
+    const auto& fs = o.fwd.schema();
+    auto index = [&](const std::string& name) {
+      auto i = fs.argumentIndexWithName(name);
+      TORCH_CHECK(i.has_value(), "cuda_attention_bwd reads '", name, "', which cuda_attention_fwd lacks: ", fs);
+      return *i;
+    };
+    o.q = index("q"), o.k = index("k"), o.v = index("v");
+    for (const auto& a : o.bwd.schema().arguments()) {
+      const std::string& n = a.name();
+      o.bwd_source.push_back(n == "grad_out" ? AttentionOps::GRAD_OUT
+                             : n == "out"    ? AttentionOps::OUT
+                             : n == "lse"    ? AttentionOps::LSE
+                                             : int64_t(index(n)));
+    }
+    return o;
+  }();
+  return ops;
+}
+
+struct AttentionFn : public torch::autograd::Function<AttentionFn> {
+  // `args`: every argument of cuda_attention_fwd (q, k, v among them, passed apart for autograd).
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
+                                                const Tensor& k, const Tensor& v, c10::impl::GenericList args) {
+    torch::jit::Stack stack(args.begin(), args.end());
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      attention_ops().fwd.callBoxed(&stack);
+    }
+    Tensor out = stack[0].toTensor(), lse = stack[1].toTensor();
+    ctx->mark_non_differentiable({lse});
+    // Every tensor argument is saved (in-place changes before the backward are caught), the
+    // rest kept as it is.
+    std::vector<Tensor> saved{out, lse};
+    c10::List<int64_t> where;
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (args.get(i).isTensor()) {
+        saved.push_back(args.get(i).toTensor());
+        where.push_back(int64_t(i));
+        args.set(i, c10::IValue());
+      }
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["args"] = args;
+    ctx->saved_data["tensors_at"] = where;
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "attention: double backward (create_graph=True) is not supported; its backward is not differentiable");
+    const AttentionOps& ops = attention_ops();
+    const auto saved = ctx->get_saved_variables();
+    auto args = ctx->saved_data["args"].toList().copy();
+    const auto where = ctx->saved_data["tensors_at"].toIntList();
+    for (size_t i = 0; i < where.size(); ++i) args.set(where.get(i), saved[2 + i]);
+    torch::jit::Stack stack;
+    stack.reserve(ops.bwd_source.size());
+    for (int64_t src : ops.bwd_source) {
+      if (src == AttentionOps::GRAD_OUT) stack.emplace_back(grads[0]);
+      else if (src == AttentionOps::OUT) stack.emplace_back(saved[0]);
+      else if (src == AttentionOps::LSE) stack.emplace_back(saved[1]);
+      else stack.push_back(args.get(src));
+    }
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      ops.bwd.callBoxed(&stack);
+    }
+    return {stack[0].toTensor(), stack[1].toTensor(), stack[2].toTensor(), Tensor()};
+  }
+};
+
+void attention_fwd_autograd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  const AttentionOps& ops = attention_ops();
+  const size_t n = handle.schema().arguments().size();
+  c10::impl::GenericList args(c10::AnyType::get());
+  args.reserve(n);
+  for (size_t i = stack->size() - n; i < stack->size(); ++i) args.push_back((*stack)[i]);
+  const Tensor q = args.get(ops.q).toTensor(), k = args.get(ops.k).toTensor(), v = args.get(ops.v).toTensor();
+  auto outs = AttentionFn::apply(q, k, v, std::move(args));
+  torch::jit::drop(*stack, n);
+  torch::jit::push(*stack, std::move(outs[0]), std::move(outs[1]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -501,6 +631,7 @@ TORCH_LIBRARY_IMPL(VLK_NS, VLK_KEY, m) {
   m.impl("cuda_contrastive_fwd", VLK_BOXED(contrastive_fwd));
   m.impl("cuda_contrastive_bwd", VLK_BOXED(contrastive_bwd));
 }
+TORCH_LIBRARY_IMPL(VLK_NS, Autograd, m) { m.impl("cuda_attention_fwd", VLK_BOXED(attention_fwd_autograd)); }
 
 // The Python module: importing it registers the kernels; ARCHS says which GPUs the kernels target.
 #define VLK_CAT_(a, b) a##b

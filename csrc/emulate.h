@@ -1,6 +1,7 @@
-// CPU emulation of the CUDA execution model, just enough for the kernels in csrc/ (tests only).
+// CPU emulation of the CUDA execution model, just enough for the kernels in csrc/ (tests and
+// the host-cost benchmark only).
 //
-// Compiled in when VLK_EMULATE is defined (tests/helpers.py builds every .cu file
+// Compiled in when VLK_EMULATE is defined (benchmarks/emulated.py builds every .cu file
 // with g++ that way): each CUDA thread of a block is an OS thread, blocks run one after the
 // other, __syncthreads / __syncwarp are barriers, shuffles and mma.sync exchange values through
 // a per-warp scratch area. It runs the kernels' own indexing, masking, fragment layouts and
@@ -13,6 +14,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -82,8 +84,16 @@ void mma_16816(float* c, const Elem* a8, const Elem* b4, Dec decode) {
   warp_sync();
 }
 
+// With VLK_EMULATE_LAUNCHES=0 a launch returns at once: the host path of a call without its
+// kernels' work (a GPU would run them), for measuring what a call costs the host.
+inline bool launches_off() {
+  const char* e = std::getenv("VLK_EMULATE_LAUNCHES");
+  return e && e[0] == '0' && e[1] == 0;
+}
+
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
+  if (launches_off()) return;
   Ctx c;
   c.grid = grid;
   c.block = block;

@@ -52,6 +52,16 @@ struct AttnArgs {
   MaskArgs mask;
 };
 
+// A dense bool mask [B, H, Lq, Lk] (broadcast strides; H: its own heads, 1 when it broadcasts
+// them) -> per query row the span [lo, hi) of its allowed keys over the heads, int32 [B, Lq]
+// contiguous (lo = Lk, hi = 0: none).
+struct MaskSpanArgs {
+  const uint8_t* dense = nullptr;
+  int64_t smb = 0, smh = 0, smm = 0, smn = 0;
+  int B = 0, H = 0, Lq = 0, Lk = 0;
+  int32_t *lo = nullptr, *hi = nullptr;
+};
+
 // Rows [M, QR, D] against columns [cols [N, QC, D] ; neg [K, D]] (see vlkernels/contrastive/args.py).
 struct ContrastiveArgs {
   const void *rows = nullptr, *rows_m = nullptr, *cols = nullptr, *neg = nullptr;
@@ -85,6 +95,7 @@ constexpr int SPLIT_KEYS = 64;
 // Each returns nullptr on success, or the CUDA error string of the launch.
 const char* attention_fwd(const AttnArgs& a, DType dt, void* stream);
 const char* attention_bwd(const AttnArgs& a, DType dt, void* stream);
+const char* mask_span(const MaskSpanArgs& a, void* stream);
 const char* contrastive_fwd(const ContrastiveArgs& a, DType dt, void* stream);
 const char* contrastive_bwd(const ContrastiveArgs& a, DType dt, void* stream);
 const char* gated_residual_fwd(const GatedArgs& a, DType dt, void* stream);

@@ -4,13 +4,10 @@ that a backend's kernels ran, and the CPU emulation of the CUDA C++ backend."""
 from __future__ import annotations
 
 import contextlib
-import os
-import pathlib
-import shutil
-import sys
 
 import torch
 
+from benchmarks import emulated
 from vlkernels import _extension
 from vlkernels._triton_utils import LAUNCHES
 
@@ -127,51 +124,6 @@ def launched(backend: str, family: str):
 # under csrc/emulate.h (CPU emulation of the execution model), registered as vlkernels_emu::*.
 # ----------------------------------------------------------------------------------------------
 
-_EMU = {}
-EMULATED = _extension.Extension("vlkernels_emu", "cpu", "CPU emulation")
-
-
-def build_emulated_cuda_ops() -> str | None:
-    """Build csrc/ for the CPU emulation once per session; None (and the reason) if impossible."""
-    if "ns" in _EMU:
-        return _EMU["ns"]
-    root = pathlib.Path(__file__).resolve().parent.parent
-    cuda_include = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
-    if shutil.which("g++") is None or not (cuda_include / "cuda_fp16.h").exists():
-        _EMU["ns"] = None
-        _EMU["why"] = f"needs g++ and the CUDA headers (cuda_fp16.h) under {cuda_include}"
-        return None
-    from torch.utils import cpp_extension
-
-    # one build per Python and torch (the rehearsal's environment builds beside the test venv's)
-    build = root / "build" / f"emulated-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
-    build.mkdir(parents=True, exist_ok=True)
-    sources = [str(root / "csrc" / "bindings.cpp")]
-    for cu in sorted((root / "csrc").glob("*.cu")):
-        wrapper = build / f"emu_{cu.stem}.cpp"
-        text = f'#include "{cu}"\n'
-        if not wrapper.exists() or wrapper.read_text() != text:
-            wrapper.write_text(text)
-        sources.append(str(wrapper))
-    flags = [
-        "-DVLK_EMULATE",
-        "-std=c++20",
-        "-O1",
-        "-Wno-unknown-pragmas",
-        f"-I{cuda_include}",
-        f"-I{root / 'csrc'}",
-    ]
-    cpp_extension.load(
-        name="vlkernels_emu",
-        sources=sources,
-        extra_cflags=flags,
-        build_directory=str(build),
-        is_python_module=False,
-    )
-    _extension.define(EMULATED.ns)
-    _EMU["ns"] = EMULATED.ns
-    return EMULATED.ns
-
 
 def use_cuda_backend(monkeypatch) -> str:
     """Make backend="cuda" usable on DEVICE: the real extension on a GPU; the emulated build on the
@@ -182,10 +134,10 @@ def use_cuda_backend(monkeypatch) -> str:
         if _extension.get() is None:
             pytest.skip("vlkernels._C is not built")
         return _extension.get().ns
-    if build_emulated_cuda_ops() is None:
-        pytest.skip(_EMU["why"])
-    monkeypatch.setattr(_extension, "get", lambda: EMULATED)
-    return EMULATED.ns
+    if emulated.build() is None:
+        pytest.skip(emulated.why())
+    monkeypatch.setattr(_extension, "get", lambda: emulated.EXTENSION)
+    return emulated.EXTENSION.ns
 
 
 def tiny_idefics():

@@ -167,6 +167,7 @@ def test_cuda_kernels_within_their_spill_budget():
         "ctr_bwd_kernel",
         "gated_fwd_kernel",
         "gated_bwd_kernel",
+        "mask_span_kernel",
     }
     gemms = [n for n in kernels if n.startswith(("attn_fwd", "attn_dq", "attn_dkdv", "ctr_")) and "bf16" in n]
     assert gemms and all(kernels[n]["mma"] > 0 for n in gemms)  # on tensor cores (mma.sync)

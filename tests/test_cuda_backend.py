@@ -109,6 +109,8 @@ def test_attention_opcheck_and_compile(ns):
         q.detach(), k.detach(), v.detach(), MaskArgs(key_lengths=lengths, causal=True), 1 / math.sqrt(32)
     )
     torch.library.opcheck(_op(ns, "cuda_attention_fwd").default, _fwd(args))
+    tracked = args._replace(q=q, k=k, v=v)  # its autograd kernel (C++) too
+    torch.library.opcheck(_op(ns, "cuda_attention_fwd").default, _fwd(tracked))
     out, lse = _op(ns, "cuda_attention_fwd")(*_fwd(args))
     grad_args = AttentionGradArgs(torch.randn_like(out), out, lse, args)
     torch.library.opcheck(_op(ns, "cuda_attention_bwd").default, _bwd(grad_args))
@@ -121,6 +123,23 @@ def test_attention_opcheck_and_compile(ns):
     want = torch.autograd.grad(f(q, k, v), (q, k, v))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_attention_backward_is_recorded_in_cpp(ns):
+    """backend="cuda" runs no Python autograd Function: the forward op's autograd kernel records
+    the backward (a C++ node), which checks that its saved inputs, the mask's included, were not
+    modified in place since the forward, and refuses a double backward."""
+    q, k, v = (torch.randn(2, 2, 9, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    dense = torch.rand(2, 1, 9, 9, device=DEVICE) > 0.3
+    out = vlkernels.attention(q, k, v, dense, backend="cuda")
+    assert "AttentionFn" in out.grad_fn.name()
+    with torch.no_grad():
+        assert vlkernels.attention(q, k, v, dense, backend="cuda").grad_fn is None
+    with torch.inference_mode():
+        assert not vlkernels.attention(q, k, v, dense, backend="cuda").requires_grad
+    dense[0, 0, 0, 0] = not dense[0, 0, 0, 0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_gated_residual_opcheck(ns):

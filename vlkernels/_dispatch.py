@@ -122,14 +122,25 @@ class Backend:
     """One implementation of an op family: ``forward(args)`` and ``backward(grad_args)`` take the
     family's argument tuples (``vlkernels/<family>/args.py``); ``dtypes`` are the input dtypes it
     computes; ``prepare(args)`` (optional) adds what its kernels derive from the arguments once per
-    call, before the forward (the backward gets the same)."""
+    call, before the forward (the backward gets the same). ``records_backward``: its forward is an
+    op whose autograd kernel records the backward itself (C++, no Python in between; ``backward``
+    is then None), so the family's autograd Function is not wrapped around it."""
 
     def __init__(
-        self, name: str, forward, backward, dtypes: tuple = FLOATS, limits=None, prepare=None, **ops
+        self,
+        name: str,
+        forward,
+        backward,
+        dtypes: tuple = FLOATS,
+        limits=None,
+        prepare=None,
+        records_backward: bool = False,
+        **ops,
     ):
         self.name, self.forward, self.backward, self.dtypes = name, forward, backward, dtypes
         self.limits = limits  # optional: args -> reasons specific to this backend's kernels
         self.prepare = prepare or (lambda args: args)
+        self.records_backward = records_backward
         self.ops = ops  # the family's further ops (attention: bias_grad)
 
     def __repr__(self) -> str:

@@ -55,18 +55,10 @@ def fields(cls) -> tuple[tuple[str, str], ...]:
 
 
 def schema(cls, returns: str) -> str:
-    """The op schema ``(Tensor q, ..., float scale) -> returns`` of argument tuple ``cls``."""
+    """The op schema ``(Tensor q, ..., float scale) -> returns`` of argument tuple ``cls`` (its
+    flattener made with it)."""
+    _flattener(cls)
     return "(" + ", ".join(f"{t} {n}" for n, t in fields(cls)) + f") -> {returns}"
-
-
-def flatten(args) -> tuple:
-    out = []
-    for v in args:
-        if isinstance(v, tuple) and hasattr(v, "_fields"):
-            out.extend(flatten(v))
-        else:
-            out.append(v)
-    return tuple(out)
 
 
 @functools.cache
@@ -74,6 +66,47 @@ def _children(cls) -> tuple:
     """Per field of ``cls``: its argument tuple type when it nests one, else None."""
     hints = typing.get_type_hints(cls)
     return tuple(hints[n] if _is_args(hints[n]) else None for n in cls._fields)
+
+
+_FLATTENERS: dict[type, Callable] = {}  # argument tuple type -> its flattener, made eagerly
+
+
+def _flattener(cls) -> Callable:
+    """``lambda a: (a[0], a[1][0], ...)`` for ``cls``: one tuple display, built once per type (a
+    generic walk costs each call microseconds)."""
+    if cls not in _FLATTENERS:
+
+        def items(c, expr):
+            out = []
+            for i, sub in enumerate(_children(c)):
+                out += items(sub, f"{expr}[{i}]") if sub is not None else [f"{expr}[{i}]"]
+            return out
+
+        _FLATTENERS[cls] = eval(f"lambda a: ({''.join(e + ', ' for e in items(cls, 'a'))})")  # indices only
+    return _FLATTENERS[cls]
+
+
+def _walk(args) -> tuple:
+    out = []
+    for v in args:
+        if isinstance(v, tuple) and hasattr(v, "_fields"):
+            out.extend(_walk(v))
+        else:
+            out.append(v)
+    return tuple(out)
+
+
+def flatten(args) -> tuple:
+    """The positional values of an op call with argument tuple ``args`` (nested tuples in place).
+    Every op's argument type has its flattener from its definition (``schema``); under
+    torch.compile, which cannot trace the type hints a new one is made from, other types are
+    walked."""
+    f = _FLATTENERS.get(type(args))
+    if f is None:
+        if torch.compiler.is_compiling():
+            return _walk(args)
+        f = _flattener(type(args))
+    return f(args)
 
 
 def unflatten(cls, values):
@@ -100,8 +133,14 @@ class Op(NamedTuple):
     args: type
 
     def __call__(self, args):
-        ns, name = self.qualname.split("::")
-        return getattr(getattr(torch.ops, ns), name)(*flatten(args))
+        return _overload(self.qualname)(*flatten(args))
+
+
+@functools.cache
+def _overload(qualname: str):
+    """The op's one overload (an OpOverload: called directly, it skips the packet's lookup)."""
+    ns, name = qualname.split("::")
+    return getattr(getattr(torch.ops, ns), name).default
 
 
 class PythonOp(NamedTuple):

@@ -101,7 +101,11 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
         seed = draw_seed(q.device) if seed is None else checked_seed(seed, "attention", q.device)
     args = AttentionArgs(q, k, v, lowered, scale, softcap, dropout_p, seed)
     chosen = _dispatch.choose("attention", backend, args)
-    lowered = chosen.prepare(args).mask
+    args = chosen.prepare(args)
+    if chosen.records_backward:
+        with _dispatch.no_autocast(q):
+            return chosen.forward(args)[0]
+    lowered = args.mask
     out, _ = AttentionFunction.apply(
         chosen.name, q, k, v, lowered, scale, softcap, dropout_p, seed, lowered.bias
     )

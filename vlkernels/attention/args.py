@@ -77,14 +77,6 @@ class PlannedAttentionGradArgs(NamedTuple):
     launch: AttentionLaunch
 
 
-def with_span(a: AttentionArgs) -> AttentionArgs:
-    """The kernel backends' ``prepare``: a dense mask's or float bias's per-row span of allowed
-    keys (``MaskArgs.with_span``), so that they skip the key tiles outside it and never read the
-    keys outside it."""
-    B, Lk = a.k.shape[0], a.k.shape[2]
-    return a._replace(mask=a.mask.with_span(B, a.q.shape[2], Lk))
-
-
 FWD_RETURNS = "(Tensor, Tensor)"
 BWD_RETURNS = "(Tensor, Tensor, Tensor)"
 

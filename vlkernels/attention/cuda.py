@@ -1,12 +1,14 @@
 """The CUDA C++ backend of attention: csrc/attention.cu through ``vlkernels._C``, as the ops
-``vlkernels::cuda_attention_fwd`` / ``_bwd`` (schemas derived from ``attention.args``). Every mask,
-shared queries, grouped keys on mma.sync tensor cores; fp16, bf16, fp32; CUDA tensors."""
+``vlkernels::cuda_attention_fwd`` / ``_bwd`` (schemas derived from ``attention.args``). The
+forward op is the backend's entry point: its autograd kernel (C++) records the backward op, so a
+call runs no Python between the op and its kernels, forward or backward. Every mask, shared
+queries, grouped keys on mma.sync tensor cores; fp16, bf16, fp32; CUDA tensors."""
 
 from __future__ import annotations
 
 import torch
 
-from vlkernels import _dispatch, _extension
+from vlkernels import _dispatch, _extension, _schema
 from vlkernels.attention import args as A
 from vlkernels.attention import plan as P
 from vlkernels.masks import MaskArgs
@@ -14,7 +16,8 @@ from vlkernels.masks import MaskArgs
 _fwd_op = _extension.declare(
     "cuda_attention_fwd", A.PlannedAttentionArgs, A.FWD_RETURNS, lambda p: A.fwd_fake(p.fwd)
 )
-_bwd_op = _extension.declare(
+# called by the forward's autograd kernel (C++) only
+_extension.declare(
     "cuda_attention_bwd", A.PlannedAttentionGradArgs, A.BWD_RETURNS, lambda p: A.bwd_fake(p.grad)
 )
 
@@ -30,26 +33,24 @@ def launch(a: A.AttentionArgs) -> A.AttentionLaunch:
     return A.AttentionLaunch(splits, per_split if splits > 1 else 0, -(-B // per_chunk), per_chunk)
 
 
+_INT32 = torch.iinfo(torch.int32)
+_TENSORS = tuple(name for name, kind in _schema.fields(MaskArgs) if kind.startswith("Tensor"))
+
+
 def _int32(m: MaskArgs) -> MaskArgs:
     """The mask with its int64 metadata as int32 (what csrc/attention.cu reads), clamped to the
     int32 range: a length past it still means "every key", never a wrapped value."""
-    lo, hi = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
-    return m._replace(
-        **{
-            f: v.clamp(lo, hi).int()
-            for f, v in zip(m._fields, m, strict=True)
-            if isinstance(v, torch.Tensor) and v.dtype == torch.int64
-        }
-    )
+    narrowed = {}
+    for f in _TENSORS:
+        v = getattr(m, f)
+        if v is not None and v.dtype == torch.int64:
+            narrowed[f] = v.clamp(_INT32.min, _INT32.max).int()
+    return m._replace(**narrowed) if narrowed else m
 
 
 def _forward(a: A.AttentionArgs):
+    """(out, lse), the backward recorded by the op (csrc/bindings.cpp: AttentionFn)."""
     return _fwd_op(A.PlannedAttentionArgs(a._replace(mask=_int32(a.mask)), launch(a)))
-
-
-def _backward(g: A.AttentionGradArgs):
-    fwd = g.fwd._replace(mask=_int32(g.fwd.mask))
-    return _bwd_op(A.PlannedAttentionGradArgs(g._replace(fwd=fwd), launch(g.fwd)))
 
 
 def _limits(a: A.AttentionArgs) -> list[str]:
@@ -62,4 +63,6 @@ def _limits(a: A.AttentionArgs) -> list[str]:
     return reasons
 
 
-BACKEND = _dispatch.Backend("cuda", _forward, _backward, limits=_limits, prepare=A.with_span)
+BACKEND = _dispatch.Backend(
+    "cuda", _forward, None, limits=_limits, records_backward=True
+)

@@ -24,7 +24,7 @@ import torch
 import triton
 
 from vlkernels._dispatch import interpreter_on
-from vlkernels._triton_utils import next_pow2
+from vlkernels._triton_utils import cdiv, next_pow2
 from vlkernels.attention import args as A
 
 DECODE_ROWS = 16  # at most this many query rows is decoding: the height of its tiles
@@ -211,12 +211,12 @@ def decode_splits(B: int, H: int, Lq: int, Lk: int, device: torch.device, group:
     (128)."""
     interp = device.type != "cuda"
     unit, least = (64, 128) if interp else (128, 256)
-    programs = B * (H // group) * triton.cdiv(group * Lq, DECODE_ROWS)
-    target = 4 if interp else triton.cdiv(2 * _sms(device), programs)  # interpreter: exercise the combine
+    programs = B * (H // group) * cdiv(group * Lq, DECODE_ROWS)
+    target = 4 if interp else cdiv(2 * _sms(device), programs)  # interpreter: exercise the combine
     if Lq > DECODE_ROWS or Lk < 2 * least or target < 2:
         return 1, Lk
-    per_split = max(least, triton.cdiv(triton.cdiv(Lk, target), unit) * unit)
-    splits = triton.cdiv(Lk, per_split)
+    per_split = max(least, cdiv(cdiv(Lk, target), unit) * unit)
+    splits = cdiv(Lk, per_split)
     return (splits, per_split) if splits > 1 else (1, Lk)
 
 
@@ -227,7 +227,7 @@ def dq_chunks(B: int, H: int, Lq: int, shared: bool, device: torch.device) -> in
         return B
     if device.type != "cuda":
         return min(B, 2)
-    return max(1, min(B, triton.cdiv(2 * _sms(device), H * triton.cdiv(Lq, 64))))
+    return max(1, min(B, cdiv(2 * _sms(device), H * cdiv(Lq, 64))))
 
 
 def mask_key(m) -> str:
@@ -302,7 +302,7 @@ def _make(a: A.AttentionArgs) -> Plan:
     else:
         bwd = "split"
     chunks = dq_chunks(B, H, Lq, shared, a.q.device)
-    per_chunk = triton.cdiv(B, chunks)
+    per_chunk = cdiv(B, chunks)
     return Plan(
         B=B,
         H=H,
@@ -318,7 +318,7 @@ def _make(a: A.AttentionArgs) -> Plan:
         splits=splits,
         keys_per_split=per_split,
         bwd=bwd,
-        chunks=triton.cdiv(B, per_chunk),
+        chunks=cdiv(B, per_chunk),
         per_chunk=per_chunk,
         launched={},
     )
@@ -394,7 +394,7 @@ def gemm_flops(p: Plan, kernel: str, BLOCK_M: int, BLOCK_N: int, lo: torch.Tenso
         fused = p.bwd == "queries_fused"
         return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * (5 if fused else 3) * tile
     if kernel == "_attn_bwd_dkdv" and p.bwd == "keys_fused":  # every query tile: S, dV, dP, dK, dQ
-        return H * B * triton.cdiv(Lq, BM) * 5 * tile
+        return H * B * cdiv(Lq, BM) * 5 * tile
     if kernel == "_attn_bwd_dkdv":  # per key tile, the query tiles from the first to the last that touch it
         lo, hi = _query_tiles(lo, hi, BM, Lk)
         n0 = torch.arange(0, Lk, BN)

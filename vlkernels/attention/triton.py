@@ -19,7 +19,7 @@ import triton.language as tl
 
 from vlkernels import _dispatch, _schema
 from vlkernels._dispatch import interpreter_on
-from vlkernels._triton_utils import LAUNCHES, LOG2E, autotuned, launch, next_pow2, poisoned, tanh
+from vlkernels._triton_utils import LAUNCHES, LOG2E, autotuned, cdiv, launch, next_pow2, poisoned, tanh
 from vlkernels.attention import args as A
 from vlkernels.attention import dropout
 from vlkernels.attention import plan as P
@@ -625,7 +625,7 @@ def _with_span(a: A.AttentionArgs) -> A.AttentionArgs:
     if key not in _SPANS and len(_SPANS) >= P.MAX_PLANS:
         del _SPANS[next(iter(_SPANS))]
     launch(
-        _attn_mask_span, (triton.cdiv(Lq, 32), B), _SPANS.setdefault(key, {}), "span", (live, lo, hi, run),
+        _attn_mask_span, (cdiv(Lq, 32), B), _SPANS.setdefault(key, {}), "span", (live, lo, hi, run),
         M=live, LO=lo, HI=hi, RUN=run, sm=live.stride(), HM=live.shape[1], Lq=Lq, Lk=Lk,
         BIAS=m.bias is not None, BLOCK_M=32, BLOCK_N=64,
     )  # fmt: skip
@@ -645,7 +645,7 @@ def _forward(a: A.AttentionArgs):
         o_lse = poisoned(a.q.new_empty((p.splits, B * H * Lq, 2), dtype=torch.float32))
         so_split = o.stride(0)
     group = p.consts["GROUP"] if p.pack else 1
-    grid = lambda meta: (triton.cdiv(p.rows, meta["BLOCK_M"]) * p.splits, H // group, B)
+    grid = lambda meta: (cdiv(p.rows, meta["BLOCK_M"]) * p.splits, H // group, B)
     launch(
         _attn_fwd, grid, p.launched, "fwd", (a.q, a.k, a.v, o, o_lse, *dyn),
         Q=a.q, K=a.k, V=a.v, O=o, LSE=o_lse, sq=p.sq, sk=a.k.stride(), sv=a.v.stride(), so=o.stride()[-4:],
@@ -655,7 +655,7 @@ def _forward(a: A.AttentionArgs):
     )  # fmt: skip
     if p.splits > 1:
         launch(
-            _attn_fwd_combine, (triton.cdiv(Lq, 16), H, B), p.launched, "combine", (o, o_lse, out, lse),
+            _attn_fwd_combine, (cdiv(Lq, 16), H, B), p.launched, "combine", (o, o_lse, out, lse),
             PO=o, PLSE=o_lse, O=out, LSE=lse, spo_split=o.stride(0), spo=o.stride()[1:], so=out.stride(),
             SPLITS=p.splits, H=H, Lq=Lq, D=D, BLOCK_M=16, BLOCK_D=p.consts["BLOCK_D"],
         )  # fmt: skip
@@ -685,27 +685,27 @@ def _backward(g: A.AttentionGradArgs):
     )  # fmt: skip
     if p.bwd == "split":
         launch(
-            _attn_bwd_delta, (triton.cdiv(Lq, 32), H, B), p.launched, "delta",
+            _attn_bwd_delta, (cdiv(Lq, 32), H, B), p.launched, "delta",
             (g.out, g.grad_out, delta, g.grad_out.stride()),
             O=g.out, DO=g.grad_out, DELTA=delta, so=g.out.stride(), sdo=g.grad_out.stride(), H=H, Lq=Lq, D=D,
             BLOCK_M=32, BLOCK_D=p.consts["BLOCK_D"],
         )  # fmt: skip
     if not queries_fused:
-        grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), p.Hk, B)
+        grid_kv = lambda meta: (cdiv(Lk, meta["BLOCK_N"]), p.Hk, B)
         launch(
             _attn_bwd_dkdv, grid_kv, p.launched, "dkdv", tensors,
             **common, DQ=dq, sdq=dq.stride(), Hk=p.Hk, FUSED=keys_fused,
         )  # fmt: skip
     if not keys_fused:
         dq_acc = poisoned(a.q.new_empty((p.chunks, H, Lq, D), dtype=torch.float32)) if p.shared else dq
-        grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), H, p.chunks)
+        grid_q = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), H, p.chunks)
         launch(
             _attn_bwd_dq, grid_q, p.launched, "dq", (*tensors, dq_acc),
             **common, DQ=dq_acc, sdq=dq_acc.stride(), B=B, B_PER_PROG=p.per_chunk, FUSED=queries_fused,
         )  # fmt: skip
         if p.shared:
             launch(
-                _attn_bwd_dq_sum, (triton.cdiv(Lq, 32), H), p.launched, "dq_sum", (dq_acc, dq),
+                _attn_bwd_dq_sum, (cdiv(Lq, 32), H), p.launched, "dq_sum", (dq_acc, dq),
                 PART=dq_acc, DQ=dq, spart=dq_acc.stride(), sdq=dq.stride(), CHUNKS=p.chunks, Lq=Lq, D=D,
                 BLOCK_M=32, BLOCK_D=p.consts["BLOCK_D"],
             )  # fmt: skip
@@ -722,7 +722,7 @@ def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
     block = 32 if interpreter_on() else 64
     c = p.consts
     launch(
-        _attn_bwd_dbias, (triton.cdiv(Lq, block), H, B), p.launched, "dbias",
+        _attn_bwd_dbias, (cdiv(Lq, block), H, B), p.launched, "dbias",
         (a.q, a.k, a.v, g.grad_out, g.lse, db, g.grad_out.stride(), *dyn),
         Q=a.q, K=a.k, V=a.v, DO=g.grad_out, LSE=g.lse, DB=db, sq=p.sq, sk=a.k.stride(), sv=a.v.stride(),
         sdo=g.grad_out.stride(), sdb=db.stride(), mask=mask, H=H, GROUP=c["GROUP"], Lq=Lq, Lk=Lk, D=D,

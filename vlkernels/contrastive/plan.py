@@ -14,7 +14,7 @@ import torch
 import triton
 
 from vlkernels._dispatch import interpreter_on
-from vlkernels._triton_utils import next_pow2
+from vlkernels._triton_utils import cdiv, next_pow2
 
 BWD_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 BWD_CONFIGS = [
@@ -73,7 +73,6 @@ def gemm_flops(kernel: str, a: dict) -> int:
     included: the tiles each program's loops visit, times their GEMMs."""
     if kernel in ("_loss_fwd_finish", "_loss_bwd_finish"):  # one program adding up statistics
         return 0
-    cdiv = triton.cdiv
     BM, BN, BD, D = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_D"], a["D"]
     tile = 2 * BM * BN * BD  # one feature chunk of a similarity tile
     d_chunks = cdiv(D, BD)

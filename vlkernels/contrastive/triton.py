@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from vlkernels import _dispatch, _schema
-from vlkernels._triton_utils import LAUNCHES, autotuned, next_pow2, poisoned
+from vlkernels._triton_utils import LAUNCHES, autotuned, cdiv, next_pow2, poisoned
 from vlkernels.contrastive import args as A
 from vlkernels.contrastive import plan as P
 from vlkernels.contrastive import rows
@@ -541,7 +541,7 @@ def _operands(a: A.RowPass) -> dict:
 def _forward(a: A.RowPass) -> torch.Tensor:
     op = _operands(a)
     out = poisoned(A.fwd_fake(a))
-    _ctr_fwd[(triton.cdiv(op["M"], op["BLOCK_M"]),)](OUT=out, **op)
+    _ctr_fwd[(cdiv(op["M"], op["BLOCK_M"]),)](OUT=out, **op)
     LAUNCHES["contrastive_fwd"] += 1
     return out
 
@@ -555,7 +555,7 @@ def _row_grad(g: A.RowPassGrad, dr: torch.Tensor, gout: torch.Tensor | None) -> 
     block_do, in_regs = P.out_tiles(QR, D)
     acc = a.rows if in_regs else a.rows.new_empty(a.rows.shape, dtype=torch.float32)
     dsb = poisoned(a.rows.new_empty((M, len(A.ScaleBiasSums._fields)), dtype=torch.float32))
-    _ctr_bwd[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+    _ctr_bwd[lambda meta: (cdiv(M, meta["BLOCK_M"]),)](
         GOUT=gout,
         LSE_ROW=g.lse_row,
         LSEM_ROW=g.lsem_row,
@@ -604,7 +604,7 @@ def _loss_forward(a: A.LossArgs) -> tuple[torch.Tensor, torch.Tensor]:
     X, Y = _features(a.x, a.y), _features(a.y, a.y)
     NX, NY = _features(a.neg_x, a.y), _features(a.neg_y, a.y)
     band = P.band(N)
-    n_bands, n_nx, n_ny = (triton.cdiv(n, band) for n in (N, NX.n, NY.n))
+    n_bands, n_nx, n_ny = (cdiv(n, band) for n in (N, NX.n, NY.n))
     f32 = dict(dtype=torch.float32)
     px = a.y.new_empty((n_bands + n_ny, N), **f32)
     py = a.y.new_empty((n_bands + n_nx, N), **f32)

@@ -9,14 +9,14 @@ holds it to the launches that ran.
 
 from __future__ import annotations
 
-import triton
+from vlkernels._triton_utils import cdiv
 
 BLOCK = 1024  # elements per program (and partial sums per step of the reduction)
 
 
 def programs(n: int) -> int:
     """Programs of the forward and of the backward's first kernel over ``n`` elements."""
-    return triton.cdiv(n, BLOCK)
+    return cdiv(n, BLOCK)
 
 
 def kernels(backward: bool = False) -> tuple[str, ...]:
