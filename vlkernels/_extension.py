@@ -32,7 +32,7 @@ class CppOp(NamedTuple):
     fake: Callable
 
     def __call__(self, args):
-        return _schema.Op(f"{get().ns}::{self.name}", self.args)(args)
+        return _schema.call(f"{get().ns}::{self.name}", args)
 
 
 def _load() -> Extension | None:

@@ -133,7 +133,12 @@ class Op(NamedTuple):
     args: type
 
     def __call__(self, args):
-        return _overload(self.qualname)(*flatten(args))
+        return call(self.qualname, args)
+
+
+def call(qualname: str, args):
+    """Op ``qualname`` called with argument tuple ``args``."""
+    return _overload(qualname)(*flatten(args))
 
 
 @functools.cache
