@@ -30,7 +30,8 @@ $(VENV)/.installed: setup.py Makefile $(wildcard csrc/*)
 
 # `make gpu-prep`: the GPU session's bundle (benchmarks/gpu_session.sh), prepared here with the GPU
 # machine's versions: vlkernels._C built for its Python 3.12 and torch 2.11.0+cu130 (sm_90a), the
-# peer wheels in .whl/ and the commit in .whl/COMMIT; then the script's DRY rehearsal in that
+# peer wheels in .whl/, the commit in .whl/COMMIT and the csrc/ digest in .whl/CSRC (the session's
+# install step refuses a _C built from other sources); then the script's DRY rehearsal in that
 # environment (numpy 2.2.6 over its 2.5 for the rehearsal only: Triton 3.6's interpreter fails with
 # numpy >= 2.4; the device never runs the interpreter). The device call carries
 # vlkernels/_C.cpython-312-x86_64-linux-gnu.so and .whl.
@@ -64,6 +65,7 @@ gpu-prep: $(GPU_VENV)/.installed
 	VLK_CUDA_ARCHS=90a $(GPU_VENV)/bin/python setup.py -q build_ext --inplace
 	bash benchmarks/fetch_wheels.sh
 	git rev-parse --short HEAD > .whl/COMMIT
+	cat csrc/* | sha256sum | cut -c1-16 > .whl/CSRC
 	rm -rf $(GPU_REHEARSAL)
 	DRY=1 OUT=$(GPU_REHEARSAL) PYTHON=$(GPU_VENV)/bin/python PYTHONPATH=$(abspath $(GPU_VENV))/numpy-interpreter \
 		bash benchmarks/gpu_session.sh

@@ -48,8 +48,14 @@ install() {
   fi
   # _C as carried (built for this Python and torch by `make gpu-prep`): no compiler runs here.
   # DRY: reported, not required (a CPU machine may have no CUDA toolkit)
-  "$PY" -c "import vlkernels._extension as e; x = e.get(); print('vlkernels._C:', x); assert x or $DRY"
+  "$PY" -c "import vlkernels._extension as e; x = e.get(); print('vlkernels._C:', x); assert x or $DRY" || return 1
+  # and built from these csrc/ sources (`make gpu-prep` records their digest)
+  if [ -f .whl/CSRC ] && [ "$(csrc_digest)" != "$(cat .whl/CSRC)" ]; then
+    echo "vlkernels._C was built from other csrc/ sources than these: run make gpu-prep again"
+    return 1
+  fi
 }
+csrc_digest() { cat csrc/* | sha256sum | cut -c1-16; }
 info() { "$PY" -m vlkernels.info 2>&1 | tee "$OUT/info.txt"; }
 # One block config per kernel everywhere (VLK_AUTOTUNE=0: the first config the kernel's prune
 # keeps): autotuning would compile every config of every kernel, about 5x the compiles, past the

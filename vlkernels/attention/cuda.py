@@ -63,6 +63,4 @@ def _limits(a: A.AttentionArgs) -> list[str]:
     return reasons
 
 
-BACKEND = _dispatch.Backend(
-    "cuda", _forward, None, limits=_limits, records_backward=True
-)
+BACKEND = _dispatch.Backend("cuda", _forward, None, limits=_limits, records_backward=True)
