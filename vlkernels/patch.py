@@ -15,6 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlkernels import masks
+from vlkernels.attention import api
+from vlkernels.modules import AttentionalPooler, GatedCrossAttentionBlock, LayerNorm
+
 HF_NAME = "vlkernels"
 
 
@@ -28,8 +32,6 @@ def hf_attention_forward(
     when there is no mask. Returns ([B, Lq, H, D], the attention probabilities [B, H, Lq, Lk]
     after dropout when ``output_attentions`` is asked for, as transformers' eager attention,
     else None)."""
-    from vlkernels import masks
-
     for unsupported in ("position_bias", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"vlkernels attention does not support {unsupported!r}")
@@ -60,8 +62,6 @@ def _attend(q, k, v, mask, weights: bool, dropped: bool = True, **options):
     """(vlkernels.attention's output [B, H, Lq, D], and with ``weights`` its probabilities [B, H,
     Lq, Lk], after dropout when ``dropped`` (before when not, as BLIP's text attention returns
     them), else None)."""
-    from vlkernels.attention import api
-
     if weights and options.get("dropout_p"):
         options["seed"] = api.draw_seed(q.device)  # one seed: the probabilities drop what the output did
     out = api.attention(q, k, v, mask, **options)
@@ -101,8 +101,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _open_clip_pooler(mod):
-    from vlkernels.modules import AttentionalPooler, LayerNorm
-
     n_queries, d_model = mod.query.shape
     return AttentionalPooler(
         d_model,
@@ -114,8 +112,6 @@ def _open_clip_pooler(mod):
 
 
 def _open_flamingo_block(mod):
-    from vlkernels.modules import GatedCrossAttentionBlock
-
     a = mod.attn
     dim = a.norm.normalized_shape[0]
     return GatedCrossAttentionBlock(

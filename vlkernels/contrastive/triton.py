@@ -127,14 +127,11 @@ def _ctr_fwd(
         ok = row_ok[:, None] & col_ok[None, :]
         logit = s * sim + b
         if KIND == 0:  # online log-sum-exp, sum of logits, positive logit
-            lm = tl.where(ok, logit, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(lm, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(lm - m_safe[:, None]), axis=1)
-            m_i = m_new
+            m_i, l_i = _online(m_i, l_i, tl.where(ok, logit, float("-inf")), 1)
             tot += tl.sum(tl.where(ok, logit, 0.0), axis=1)
             pos += tl.sum(tl.where(ok & is_pos, logit, 0.0), axis=1)
             if RM is not None:  # momentum log-sum-exp and the logit sum weighted by the momentum softmax
+                # (_online's update written out: its rescaling and terms also weight the logit sum)
                 simm, _, _, _ = _tile(RM, C, NEG, offs_m, start_n, n_pad, D, row_off, col_off, PRECISION,
                                       UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
                 mlog = tl.where(ok, s * simm, float("-inf"))
@@ -149,8 +146,8 @@ def _ctr_fwd(
             z = tl.where(is_pos, -logit, logit)
             sp = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
             tot += tl.sum(tl.where(ok, sp, 0.0), axis=1)
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    lsem = tl.where(lm_i > 0, mm_i + tl.log(tl.where(lm_i > 0, lm_i, 1.0)), float("-inf"))
+    lse = _lse(m_i, l_i)
+    lsem = _lse(mm_i, lm_i)
     wm = wm_i / tl.where(lm_i > 0, lm_i, 1.0)
     tl.store(OUT + 0 * M + offs_m, lse, mask=row_ok)
     tl.store(OUT + 1 * M + offs_m, pos, mask=row_ok)
