@@ -1,5 +1,5 @@
 """FlashAttention's own test parameterization (its test_flash_attn_output: sequence-length pairs,
-head dims, causal and local windows, ALiBi as a float bias, soft-capping, dropout, MQA/GQA) on
+head dims, causal and local windows, ALiBi (its slopes [B, H]), soft-capping, dropout, MQA/GQA) on
 every backend, fp16 and bf16, by its rule: the error against float64 at most 2x the same-dtype
 eager reference's for the output, 3x for dq, dk, dv. A fixed, spread selection of the product
 (the whole product is thousands of cases; on CPU the Triton interpreter gets the shorter
@@ -14,7 +14,7 @@ import torch
 from helpers import DEVICE, GRAD_FACTOR, ON_GPU, check_against_reference, launched
 
 import vlkernels
-from vlkernels import masks
+from vlkernels import bias, masks
 from vlkernels.reference import attention_ref
 
 SEQLENS = [(1, 147), (113, 203), (128, 217), (113, 211), (108, 256), (256, 512), (512, 256), (1, 239),
@@ -51,7 +51,7 @@ def _case(backend, case):
     (Lq, Lk), D, feature, heads, dtype = case
     if backend == "cuda" and ("alibi" in feature or D % 8):
         pytest.skip(
-            "the CUDA C++ kernels take no float bias and head dims that are multiples of 8 (test_ops)"
+            "the CUDA C++ kernels take no position bias and head dims that are multiples of 8 (test_ops)"
         )
     H, Hk = {"mha": (4, 4), "mqa": (4, 1), "gqa": (6, 2)}[heads]
     B = 2
@@ -68,13 +68,9 @@ def _case(backend, case):
         if "causal" not in feature:  # the right edge as a bool mask: |i + Lk - Lq - j| <= w
             i, j = torch.arange(Lq, device=DEVICE)[:, None], torch.arange(Lk, device=DEVICE)[None]
             mask = (j - (i + Lk - Lq)).abs() < w
-    if "alibi" in feature:  # FlashAttention's alibi_slopes as the float bias its reference adds
-        slopes = torch.rand(H, generator=g).to(DEVICE) * 0.3
-        i, j = torch.arange(Lq, device=DEVICE)[:, None], torch.arange(Lk, device=DEVICE)[None]
-        bias = -slopes[:, None, None] * (i + Lk - Lq - j).abs()
-        if mask is not None:
-            bias = bias.masked_fill(~mask.to_dense(1, Lq, Lk)[0], float("-inf"))
-        mask = bias
+    position = None
+    if "alibi" in feature:  # FlashAttention's alibi_slopes [B, H], computed in the kernels
+        position = bias.alibi(torch.rand(B, H, generator=g).to(DEVICE) * 0.3)
     if feature == "softcap":
         kw["softcap"] = 5.0
     keep, p = None, 0.0
@@ -84,9 +80,9 @@ def _case(backend, case):
         keep = vlkernels.attention_dropout_mask(q, k, p, 1234)
     do = torch.randn(B, H, Lq, D, generator=g).to(DEVICE, dtype)
     with launched(backend, "attention"):
-        out = vlkernels.attention(q, k, v, mask, backend=backend, **kw)
+        out = vlkernels.attention(q, k, v, mask, backend=backend, position_bias=position, **kw)
         grads = torch.autograd.grad(out, (q, k, v), do)
-    ref_kw = dict(softcap=kw.get("softcap"), dropout_keep=keep, dropout_p=p)
+    ref_kw = dict(softcap=kw.get("softcap"), dropout_keep=keep, dropout_p=p, position_bias=position)
     ref = attention_ref(q, k, v, mask, upcast=True, **ref_kw)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
     lowp = attention_ref(q, k, v, mask, **ref_kw)

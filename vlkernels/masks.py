@@ -297,6 +297,11 @@ class MaskArgs(NamedTuple):
                        exactly the keys [row_lo, row_hi) of the row on every head (causal,
                        padding, prefix-LM, an image's block: one run), so the kernels that take
                        it bound the row by its span and load none of its mask elements
+    position_bias:     an analytic position bias (``vlkernels.bias``), added to the scores after
+                       the cap: T5's table [H, num_buckets], or ALiBi's slopes [B or 1, H]
+    position_buckets:  int32 [2 · max_distance + 1], T5's bucket of each relative position
+                       (``bias.bucket_table``); None with ALiBi
+    position_shift:    query row i sits at key position i + (Lk - Lq) + position_shift
     """
 
     dense_mask: torch.Tensor | None = None
@@ -313,6 +318,9 @@ class MaskArgs(NamedTuple):
     row_lo: torch.Tensor | None = None
     row_hi: torch.Tensor | None = None
     row_run: torch.Tensor | None = None
+    position_bias: torch.Tensor | None = None
+    position_buckets: torch.Tensor | None = None
+    position_shift: int = 0
 
     def restricts(self) -> bool:
         """Whether any part besides the bias may disallow a key (False: ``allowed`` is all True)."""

@@ -15,7 +15,16 @@ from vlkernels.masks import Mask
 
 
 def attention_ref(
-    q, k, v, mask=None, scale=None, upcast=False, softcap=None, dropout_keep=None, dropout_p=0.0
+    q,
+    k,
+    v,
+    mask=None,
+    scale=None,
+    upcast=False,
+    softcap=None,
+    dropout_keep=None,
+    dropout_p=0.0,
+    position_bias=None,
 ):
     """Masked attention, eager. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D] -> [B, H, Lq, D].
 
@@ -25,6 +34,8 @@ def attention_ref(
     gradient. ``upcast`` computes in float64. ``softcap``: the scaled scores become softcap ·
     tanh(scores / softcap) before a float mask is added (Gemma 2). ``dropout_keep``: bool
     [B, H, Lq, Lk], the probabilities kept by attention dropout (scaled by 1 / (1 - dropout_p)).
+    ``position_bias``: a ``vlkernels.bias`` bias, added as its ``dense`` tensor after the cap (in
+    float64 with ``upcast``, else in the wider of its dtype and the scores').
     """
     dtype = q.dtype
     if upcast:
@@ -38,6 +49,9 @@ def attention_ref(
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # q broadcasts over B when Bq == 1
     if softcap:
         s = torch.tanh(s / softcap) * softcap
+    if position_bias is not None:
+        dense = position_bias.dense(Lq, Lk)
+        s = s + (dense.double() if upcast else dense)
     if mask is not None and not isinstance(mask, Mask) and mask.dtype.is_floating_point:
         s, mask = s + mask, mask != float("-inf")
     if mask is not None:

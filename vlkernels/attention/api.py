@@ -7,6 +7,7 @@ import math
 import torch
 
 from vlkernels import _dispatch, masks
+from vlkernels import bias as position
 from vlkernels.attention import dropout
 from vlkernels.attention import torch as torch_backend
 from vlkernels.attention.args import AttentionArgs
@@ -71,7 +72,19 @@ def _distinct(q, k, v):
     return q, k, v
 
 
-def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, seed=None, backend=None):
+def attention(
+    q,
+    k,
+    v,
+    mask=None,
+    *,
+    scale=None,
+    softcap=None,
+    dropout_p=0.0,
+    seed=None,
+    position_bias=None,
+    backend=None,
+):
     """Masked multi-head attention, SDPA layout. q [Bq, H, Lq, D]; k, v [B, Hk, Lk, D].
 
     Returns [B, H, Lq, D] (memory laid out as [B, Lq, H, D], so merging heads is free).
@@ -84,15 +97,17 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
     ``seed`` (an int, or an int64 tensor on q's device; None draws one on the device from torch's
     generator, so torch.manual_seed makes runs repeat and compiled steps and CUDA-graph replays draw
     anew), regenerated in the backward,
-    the same on every backend (``dropout_mask``). ``backend``: None
-    (automatic), "triton", "cuda", "torch".
+    the same on every backend (``dropout_mask``). ``position_bias``: an analytic position bias
+    from ``vlkernels.bias`` (T5's learned buckets, ALiBi), computed in the kernels and added to the
+    scores after the cap; its table's or slopes' gradient is reduced in the backward. ``backend``:
+    None (automatic), "triton", "cuda", "torch".
     Under autocast, q, k, v are cast to its lower-precision dtype first (as SDPA).
     """
     _check_inputs(q, k, v, scale, softcap, dropout_p)
     q, k, v = _distinct(*_dispatch.autocast_inputs(q, k, v))
     B, _, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
-    lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
+    lowered = _lower(mask, position_bias, B, H, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     softcap, dropout_p = float(softcap or 0.0), float(dropout_p)
     if dropout_p == 0:
@@ -106,9 +121,17 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout_p=0.0, se
         return chosen.forward(args)[0]
     lowered = args.mask
     out, _ = AttentionFunction.apply(
-        chosen.name, q, k, v, lowered, scale, softcap, dropout_p, seed, lowered.bias
+        chosen.name, q, k, v, lowered, scale, softcap, dropout_p, seed, lowered.bias, lowered.position_bias
     )
     return out
+
+
+def _lower(mask, position_bias, B: int, H: int, Lq: int, Lk: int, device) -> masks.MaskArgs:
+    """The mask and the position bias as the backends take them (``masks.MaskArgs``)."""
+    lowered = masks.lower(mask, B, H, Lq, Lk, device)
+    if position_bias is None:
+        return lowered
+    return lowered._replace(**position.lower(position_bias, B, H, Lq, Lk, device))
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
@@ -143,7 +166,9 @@ def attention_dropout_mask(q, k, dropout_p: float, seed) -> torch.Tensor:
     return dropout.keep_mask(seed, dropout_p, k.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
 
 
-def attention_weights(q, k, mask=None, *, scale=None, softcap=None, dropout_p=0.0, seed=None):
+def attention_weights(
+    q, k, mask=None, *, scale=None, softcap=None, dropout_p=0.0, seed=None, position_bias=None
+):
     """The attention probabilities that ``attention(q, k, v, mask, ...)`` multiplies v by, as a
     tensor: [B, H, Lq, Lk] in q's dtype, computed in fp32 (what ``output_attentions=True`` returns
     in transformers' eager attention). Masked entries and rows with no allowed key are 0; with
@@ -156,7 +181,7 @@ def attention_weights(q, k, mask=None, *, scale=None, softcap=None, dropout_p=0.
     seed = None if dropout_p == 0 else checked_seed(seed, "attention_weights", q.device)
     B, _, Lk, D = k.shape
     H, Lq = q.shape[1], q.shape[2]
-    lowered = masks.lower(mask, B, H, Lq, Lk, q.device)
+    lowered = _lower(mask, position_bias, B, H, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     args = AttentionArgs(q, k, k, lowered, scale, float(softcap or 0.0), float(dropout_p), seed)
     return torch_backend.probabilities(args).to(q.dtype)

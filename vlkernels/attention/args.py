@@ -100,3 +100,13 @@ def bias_grad_fake(a: AttentionGradArgs) -> torch.Tensor:
     """The float bias's gradient before its broadcast is summed: [B, H, Lq, Lk] fp32."""
     f = a.fwd
     return f.q.new_empty((f.k.shape[0], f.q.shape[1], f.q.shape[2], f.k.shape[2]), dtype=torch.float32)
+
+
+def position_grad_fake(a: AttentionGradArgs) -> torch.Tensor:
+    """The position bias's gradient before its broadcast is summed, fp32: T5, the table's shape
+    [H, num_buckets]; ALiBi, the slopes' [B, H]."""
+    f = a.fwd
+    table = f.mask.position_bias
+    if f.mask.position_buckets is not None:
+        return table.new_empty(table.shape, dtype=torch.float32)
+    return table.new_empty((f.k.shape[0], f.q.shape[1]), dtype=torch.float32)

@@ -60,6 +60,8 @@ def _limits(a: A.AttentionArgs) -> list[str]:
         reasons.append(f"the CUDA C++ kernels take head dims that are multiples of 8 in [16, 256], got {D}")
     if a.mask.bias is not None:
         reasons.append("the CUDA C++ kernels take no float bias (a float attn_mask)")
+    if a.mask.position_bias is not None:
+        reasons.append("the CUDA C++ kernels take no position bias (vlkernels.bias)")
     return reasons
 
 

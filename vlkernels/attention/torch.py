@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from vlkernels import _dispatch
+from vlkernels import bias as position
 from vlkernels.attention import args as A
 from vlkernels.attention import dropout
 
@@ -194,10 +195,26 @@ def _softmax(s: torch.Tensor):
     return p, p.sum(dim=-1, keepdim=True), m
 
 
+def dense_position(a: A.AttentionArgs) -> A.AttentionArgs:
+    """The backend's ``prepare``: a position bias folded into the float bias, fp32 [B or 1, H, Lq,
+    Lk] (``bias.dense_args``: its table's or slopes' gradient flows back through it)."""
+    m = a.mask
+    if m.position_bias is None:
+        return a
+    dense = position.dense_args(
+        m.position_bias, m.position_buckets, m.position_shift, a.q.shape[2], a.k.shape[2]
+    )
+    if m.bias is not None:
+        dense = m.bias.float() + dense
+    return a._replace(
+        mask=m._replace(bias=dense, position_bias=None, position_buckets=None, position_shift=0)
+    )
+
+
 def probabilities(a: A.AttentionArgs) -> torch.Tensor:
     """fp32 [B, H, Lq, Lk]: softmax(cap(scale · q kᵀ) + bias, masked) after dropout, 0 where masked
     and in rows with no allowed key (``a.v`` is not read)."""
-    s, _, _, _, _ = _scores(a)
+    s, _, _, _, _ = _scores(dense_position(a))
     p, l, _ = _softmax(s)
     return p / torch.where(l == 0, 1.0, l) * _dropout_factor(a)
 
@@ -260,4 +277,6 @@ def _any_backward(g: A.AttentionGradArgs):
     return (_cpu_backward if fused else _backward)(g)
 
 
-BACKEND = _dispatch.Backend("torch", _any_forward, _any_backward, bias_grad=lambda g: _score_grad(g)[0])
+BACKEND = _dispatch.Backend(
+    "torch", _any_forward, _any_backward, prepare=dense_position, bias_grad=lambda g: _score_grad(g)[0]
+)

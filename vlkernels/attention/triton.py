@@ -27,10 +27,18 @@ from vlkernels.masks import MaskArgs
 
 
 class _View(NamedTuple):
-    """A tensor as a kernel sees it: its pointer and the strides of its four dims."""
+    """A tensor as a kernel sees it: its pointer and the strides of its dims."""
 
     ptr: torch.Tensor
     stride: tuple
+
+
+class _Buckets(NamedTuple):
+    """T5's bucket table (``bias.bucket_table``) as a kernel sees it: the bucket of relative
+    position r at ptr[r + max_distance], r clamped to [-max_distance, max_distance]."""
+
+    ptr: torch.Tensor
+    max_distance: int
 
 
 def _kernel_mask(m: MaskArgs, B: int, H: int, Lq: int, Lk: int) -> MaskArgs:
@@ -47,10 +55,19 @@ def _kernel_mask(m: MaskArgs, B: int, H: int, Lq: int, Lk: int) -> MaskArgs:
     if bias is not None:
         bias = bias.expand(B, H, Lq, Lk)
         bias = _View(bias, bias.stride())
+    position, buckets = m.position_bias, m.position_buckets
+    if position is not None:
+        if buckets is None:  # ALiBi's slopes [B or 1, H]
+            position = position.expand(B, H)
+        position = _View(position, position.stride())
+    if buckets is not None:
+        buckets = _Buckets(buckets, (buckets.numel() - 1) // 2)
     return m._replace(
         dense_mask=dense,
         text_to_media=t2m,
         bias=bias,
+        position_bias=position,
+        position_buckets=buckets,
         causal=tl.constexpr(m.causal),
         qformer_mode=tl.constexpr(m.qformer_mode),
         media_mode=tl.constexpr(m.media_mode),
@@ -129,16 +146,37 @@ def _allowed(offs_m, offs_n, lo, hi, m, b, h, Lq, Lk):
 
 
 @triton.jit
+def _position(m, b, h, offs_m, offs_n, Lq, Lk):
+    """The position bias of a tile (``bias``: fp32, natural units) and what its gradient is reduced
+    by: T5, each element's bucket (int32); ALiBi, the bias's derivative in the slope, -|i - j|.
+    ``h`` one head or one per row."""
+    rel = offs_n[None, :] - (offs_m[:, None] + (Lk - Lq + m.position_shift))  # key - query position
+    hh = (h + offs_m.to(tl.int64) * 0)[:, None]
+    t = m.position_bias
+    if m.position_buckets is not None:  # T5: table [H, num_buckets]
+        md = m.position_buckets.max_distance
+        by = tl.load(m.position_buckets.ptr + (tl.minimum(tl.maximum(rel, -md), md) + md))
+        value = tl.load(t.ptr + hh * t.stride[0] + by * t.stride[1]).to(tl.float32)
+    else:  # ALiBi: slopes [B, H]
+        by = -tl.abs(rel).to(tl.float32)
+        value = tl.load(t.ptr + b * t.stride[0] + hh * t.stride[1]).to(tl.float32) * by
+    return value, by
+
+
+@triton.jit
 def _scores(q, k, qk_scale, softcap, m, offs_m, offs_n, b, h, Lq, Lk, PRECISION: tl.constexpr,
             UPCAST: tl.constexpr, CAP: tl.constexpr):
     """Scores of a tile in log2 units, fp32: q kᵀ · scale, capped (CAP: softcap · tanh(· / softcap)),
-    + the float bias; and the cap's derivative 1 - tanh² (1.0 without CAP)."""
+    + the position bias + the float bias; and the cap's derivative 1 - tanh² (1.0 without CAP)."""
     s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
     dcap = 1.0
     if CAP:
         t = tanh(s * (1.0 / (softcap * LOG2E)))
         s = t * (softcap * LOG2E)
         dcap = 1.0 - t * t
+    if m.position_bias is not None:
+        position, _ = _position(m, b, h, offs_m, offs_n, Lq, Lk)
+        s += position * LOG2E
     if m.bias is not None:
         ptrs = _block(m.bias.ptr, m.bias.stride, b, h, offs_m, offs_n)
         ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
@@ -583,6 +621,47 @@ def _attn_bwd_dbias(
         tl.store(_block(DB, sdb, b, h, offs_m, offs_n), ds, mask=db_ok)
 
 
+@triton.jit
+def _attn_bwd_dposition(
+    Q, K, V, O, DO, LSE, DP, sq, sk, sv, so, sdo, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, drop,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The position bias's gradient over one query tile's allowed keys, dS = P ∘ (dO Vᵀ ∘ Z -
+    delta) (delta = rowsum(O ∘ dO), Z the dropout factor; the bias is added after the cap, so no cap
+    factor) reduced: T5, summed per bucket; ALiBi, dS · -|i - j| summed. DP [B, H, tiles, BLOCK_P]
+    fp32 (T5: bucket c at c, 0 past the table; ALiBi: at 0, 0 elsewhere): the tiles' partial sums,
+    which the launcher adds in a fixed order (no atomics). Each tile loops only over the buckets
+    between its smallest and its largest."""
+    b, h, hk, offs_m, offs_d = _query_tile(GROUP, tl.program_id(0), BLOCK_M, BLOCK_D)
+    lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
+    k_lo, k_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)
+    n_start = (k_lo // BLOCK_N) * BLOCK_N
+    d_ok = offs_d < D
+    q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+    q, do, lse, delta = _grad_rows(Q, DO, O, LSE, LSE, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq, True)
+    cols = tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    for it in tl.range(0, tl.maximum(tl.cdiv(k_hi - n_start, BLOCK_N), 0)):
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, k_lo, k_hi,
+                                 BLOCK_N)
+        p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
+                      UPCAST, CAP)
+        z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
+        ds = p * (_mm(do, tl.trans(v), PRECISION, UPCAST) * z - delta[:, None])
+        _, by = _position(mask, b, h, offs_m, offs_n, Lq, Lk)
+        if mask.position_buckets is not None:
+            first = tl.min(tl.min(by, axis=1), axis=0)
+            last = tl.max(tl.max(by, axis=1), axis=0)
+            for c in tl.range(first, last + 1):
+                acc += tl.where(cols == c, tl.sum(tl.sum(tl.where(by == c, ds, 0.0), axis=1), axis=0), 0.0)
+        else:
+            acc += tl.where(cols == 0, tl.sum(tl.sum(ds * by, axis=1), axis=0), 0.0)
+    tile = tl.program_id(0).to(tl.int64)
+    out = ((b * H + h) * tl.num_programs(0) + tile) * BLOCK_P
+    tl.store(DP + out + cols, acc)
+
+
 # fmt: on
 
 
@@ -734,6 +813,32 @@ def _bias_grad(g: A.AttentionGradArgs) -> torch.Tensor:
     return db
 
 
+def _position_grad(g: A.AttentionGradArgs) -> torch.Tensor:
+    a = g.fwd
+    p = P.plan(a)
+    B, H, Lq, Lk, D = p.B, p.H, p.Lq, p.Lk, p.D
+    mask, drop, dyn = _dynamic(a, B, H, Lq, Lk)
+    table = a.mask.position_bias
+    t5 = a.mask.position_buckets is not None
+    block = 32 if interpreter_on() else 64
+    width = next_pow2(table.shape[1] if t5 else 1)
+    tiles = cdiv(Lq, block)
+    partial = poisoned(a.q.new_empty((B, H, tiles, width), dtype=torch.float32))
+    c = p.consts
+    launch(
+        _attn_bwd_dposition, (tiles, H, B), p.launched, "dposition",
+        (a.q, a.k, a.v, g.out, g.grad_out, g.lse, partial, g.out.stride(), g.grad_out.stride(), *dyn),
+        Q=a.q, K=a.k, V=a.v, O=g.out, DO=g.grad_out, LSE=g.lse, DP=partial, sq=p.sq, sk=a.k.stride(),
+        sv=a.v.stride(), so=g.out.stride(), sdo=g.grad_out.stride(), mask=mask, H=H, GROUP=c["GROUP"], Lq=Lq,
+        Lk=Lk, D=D, qk_scale=a.scale * LOG2E.value, softcap=a.softcap, drop=drop, PRECISION=c["PRECISION"],
+        UPCAST=c["UPCAST"], CAP=c["CAP"], DROPOUT=c["DROPOUT"], BLOCK_D=c["BLOCK_D"], BLOCK_M=block,
+        BLOCK_N=block, BLOCK_P=width,
+    )  # fmt: skip
+    LAUNCHES["attention_position_grad"] += 1
+    summed = partial.sum(2)  # [B, H, width]
+    return summed.sum(0)[:, : table.shape[1]] if t5 else summed[..., 0]
+
+
 _fwd_op = _schema.python_op(
     "vlkernels::triton_attention_fwd",
     A.AttentionArgs,
@@ -747,6 +852,13 @@ _bias_grad_op = _schema.python_op(
 _bwd_op = _schema.python_op(
     "vlkernels::triton_attention_bwd", A.AttentionGradArgs, A.BWD_RETURNS, _backward, A.bwd_fake
 )
+_position_grad_op = _schema.python_op(
+    "vlkernels::triton_attention_position_grad",
+    A.AttentionGradArgs,
+    "Tensor",
+    _position_grad,
+    A.position_grad_fake,
+)
 
 
 def _limits(a: A.AttentionArgs) -> list[str]:
@@ -755,5 +867,11 @@ def _limits(a: A.AttentionArgs) -> list[str]:
 
 
 BACKEND = _dispatch.Backend(
-    "triton", _fwd_op, _bwd_op, limits=_limits, prepare=_with_span, bias_grad=_bias_grad_op
+    "triton",
+    _fwd_op,
+    _bwd_op,
+    limits=_limits,
+    prepare=_with_span,
+    bias_grad=_bias_grad_op,
+    position_grad=_position_grad_op,
 )
