@@ -166,6 +166,7 @@ Attention attn_args(const Args& in) {
   Attention r{in.tensor("q"), in.tensor("k"), in.tensor("v"), in.opt_tensor("dense_mask"), {}, {}, {}};
   const Tensor &q = r.q, &k = r.k, &v = r.v;
   TORCH_CHECK(!in.opt_tensor("bias"), op, ": the CUDA C++ kernels take no float bias (a float attn_mask)");
+  TORCH_CHECK(!in.opt_tensor("position_bias"), op, ": the CUDA C++ kernels take no position bias (vlkernels.bias)");
   const optional<Tensor> key_lengths = in.opt_tensor("key_lengths"), prefix_lengths = in.opt_tensor("prefix_lengths"),
                          text_to_media = in.opt_tensor("text_to_media"), row_lo = in.opt_tensor("row_lo"),
                          row_hi = in.opt_tensor("row_hi");

@@ -236,3 +236,17 @@ def paligemma_inputs(batch: int, n_img: int, n_prompt: int, n_suffix: int) -> di
         token_type_ids=token_type,
         attention_mask=torch.ones_like(ids),
     )
+
+
+def tiny_t5(family: str = "T5", layers: int = 2, **config):
+    """A tiny ``<family>ForConditionalGeneration`` (T5, MT5, UMT5): 4 heads of 8, relative bias
+    of 16 buckets up to distance 10 (so that short test sequences reach the log-spaced buckets
+    and go past max_distance), no dropout unless given."""
+    import transformers as T
+
+    cfg = getattr(T, f"{family}Config")(
+        vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=layers, num_decoder_layers=layers,
+        num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=10,
+        decoder_start_token_id=0, pad_token_id=0, **{"dropout_rate": 0.0, **config},
+    )  # fmt: skip
+    return getattr(T, f"{family}ForConditionalGeneration")(cfg)

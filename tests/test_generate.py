@@ -1,7 +1,8 @@
 """Generation with a KV cache: greedy ``generate()`` of patched tiny public models (BLIP
-captioning, BLIP-2 with OPT, PaliGemma, Idefics) gives the tokens of the unpatched model, and the
-kernels ran, decoding steps included (one query row over the cache). (open_clip's CoCa.generate
-imports transformers 4's beam-search classes and is unavailable beside transformers 5.)"""
+captioning, BLIP-2 with OPT and with T5, T5 / mT5 / UMT5, PaliGemma, Idefics) gives the tokens of
+the unpatched model, and the kernels ran, decoding steps included (one query row over the
+cache). (open_clip's CoCa.generate imports transformers 4's beam-search classes and is
+unavailable beside transformers 5.)"""
 
 import copy
 
@@ -15,6 +16,7 @@ from helpers import (
     tiny_gemma_config,
     tiny_idefics,
     tiny_paligemma,
+    tiny_t5,
 )
 
 import vlkernels
@@ -91,6 +93,24 @@ def test_generate_blip2_opt():
         pixel_values=torch.randn(2, 3, 16, 16, device=DEVICE),
     )
     _same_tokens(model, inputs, 6)
+
+
+@pytest.mark.parametrize("family", ["T5", "MT5", "UMT5"])
+def test_generate_t5_family(family):
+    """Encoder-decoder generation with T5's relative bias in the kernels: each decoding step's
+    query sits past the cached keys (the bias's query offset), beyond max_distance by the end."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 99, (2, 20), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    _same_tokens(tiny_t5(family), dict(input_ids=ids, attention_mask=mask), 12)
+
+
+def test_generate_blip2_t5():
+    from test_patch import _blip2_t5, _blip2_t5_inputs
+
+    torch.manual_seed(0)
+    _same_tokens(_blip2_t5(), _blip2_t5_inputs(), 6)
 
 
 def test_generate_paligemma_with_a_long_prompt_splits_the_keys():

@@ -8,7 +8,7 @@ import torch
 from helpers import DEVICE, ON_GPU, assert_launched
 
 import vlkernels
-from vlkernels import _dispatch, _extension, _schema, masks
+from vlkernels import _dispatch, _extension, _schema, bias, masks
 from vlkernels.attention.args import AttentionArgs, AttentionGradArgs, AttentionLaunch
 from vlkernels.masks import MaskArgs
 from vlkernels.reference import attention_ref
@@ -26,6 +26,7 @@ def _op_args(mask_kind) -> AttentionArgs:
     q, k, v = _qkv(Bq=1 if mask_kind == "shared" else None, Hk=1, grad=False)
     lengths = torch.tensor([10, 24], dtype=torch.int32, device=DEVICE)
     t2m = torch.tensor([[0] * 5 + [1] * 15, [1] * 10 + [3] * 10], dtype=torch.int32, device=DEVICE)
+    table = torch.randn(32, 2, device=DEVICE)  # a T5 table [num_buckets, H]
     cases = {
         "none": MaskArgs(),
         "shared": MaskArgs(causal=True),
@@ -34,11 +35,15 @@ def _op_args(mask_kind) -> AttentionArgs:
         "prefix": MaskArgs(prefix_lengths=lengths, causal=True),
         "media": MaskArgs(text_to_media=t2m, media_mode=1, latents_per_media=8),
         "bias": MaskArgs(bias=torch.randn(2, 1, 20, 24, device=DEVICE)),
+        "t5": MaskArgs(causal=True, **bias.lower(bias.t5(table, False), 2, 2, 20, 24, DEVICE)),
+        "alibi": MaskArgs(**bias.lower(bias.alibi(table[0].abs()), 2, 2, 20, 24, DEVICE)),
     }
     return AttentionArgs(q, k, v, cases[mask_kind], 0.2)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "shared", "dense", "qformer", "prefix", "media", "bias"])
+@pytest.mark.parametrize(
+    "mask_kind", ["none", "shared", "dense", "qformer", "prefix", "media", "bias", "t5", "alibi"]
+)
 def test_opcheck_attention(mask_kind):
     """The backend ops have no autograd of their own (vlkernels.attention's autograd function sits
     above the backends): opcheck's schema, fake-tensor and AOT-dispatch checks."""
@@ -54,6 +59,11 @@ def test_opcheck_attention_backward_and_gated_residual():
     out, lse = torch.ops.vlkernels.triton_attention_fwd(*_schema.flatten(args))
     grad = AttentionGradArgs(torch.randn_like(out), out, lse, args)
     torch.library.opcheck(torch.ops.vlkernels.triton_attention_bias_grad, _schema.flatten(grad))
+    for kind in ("t5", "alibi"):
+        args = _op_args(kind)
+        out, lse = torch.ops.vlkernels.triton_attention_fwd(*_schema.flatten(args))
+        grad = AttentionGradArgs(torch.randn_like(out), out, lse, args)
+        torch.library.opcheck(torch.ops.vlkernels.triton_attention_position_grad, _schema.flatten(grad))
     x = torch.randn(3, 5, 7, device=DEVICE)
     gate = torch.tensor([0.3], device=DEVICE)
     torch.library.opcheck(torch.ops.vlkernels.triton_gated_residual_fwd, (x, torch.randn_like(x), gate))
@@ -66,13 +76,15 @@ def test_schemas_are_derived_from_the_declarations():
     assert _schema.schema(MaskArgs, "()") == (
         "(Tensor? dense_mask, Tensor? key_lengths, Tensor? prefix_lengths, Tensor? text_to_media, "
         "bool causal, int qformer_queries, int qformer_mode, int media_mode, int latents_per_media, "
-        "int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi, Tensor? row_run) -> ()"
+        "int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi, Tensor? row_run, Tensor? position_bias, "
+        "Tensor? position_buckets, int position_shift) -> ()"
     )
     fwd = str(torch.ops.vlkernels.triton_attention_fwd.default._schema)
     assert fwd.startswith("vlkernels::triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? dense_mask,")
     assert fwd.endswith(
         "int latents_per_media, int window, Tensor? bias, Tensor? row_lo, Tensor? row_hi, Tensor? row_run, "
-        "float scale, float softcap, float dropout_p, Tensor? seed) -> (Tensor, Tensor)"
+        "Tensor? position_bias, Tensor? position_buckets, int position_shift, float scale, float softcap, "
+        "float dropout_p, Tensor? seed) -> (Tensor, Tensor)"
     )
     for name in ("attention", "contrastive", "gated_residual"):  # the Triton and C++ ops share a declaration
         for direction in ("fwd", "bwd"):
@@ -271,6 +283,7 @@ def test_public_submodules_are_attributes():
 
     assert vk.modules.AttentionalPooler and vk.losses.ClipLoss and vk.reference.attention_ref
     assert vk.masks.sliding_window and callable(vk.attention) and callable(vk.contrastive_loss)
+    assert vk.bias.t5 and vk.bias.alibi
 
 
 @pytest.mark.parametrize("op", ["attention", "contrastive_loss", "gated_residual"])

@@ -12,10 +12,11 @@ from helpers import (
     tiny_blip_config,
     tiny_idefics,
     tiny_paligemma,
+    tiny_t5,
 )
 
 import vlkernels
-from vlkernels import masks
+from vlkernels import bias, masks
 from vlkernels.reference import attention_ref
 
 
@@ -404,3 +405,106 @@ def test_patch_hf_blip_train_mode_attention_dropout(monkeypatch):
         torch.randn(2, 2, device=DEVICE),
     )
     _compare_train_mode_dropout(blip, run, monkeypatch, n_attentions=2)  # text self- and cross-attention
+
+
+def _blip2_t5():
+    """A tiny BLIP-2 with a Flan-T5-style language model (T5 encoder-decoder)."""
+    import transformers as T
+
+    layer = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = T.Blip2Config(
+        vision_config=dict(hidden_size=32, image_size=16, patch_size=8, **layer),
+        qformer_config=dict(hidden_size=32, encoder_hidden_size=32, **layer),
+        text_config=dict(
+            model_type="t5", d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=100,
+            relative_attention_num_buckets=16, relative_attention_max_distance=10, decoder_start_token_id=0,
+            pad_token_id=0, dropout_rate=0.0,
+        ),
+        num_query_tokens=4,
+        image_token_index=99,
+    )  # fmt: skip
+    return T.Blip2ForConditionalGeneration(cfg)
+
+
+def _blip2_t5_inputs(**extra):
+    ids = torch.randint(5, 90, (2, 27), device=DEVICE)
+    ids[:, :4] = 99  # the query tokens' places
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 16, 16,
+                device=DEVICE), **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["T5", "MT5", "UMT5", "BLIP-2 + T5"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patch_t5_family_relative_bias_in_the_kernels(family, backend, monkeypatch):
+    """T5, mT5, UMT5 and BLIP-2 with a T5 language model: the patched model's logits and every
+    parameter's gradient (the relative bias tables included) equal the unpatched model's, with a
+    padded encoder row and sequences past max_distance; each attention is given the analytic
+    ``vlkernels.bias.t5`` (self-attention) or no bias (cross-attention), never a dense float
+    tensor, made once per stack (T5, mT5: the first layer's table, shared) or once per layer (UMT5:
+    a table each); with Triton the tables' gradients are reduced by its kernel."""
+    import importlib
+
+    patch_module = importlib.import_module("vlkernels.patch")
+    torch.manual_seed(0)
+    if family == "BLIP-2 + T5":
+        ref = _blip2_t5().to(DEVICE).eval()
+        inputs = _blip2_t5_inputs(labels=torch.randint(3, 90, (2, 25), device=DEVICE))
+    else:
+        ref = tiny_t5(family).to(DEVICE).eval()
+        inputs = {
+            "input_ids": torch.randint(3, 99, (2, 30), device=DEVICE),
+            "labels": torch.randint(3, 99, (2, 25), device=DEVICE),
+        }
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs["attention_mask"][1, 22:] = 0
+    ours = vlkernels.patch(copy.deepcopy(ref))
+    given, made, attend, t5 = [], [], patch_module._attend, bias.t5
+
+    def spy(q, k, v, mask, weights, dropped=True, **options):
+        given.append((mask, options.get("position_bias")))
+        return attend(q, k, v, mask, weights, dropped, **options)
+
+    monkeypatch.setattr(patch_module, "_attend", spy)
+    monkeypatch.setattr(bias, "t5", lambda *a, **kw: made.append(1) or t5(*a, **kw))
+    want = ref(**inputs)
+    want.loss.backward()
+    vlkernels.set_backend(backend)
+    try:
+        ran = (
+            assert_launched("attention_position_grad")
+            if backend == "triton"
+            else launched("torch", "attention")
+        )
+        with ran:
+            got = ours(**inputs)
+            got.loss.backward()
+    finally:
+        vlkernels.set_backend(None)
+    torch.testing.assert_close(got.logits, want.logits, rtol=2e-5, atol=2e-5)
+    theirs = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        w = theirs[n].grad
+        if w is None:
+            assert p.grad is None, n
+            continue
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-5 * max(1.0, w.abs().max().item()), msg=n)
+    assert all(not (isinstance(m, torch.Tensor) and m.is_floating_point()) for m, _ in given), "a dense bias"
+    kinds = [type(pb).__name__ for _, pb in given]
+    assert kinds.count("PositionBias") == 4 and kinds.count("NoneType") >= 2, kinds
+    assert len(made) == (4 if family == "UMT5" else 2)
+
+
+def test_patch_t5_keeps_a_dense_bias_given_by_the_caller():
+    """A T5 attention module called with a dense ``position_bias`` of the caller's still adds it
+    (only the zeros a module makes for itself are dropped)."""
+    torch.manual_seed(0)
+    model = vlkernels.patch(tiny_t5().to(DEVICE).eval())
+    attn = model.decoder.block[1].layer[1].EncDecAttention  # no table of its own
+    x, mem = torch.randn(2, 7, 32, device=DEVICE), torch.randn(2, 9, 32, device=DEVICE)
+    dense = torch.randn(1, 4, 7, 9, device=DEVICE)
+    got = attn(x, key_value_states=mem, position_bias=dense)[0]
+    none = attn(x, key_value_states=mem)[0]
+    model.set_attn_implementation("eager")
+    want = type(attn).forward(attn, x, key_value_states=mem, position_bias=dense)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, none)

@@ -18,6 +18,7 @@ from helpers import (
     tiny_gemma_config,
     tiny_idefics,
     tiny_paligemma,
+    tiny_t5,
 )
 
 import vlkernels
@@ -86,6 +87,13 @@ def _idefics():
     return tiny_idefics(), inputs, "logits"
 
 
+def _t5(family="T5"):
+    inputs = dict(input_ids=torch.randint(3, 99, (2, 30)), decoder_input_ids=torch.randint(3, 99, (2, 25)))
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][1, 22:] = 0
+    return tiny_t5(family), inputs, "logits"
+
+
 def _coca_pooler():
     from open_clip.transformer import AttentionalPooler
 
@@ -111,6 +119,8 @@ FAMILIES = {
     "flava": _flava,
     "paligemma": _paligemma,
     "idefics": _idefics,
+    "t5": _t5,
+    "umt5": lambda: _t5("UMT5"),
     "coca_pooler": _coca_pooler,
     "open_flamingo_block": _open_flamingo_block,
 }
@@ -166,7 +176,7 @@ def test_whole_patched_models_save_and_load_in_a_fresh_process(tmp_path):
     assert f"loaded {len(FAMILIES)}" in run.stdout
 
 
-ATTENTION_FAMILIES = ["blip", "blip2_qformer", "flava", "paligemma", "idefics"]
+ATTENTION_FAMILIES = ["blip", "blip2_qformer", "flava", "paligemma", "idefics", "t5", "umt5"]
 
 
 @pytest.mark.parametrize("name", ATTENTION_FAMILIES)
@@ -183,7 +193,8 @@ def test_output_attentions_are_eager_probabilities(name):
     with torch.no_grad():
         want, got = eager(**inputs), ours(**inputs)
     compared = 0
-    for key in ("attentions", "cross_attentions", "text_output", "image_output", "multimodal_output"):
+    keys = ("attentions", "cross_attentions", "encoder_attentions", "decoder_attentions")
+    for key in (*keys, "text_output", "image_output", "multimodal_output"):
         w, g = getattr(want, key, None), getattr(got, key, None)
         if key.endswith("output"):  # FLAVA: one output per encoder
             w, g = getattr(w, "attentions", None), getattr(g, "attentions", None)
@@ -226,7 +237,7 @@ def _compare_blip_attentions(eager, ours, inputs):
 
 
 def test_patching_twice_is_patching_once():
-    for name in ("blip", "blip2_qformer", "coca_pooler"):
+    for name in ("blip", "blip2_qformer", "t5", "coca_pooler"):
         torch.manual_seed(0)
         model, inputs, field = FAMILIES[name]()
         ours = vlkernels.patch(model.to(DEVICE).eval())

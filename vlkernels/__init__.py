@@ -3,7 +3,7 @@
 out = vlkernels.attention(q, k, v, mask=vlkernels.masks.qformer(32, "unimodal"))
 """
 
-from vlkernels import losses, masks, modules, reference
+from vlkernels import bias, losses, masks, modules, reference
 from vlkernels._dispatch import BackendUnavailableError, get_backend, set_backend, use_backend
 from vlkernels.attention import attention, attention_dropout_mask, attention_weights
 from vlkernels.contrastive import MomentumDistillation, contrastive_loss
@@ -18,6 +18,7 @@ __all__ = [
     "attention",
     "attention_dropout_mask",
     "attention_weights",
+    "bias",
     "contrastive_loss",
     "gated_residual",
     "get_backend",

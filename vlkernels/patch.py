@@ -5,6 +5,10 @@
   attention that goes through transformers' attention interface runs ``vlkernels.attention`` with
   the model's own mask (bool, or additive 0 / -inf); BLIP's and FLAVA's attention modules, which
   do not use that interface, get a forward that does.
+- T5, mT5, UMT5 (alone, or as the language model of BLIP-2 / InstructBLIP with Flan-T5): the
+  relative position bias is ``vlkernels.bias.t5`` on the module's own table, computed in the
+  kernels (once per forward, shared by the layers as transformers shares its tensor), not the
+  dense [1, H, Lq, Lk] tensor; its gradient is reduced to the table in the backward.
 - open_clip: each ``AttentionalPooler`` (CoCa) becomes ``vlkernels.modules.AttentionalPooler``.
 - open_flamingo: each ``GatedCrossAttentionBlock`` becomes ``vlkernels.modules.GatedCrossAttentionBlock``.
 The swapped modules load the originals' state_dicts, so the model's parameters keep their values.
@@ -12,10 +16,12 @@ The swapped modules load the originals' state_dicts, so the model's parameters k
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
-from vlkernels import masks
+from vlkernels import bias, masks
 from vlkernels.attention import api
 from vlkernels.modules import AttentionalPooler, GatedCrossAttentionBlock, LayerNorm
 
@@ -32,9 +38,17 @@ def hf_attention_forward(
     when there is no mask. Returns ([B, Lq, H, D], the attention probabilities [B, H, Lq, Lk]
     after dropout when ``output_attentions`` is asked for, as transformers' eager attention,
     else None)."""
-    for unsupported in ("position_bias", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"vlkernels attention does not support {unsupported!r}")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("vlkernels attention does not support 's_aux' (attention sinks)")
+    position = kwargs.get("position_bias")
+    if isinstance(position, torch.Tensor):
+        if _made_zeros(module):
+            position = None
+        else:  # a dense bias: added to the scores with the mask
+            attention_mask = _with_dense_bias(attention_mask, position)
+            position = None
+    elif position is _NO_POSITION_BIAS:
+        position = None
     mask = attention_mask  # bool (True = attend) or float, added to the scores (as SDPA)
     if attention_mask is None:  # causal unless told otherwise, top-left aligned: as transformers' SDPA path
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -53,9 +67,101 @@ def hf_attention_forward(
                 i = torch.arange(Lq, device=query.device)[:, None]
                 mask = mask & (torch.arange(Lk, device=query.device)[None] > i - window)
     p = dropout if module.training else 0.0
-    options = dict(scale=scaling, softcap=kwargs.get("softcap"), dropout_p=p)
+    options = dict(scale=scaling, softcap=kwargs.get("softcap"), dropout_p=p, position_bias=position)
     out, probs = _attend(query, key, value, mask, bool(kwargs.get("output_attentions")), **options)
     return out.transpose(1, 2), probs
+
+
+def _with_dense_bias(mask, position: torch.Tensor) -> torch.Tensor:
+    """A dense position bias and transformers' mask (None, bool, or additive) as one float mask."""
+    if mask is None:
+        return position
+    if mask.dtype == torch.bool:
+        return position.masked_fill(~mask, float("-inf"))
+    return position + mask
+
+
+# T5-family attention (T5, mT5, UMT5 and the models built on their code): its relative position
+# bias is vlkernels.bias.t5 on the module's table. Without a table of its own a module is given
+# the bias of the stack's first layer, or makes zeros: a forward with a ``position_bias``
+# argument (T5, mT5) makes them only when given None, which the swapped-in forward replaces with
+# _NO_POSITION_BIAS; a forward without one (UMT5) always makes them, and they are dropped.
+_NO_POSITION_BIAS = object()
+
+
+def _t5_compute_bias(self, query_length, key_length, device=None, past_seen_tokens=0):
+    """T5Attention.compute_bias as ``vlkernels.bias.t5`` (query row i at key position i +
+    past_seen_tokens, as transformers places it)."""
+    return bias.t5(
+        self.relative_attention_bias.weight,
+        bidirectional=not self.is_decoder,
+        num_buckets=self.relative_attention_num_buckets,
+        max_distance=self.relative_attention_max_distance,
+        query_offset=int(past_seen_tokens),
+    )
+
+
+def _t5_forward(self, *args, **kwargs):
+    """The module's forward, given _NO_POSITION_BIAS where it would make a zero bias."""
+    i = _position_arg(type(self))
+    if len(args) > i:
+        if args[i] is None:
+            args = (*args[:i], _NO_POSITION_BIAS, *args[i + 1 :])
+    elif kwargs.get("position_bias") is None:
+        kwargs["position_bias"] = _NO_POSITION_BIAS
+    return type(self).forward(self, *args, **kwargs)
+
+
+def _position_arg(cls) -> int | None:
+    """Where ``cls.forward`` takes ``position_bias`` among its arguments after self (None: it
+    takes none)."""
+    if cls not in _POSITION_ARG:
+        params = list(inspect.signature(cls.forward).parameters)[1:]
+        _POSITION_ARG[cls] = params.index("position_bias") if "position_bias" in params else None
+    return _POSITION_ARG[cls]
+
+
+_POSITION_ARG: dict = {}
+
+
+def _made_zeros(module) -> bool:
+    """Whether a dense ``position_bias`` given to ``module``'s attention is the zeros its forward
+    made (a patched T5-family module without a table whose forward takes no position_bias)."""
+    return (
+        isinstance(module.__dict__.get("compute_bias"), _Patched)
+        and not module.has_relative_attention_bias
+        and _position_arg(type(module)) is None
+    )
+
+
+def _is_t5_family(mod: nn.Module) -> bool:
+    return type(mod).__module__.startswith("transformers") and all(
+        hasattr(mod, a)
+        for a in ("compute_bias", "has_relative_attention_bias", "relative_attention_num_buckets",
+                  "relative_attention_max_distance", "is_decoder")
+    )  # fmt: skip
+
+
+def _t5_bias_is_ours(mod: nn.Module) -> bool:
+    """Whether ``mod``'s own compute_bias gives what ``_t5_compute_bias`` does, bucket for bucket:
+    both computed (on CPU) for a table whose entries are all distinct, over relative positions
+    past max_distance both ways."""
+    weight = mod.relative_attention_bias.weight
+    md = mod.relative_attention_max_distance
+    probe = torch.arange(weight.numel(), dtype=torch.float32).view(weight.shape)
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.copy_(probe)
+            q_len, k_len, offset = 2 * md + 3, 2 * md + 6, 2
+            theirs = type(mod).compute_bias(mod, q_len, k_len, device=weight.device, past_seen_tokens=offset)
+            ours = _t5_compute_bias(mod, q_len, k_len, weight.device, offset).dense(q_len, k_len)
+            return theirs.shape == ours.shape and torch.equal(theirs.float(), ours.float())
+    except (TypeError, ValueError, AttributeError):  # another signature or rule: not ours
+        return False
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
 
 
 def _attend(q, k, v, mask, weights: bool, dropped: bool = True, **options):
@@ -208,16 +314,16 @@ def _blip_vision_attention(self, hidden_states, **kwargs):
     return self.projection(_merged(out)), probs
 
 
-class _PatchedForward:
-    """A swapped-in ``forward`` of one module: ``_FORWARD_SWAPS[key](module, ...)``. An instance
-    attribute that pickles by name (``torch.save`` of a whole patched model; a bound method of a
-    function the module's class does not have would not load)."""
+class _Patched:
+    """A swapped-in method of one module: ``_SWAPPED[name](module, ...)``. An instance attribute
+    that pickles by name (``torch.save`` of a whole patched model; a bound method of a function
+    the module's class does not have would not load)."""
 
-    def __init__(self, key: tuple[str, str], module: nn.Module):
-        self.key, self.module = key, module
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module = name, module
 
     def __call__(self, *args, **kwargs):
-        return _FORWARD_SWAPS[self.key](self.module, *args, **kwargs)
+        return _SWAPPED[self.name](self.module, *args, **kwargs)
 
 
 # transformers modules that do not go through the attention interface: their forward is replaced
@@ -228,10 +334,37 @@ _FORWARD_SWAPS = {
 }
 
 
+_SWAPPED = {
+    **{cls: fn for (_, cls), fn in _FORWARD_SWAPS.items()},
+    "t5_compute_bias": _t5_compute_bias,
+    "t5_forward": _t5_forward,
+}
+
 _MODULE_SWAPS = {
     ("open_clip.transformer", "AttentionalPooler"): _open_clip_pooler,
     ("open_flamingo", "GatedCrossAttentionBlock"): _open_flamingo_block,
 }
+
+
+def _patch_t5(name: str, mod: nn.Module, model: nn.Module) -> list[str]:
+    """Swap the analytic T5 bias into ``mod``, a T5-family attention, where its class computes what
+    ``vlkernels.bias.t5`` does (checked on the first module of the class that has a table)."""
+    cls = type(mod)
+    key = (cls, mod.relative_attention_num_buckets, mod.relative_attention_max_distance, mod.is_decoder)
+    if key not in _T5_CHECKED:
+        tabled = next((m for m in model.modules() if type(m) is cls and m.has_relative_attention_bias), None)
+        _T5_CHECKED[key] = tabled is not None and _t5_bias_is_ours(tabled)
+    if not _T5_CHECKED[key]:
+        return []
+    mod.compute_bias = _Patched("t5_compute_bias", mod)
+    if not mod.has_relative_attention_bias:
+        if _position_arg(cls) is not None:
+            mod.forward = _Patched("t5_forward", mod)
+        return []
+    return [f"{name}: {cls.__name__}.compute_bias -> vlkernels.bias.t5"]
+
+
+_T5_CHECKED: dict = {}  # (class, its bias's configuration) -> whether it is vlkernels.bias.t5's
 
 
 class PatchRecord(list):
@@ -279,9 +412,11 @@ def patch(
             module_prefix, cls_name = key
             cls = type(mod)
             if attention and cls.__name__ == cls_name and cls.__module__.startswith(module_prefix):
-                if not isinstance(mod.__dict__.get("forward"), _PatchedForward):
-                    mod.forward = _PatchedForward(key, mod)
+                if not isinstance(mod.__dict__.get("forward"), _Patched):
+                    mod.forward = _Patched(cls_name, mod)
                     done.append(f"{name}: {cls_name}.forward -> vlkernels.attention")
+        if attention and _is_t5_family(mod) and not isinstance(mod.__dict__.get("compute_bias"), _Patched):
+            done += _patch_t5(name, mod, model)
         if not name:  # the model itself cannot be replaced in place
             continue
         for (module_prefix, cls_name), make in _MODULE_SWAPS.items():

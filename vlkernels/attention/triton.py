@@ -836,7 +836,7 @@ def _position_grad(g: A.AttentionGradArgs) -> torch.Tensor:
     )  # fmt: skip
     LAUNCHES["attention_position_grad"] += 1
     summed = partial.sum(2)  # [B, H, width]
-    return summed.sum(0)[:, : table.shape[1]] if t5 else summed[..., 0]
+    return (summed.sum(0)[:, : table.shape[1]] if t5 else summed[..., 0]).contiguous()
 
 
 _fwd_op = _schema.python_op(
