@@ -68,7 +68,7 @@ def hf_attention_forward(
                 mask = mask & (torch.arange(Lk, device=query.device)[None] > i - window)
     p = dropout if module.training else 0.0
     options = dict(scale=scaling, softcap=kwargs.get("softcap"), dropout_p=p, position_bias=position)
-    out, probs = _attend(query, key, value, mask, bool(kwargs.get("output_attentions")), **options)
+    out, probs = _attend(query, key, value, mask, _weights_wanted(kwargs), **options)
     return out.transpose(1, 2), probs
 
 
@@ -178,11 +178,11 @@ def _attend(q, k, v, mask, weights: bool, dropped: bool = True, **options):
 
 
 def _weights_wanted(kwargs) -> bool:
-    """Whether the model asked for attention probabilities: ``output_attentions`` when the module
-    is given it, else whether transformers is collecting them (its output recorder, which
-    attention modules that take no such argument feed)."""
-    if "output_attentions" in kwargs:
-        return bool(kwargs["output_attentions"])
+    """Whether the model asked for attention probabilities: ``output_attentions`` given to the
+    module, or transformers collecting them (its output recorder, which takes them from modules
+    given no such argument, or given False: T5's cross-attention in transformers 5.17)."""
+    if kwargs.get("output_attentions"):
+        return True
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # (releases that pass output_attentions to every module)
@@ -356,6 +356,10 @@ def _patch_t5(name: str, mod: nn.Module, model: nn.Module) -> list[str]:
         _T5_CHECKED[key] = tabled is not None and _t5_bias_is_ours(tabled)
     if not _T5_CHECKED[key]:
         return []
+    # the module's stack's copy of the config (transformers 5.17's set_attn_implementation does not
+    # reach it)
+    _register_hf()
+    mod.config._attn_implementation = HF_NAME
     mod.compute_bias = _Patched("t5_compute_bias", mod)
     if not mod.has_relative_attention_bias:
         if _position_arg(cls) is not None:
