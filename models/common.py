@@ -23,13 +23,15 @@ from torch import nn
 class MaskRecipe:
     """Which keys each query may attend to. Any subset of the fields (intersected):
     causal; key_lengths int [B]; qformer (num_queries, mode); prefix_lengths int [B];
-    media (text_to_media int [B, Lq], latents_per_media, only_immediate)."""
+    media (text_to_media int [B, Lq], latents_per_media, only_immediate). ``position``: a
+    ``vlkernels.bias`` position bias added to the scores (eager: its ``dense`` tensor)."""
 
     causal: bool = False
     key_lengths: torch.Tensor | None = None
     qformer: tuple[int, str] | None = None
     prefix_lengths: torch.Tensor | None = None
     media: tuple[torch.Tensor, int, bool] | None = None
+    position: object | None = None
 
     def dense(self, B: int, Lq: int, Lk: int, device) -> torch.Tensor:
         """Bool [B, 1, Lq, Lk], True = may attend (eager PyTorch)."""
@@ -56,7 +58,7 @@ class MaskRecipe:
         return ok.unsqueeze(1)
 
     def analytic(self):
-        """The same mask as a ``vlkernels.masks`` object."""
+        """The same mask as a ``vlkernels.masks`` object (None: no mask)."""
         from vlkernels import masks
 
         parts = []
@@ -70,19 +72,24 @@ class MaskRecipe:
             parts.append(masks.prefix_lm(self.prefix_lengths))
         if self.media is not None:
             parts.append(masks.media(*self.media))
+        if not parts:
+            return None
         out = parts[0]
         for p in parts[1:]:
             out = out & p
         return out
 
 
-def eager_attention(q, k, v, allowed=None, scale=None, dropout_p=0.0):
-    """Softmax attention in eager PyTorch; rows with no allowed key give 0. q [B|1, H, Lq, D].
+def eager_attention(q, k, v, allowed=None, scale=None, dropout_p=0.0, bias=None):
+    """Softmax attention in eager PyTorch; rows with no allowed key give 0. q [B|1, H, Lq, D];
+    ``bias``: float, broadcastable to [B, H, Lq, Lk], added to the scaled scores.
     ``dropout_p``: attention dropout with the keep mask vlkernels draws at this point of the run
     (a seed from torch's generator, ``vlkernels.attention_dropout_mask``), so that the eager and
     the kernel models drop the same entries."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias
     if allowed is None:
         p = torch.softmax(s, dim=-1)
     else:
@@ -104,9 +111,13 @@ def attend(q, k, v, recipe: MaskRecipe | None, kernels: bool, scale=None, dropou
         import vlkernels
 
         mask = None if recipe is None else recipe.analytic()
-        return vlkernels.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p)
-    allowed = None if recipe is None else recipe.dense(k.shape[0], q.shape[2], k.shape[2], q.device)
-    return eager_attention(q, k, v, allowed, scale, dropout_p)
+        position = None if recipe is None else recipe.position
+        return vlkernels.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, position_bias=position)
+    allowed = bias = None
+    if recipe is not None:
+        allowed = recipe.dense(k.shape[0], q.shape[2], k.shape[2], q.device)
+        bias = None if recipe.position is None else recipe.position.dense(q.shape[2], k.shape[2])
+    return eager_attention(q, k, v, allowed, scale, dropout_p, bias)
 
 
 def clip_loss(image_emb, text_emb, logit_scale, kernels: bool, label_smoothing=0.0):

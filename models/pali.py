@@ -1,7 +1,11 @@
-"""PaLI (Chen et al., 2022): ViT tokens prepended to the text of an encoder-decoder. The encoder
-attends bidirectionally over [image tokens ; task prompt] (padding masked); the decoder is causal
-over the target and cross-attends to the encoder. Multi-task prompts ("caption en",
-"answer en: <question>") share one vocabulary; ``loss_lm`` is the target's cross-entropy.
+"""PaLI (Chen et al., 2022): ViT tokens prepended to the text of an encoder-decoder (mT5). The
+encoder attends bidirectionally over [image tokens ; task prompt] (padding masked); the decoder is
+causal over the target and cross-attends to the encoder. As mT5, the self-attention has no absolute
+positions but a learned relative position bias (T5's buckets: 32, up to distance 128; one table
+per stack, shared by its layers; bidirectional in the encoder, causal in the decoder), which the
+kernels compute (``vlkernels.bias.t5``) and eager adds as a dense tensor. Multi-task prompts
+("caption en", "answer en: <question>") share one vocabulary; ``loss_lm`` is the target's
+cross-entropy.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import Block, MaskRecipe, ViT
+from vlkernels import bias
+
+NUM_BUCKETS, MAX_DISTANCE = 32, 128  # mT5's relative position bias
 
 SIZES = {
     # paper (PaLI-3B): ViT-G/14 (1.8B) + mT5-Large (1B)
@@ -66,9 +73,8 @@ class PaLI(nn.Module):
         self.visual = ViT(c["image_size"], c["patch"], c["vis_width"], c["vis_layers"], c["heads"], kernels)
         self.vision_proj = nn.Linear(c["vis_width"], d)
         self.embed = nn.Embedding(c["vocab"], d)
-        n_img = (c["image_size"] // c["patch"]) ** 2 + 1
-        self.enc_pos = nn.Parameter(torch.randn(1, n_img + c["prompt_len"], d) * 0.02)
-        self.dec_pos = nn.Parameter(torch.randn(1, c["target_len"], d) * 0.02)
+        self.enc_bias = nn.Embedding(NUM_BUCKETS, c["heads"])  # [num_buckets, heads], as mT5
+        self.dec_bias = nn.Embedding(NUM_BUCKETS, c["heads"])
         self.encoder = nn.ModuleList(Block(d, c["heads"], kernels=kernels) for _ in range(c["enc_layers"]))
         self.decoder = nn.ModuleList(
             Block(d, c["heads"], cross_dim=d, kernels=kernels) for _ in range(c["dec_layers"])
@@ -104,14 +110,16 @@ class PaLI(nn.Module):
     def forward(self, images, prompt, prompt_lengths, target, target_lengths):
         img = self.vision_proj(self.visual(images))
         n_img = img.shape[1]
-        x = torch.cat([img, self.embed(prompt)], dim=1) + self.enc_pos[:, : n_img + prompt.shape[1]]
+        x = torch.cat([img, self.embed(prompt)], dim=1)
         enc_len = (prompt_lengths + n_img).to(x.device)
-        enc_recipe = MaskRecipe(key_lengths=enc_len)  # bidirectional over image + prompt
+        enc_position = bias.t5(self.enc_bias.weight, True, NUM_BUCKETS, MAX_DISTANCE)
+        enc_recipe = MaskRecipe(key_lengths=enc_len, position=enc_position)  # bidirectional
         for blk in self.encoder:
             x = blk(x, recipe=enc_recipe)
         memory = self.ln_enc(x)
-        y = self.embed(target) + self.dec_pos[:, : target.shape[1]]
-        dec_recipe = MaskRecipe(causal=True, key_lengths=target_lengths.to(y.device))
+        y = self.embed(target)
+        dec_position = bias.t5(self.dec_bias.weight, False, NUM_BUCKETS, MAX_DISTANCE)
+        dec_recipe = MaskRecipe(causal=True, key_lengths=target_lengths.to(y.device), position=dec_position)
         cross_recipe = MaskRecipe(key_lengths=enc_len)
         for blk in self.decoder:
             y = blk(y, recipe=dec_recipe, context=memory, cross_recipe=cross_recipe)
