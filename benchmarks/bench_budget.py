@@ -61,11 +61,14 @@ class Workload:
 # ----------------------------------------------------------------------------------------------
 
 
-def _attention_inputs(B, Bq, H, Hk, Lq, Lk, D, mask_fn, device, dtype=torch.bfloat16):
+def _attention_inputs(B, Bq, H, Hk, Lq, Lk, D, mask_fn, device, dtype=torch.bfloat16, position=None):
     q = torch.randn(Bq, H, Lq, D, device=device, dtype=dtype)
     k = torch.randn(B, Hk, Lk, D, device=device, dtype=dtype)
     v = torch.randn(B, Hk, Lk, D, device=device, dtype=dtype)
-    return dict(q=q, k=k, v=v, mask=mask_fn(device))
+    inp = dict(q=q, k=k, v=v, mask=mask_fn(device))
+    if position is not None:
+        inp["position"] = position(device)
+    return inp
 
 
 def _allowed_pairs(inp) -> int:
@@ -90,24 +93,37 @@ def _attention_dense(inp):
     return 4 * q.shape[-1] * pairs, 10 * q.shape[-1] * pairs
 
 
+def _dense_bias_bytes(inp):
+    """(forward, backward) fewest HBM bytes of attention that takes a dense bias [B, H, Lq, Lk]
+    (bf16) and returns its gradient: q, k, v, out, lse (and dout, dq, dk, dv) as
+    ``plan.hbm_bytes``, the bias read forward and backward, its gradient written once."""
+    q, k = inp["q"], inp["k"]
+    e = q.element_size()
+    B, H, Lq, Lk, D = k.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    qkv = (q.shape[0] * H * Lq + 2 * B * k.shape[1] * Lk) * D * e
+    out, lse, dense = B * H * Lq * D * e, B * H * Lq * 4, B * H * Lq * Lk * e
+    return qkv + out + lse + dense, 2 * qkv + 2 * out + lse + 2 * dense
+
+
 def _attention_workloads() -> list[Workload]:
-    from vlkernels import masks
+    from vlkernels import bias, masks
 
     g = torch.Generator().manual_seed(0)
     B = 128
     text = torch.randint(8, 33, (B,), generator=g)
     out = []
 
-    def add(name, shape, mask_fn):
+    def add(name, shape, mask_fn, position=None, peer="sdpa-flash, dense (est)", peer_bytes=None):
         out.append(
             Workload(
                 name,
                 "attention",
-                lambda d, s=shape, m=mask_fn: _attention_inputs(*s, m, d),
+                lambda d, s=shape, m=mask_fn, p=position: _attention_inputs(*s, m, d, position=p),
                 _attention_useful,
                 None,  # the plan's model: vlkernels.attention.plan.hbm_bytes
-                "sdpa-flash, dense (est)",
+                peer,
                 _attention_dense,
+                peer_bytes,
                 head_dim=shape[-1],
             )
         )
@@ -130,6 +146,26 @@ def _attention_workloads() -> list[Workload]:
     add("coca_pooler_hd96", (128, 1, 8, 8, 256, 576, 96), lambda d: None)
     prefix = 256 + torch.randint(8, 33, (16,), generator=g)
     add("pali_prefix_lm", (16, 16, 8, 1, 320, 320, 256), lambda d: masks.prefix_lm(prefix.to(d)))
+    # PaLI's mT5 encoder layer (mT5-Large: 16 heads of 64) over [256 image tokens ; a prompt of up
+    # to 32], padded, with T5's relative bias (its table learned): computed in the kernels, or as
+    # a model without them hands it over, one dense float [B, H, L, L] (bias + padding) whose
+    # gradient the kernels write and the model sums into the table
+    enc = 256 + torch.randint(8, 33, (16,), generator=g)
+    t5_shape = (16, 16, 16, 16, 288, 288, 64)
+
+    def t5_table(d):
+        return bias.t5(torch.randn(32, 16, device=d, dtype=torch.bfloat16, requires_grad=True), True)
+
+    def t5_dense(d):
+        pb = bias.t5(torch.randn(32, 16, dtype=torch.bfloat16), True).dense(288, 288)
+        padded = torch.arange(288)[None, None, None, :] >= enc[:, None, None, None]
+        return pb.expand(16, 16, 288, 288).masked_fill(padded, float("-inf")).to(d).requires_grad_()
+
+    peer = "sdpa-mem-efficient, dense bias (est)"
+    add(
+        "pali_encoder_t5", t5_shape, lambda d: masks.key_padding(enc.to(d)), t5_table, peer, _dense_bias_bytes
+    )
+    add("pali_encoder_t5_dense", t5_shape, t5_dense, None, peer, _dense_bias_bytes)
     for Lk in DECODE_KEYS:  # decoding one token over a KV cache (32 heads, 8 KV heads)
         add(f"decode_Lk{Lk}", (8, 8, 32, 8, 1, Lk, 128), lambda d: None)
     # the masks as transformers hands them to a patched model, dense bool [B, 1, Lq, Lk]: Idefics'
@@ -248,11 +284,10 @@ def call(w: Workload, inp, backend="triton"):
     import vlkernels
 
     if w.op == "attention":
-        return vlkernels.attention(inp["q"], inp["k"], inp["v"], inp["mask"], backend=backend), (
-            "q",
-            "k",
-            "v",
+        out = vlkernels.attention(
+            inp["q"], inp["k"], inp["v"], inp["mask"], position_bias=inp.get("position"), backend=backend
         )
+        return out, ("q", "k", "v")
     if w.op == "contrastive":
         kind = inp["kind"]
         loss = vlkernels.contrastive_loss(
@@ -271,8 +306,10 @@ class _Ctx:
     """A stand-in autograd context: the backward is called by hand (the autograd engine needs a
     CUDA driver for fake CUDA tensors)."""
 
-    def __init__(self, n_inputs: int):
-        self.needs_input_grad = (False,) * n_inputs  # the float bias's gradient: not in a workload
+    def __init__(self, args):
+        # q, k, v's gradients are computed regardless; a float bias's or a position table's only
+        # when it requires one
+        self.needs_input_grad = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
     def save_for_backward(self, *tensors):
         self.saved_tensors = tensors
@@ -299,7 +336,7 @@ def record(w: Workload):
 
     def manual_apply(fn):
         def apply(*args):
-            ctx = _Ctx(len(args))
+            ctx = _Ctx(args)
             out = fn.forward(ctx, *args)
             applied.append((fn, ctx, out))
             return out
@@ -381,10 +418,15 @@ def _host_inputs(w: Workload):
             if mask.media is not None:
                 cut["media"] = (mask.media[0][:B], *mask.media[1:])
             mask = dataclasses.replace(mask, **cut)
-        elif isinstance(mask, torch.Tensor):  # a dense mask [B, 1, Lq, Lk]
-            mask = mask[:B]
+        elif isinstance(mask, torch.Tensor):  # a dense mask or bias [B, 1 or H, Lq, Lk]
+            mask = mask.detach()[:B, :1].requires_grad_(mask.requires_grad)
         q, k, v = (inp[n][:B, :1] for n in ("q", "k", "v"))
-        return dict(q=q, k=k, v=v, mask=mask)
+        out = dict(q=q, k=k, v=v, mask=mask)
+        position = inp.get("position")
+        if position is not None:  # T5's table [H, buckets], ALiBi's slopes [B, H]: the first head
+            table = position.table.detach()[:1] if position.kind == "t5" else position.table.detach()[:B, :1]
+            out["position"] = dataclasses.replace(position, table=table.requires_grad_())
+        return out
     if w.op == "contrastive":
         return dict(inp, x=inp["x"][:64], y=inp["y"][:64])
     return dict(inp, x=inp["x"][:1, :16], y=inp["y"][:1, :16])
@@ -476,7 +518,15 @@ def budget(w: Workload, compile_kernels: bool = True, host: bool = True) -> dict
         if live is not None:  # the span pass of the backend's prepare, once per forward
             bytes_f += P.span_bytes(live, plan.B, plan.Lq, plan.Lk)
             span = ("_attn_mask_span",)
-        planned = (span + P.kernels(plan), P.kernels(plan, backward=True))
+        bias_grad = mask.bias is not None and mask.bias.requires_grad
+        if mask.bias is not None:  # read by the forward and the backward; fp32 gradient [B, H, Lq, Lk]
+            dense = mask.bias.expand(plan.B, plan.H, plan.Lq, plan.Lk)
+            bytes_f += dense.numel() * dense.element_size()
+            bytes_b += dense.numel() * dense.element_size() + bias_grad * dense.numel() * 4
+        position = inp.get("position")
+        position_grad = position is not None and position.table.requires_grad
+        grads = dict(bias_grad=bias_grad, position_grad=position_grad)
+        planned = (span + P.kernels(plan), P.kernels(plan, backward=True, **grads))
     else:
         bytes_f, bytes_b = w.min_bytes(inp)
         planned = None
@@ -648,6 +698,24 @@ BUDGETS = {
         flops_ratio_bwd=1.49,
         bwd_over_fwd=3.22,
         spill_bytes=304,
+    ),
+    "pali_encoder_t5": dict(  # the table's gradient: one more pass over the dq kernel's tiles (S, dP)
+        launches_fwd=1,
+        launches_bwd=6,
+        host_syncs=0,
+        flops_ratio_fwd=1.28,
+        flops_ratio_bwd=2.3,
+        bwd_over_fwd=4.5,
+        spill_bytes=0,
+    ),
+    "pali_encoder_t5_dense": dict(  # the dense bias's span pass; its gradient: two passes over every tile
+        launches_fwd=2,
+        launches_bwd=5,
+        host_syncs=0,
+        flops_ratio_fwd=1.24,
+        flops_ratio_bwd=2.72,
+        bwd_over_fwd=5.5,
+        spill_bytes=0,
     ),
     **{
         f"decode_Lk{Lk}": dict(  # the 4 query heads of a key head share a 16-row tile: 4x the useful

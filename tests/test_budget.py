@@ -21,7 +21,7 @@ from helpers import DEVICE, ON_GPU
 
 import vlkernels
 from benchmarks import bench_budget, static
-from vlkernels import masks
+from vlkernels import bias, masks
 from vlkernels.attention import plan as P
 from vlkernels.attention.args import AttentionArgs
 from vlkernels.attention.plan import decode_splits
@@ -97,6 +97,35 @@ def test_attention_flop_model_counts_the_executed_dots(case):
     plan = P.plan(AttentionArgs(q, k, v, lowered, 1.0))  # the call's plan: one per signature
     assert tuple(ln.name for ln in launches) == P.kernels(plan) + P.kernels(plan, backward=True)
     assert sum(bench_budget.launch_flops(ln, plan, lowered) for ln in launches) == flops[0]
+
+
+@pytest.mark.parametrize("grad", ["t5 table", "alibi slopes", "float bias"])
+def test_attention_flop_model_counts_the_gradient_kernels(grad):
+    """The kernels a learnable position table or float bias adds to the backward, and their
+    FLOPs, as the plan's model says."""
+    B, H, Lq, Lk, D = 2, 2, 70, 50, 16
+    q = torch.randn(B, H, Lq, D, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, H, Lk, D, device=DEVICE, requires_grad=True) for _ in range(2))
+    mask, position = masks.key_padding(torch.tensor([50, 21], device=DEVICE)), None
+    if grad == "t5 table":
+        position = bias.t5(torch.randn(32, H, device=DEVICE, requires_grad=True), True)
+    elif grad == "alibi slopes":
+        position = bias.alibi(torch.rand(B, H, device=DEVICE, requires_grad=True))
+    else:
+        mask = torch.randn(B, 1, Lq, Lk, device=DEVICE, requires_grad=True)
+    table = [position.table] if position is not None else [mask]
+    with static.counting_dots() as (launches, flops):
+        out = vlkernels.attention(q, k, v, mask, position_bias=position, backend="triton")
+        torch.autograd.grad(out, (q, k, v, *table), torch.randn_like(out))
+    lowered = masks.lower(mask, B, H, Lq, Lk, DEVICE)
+    if position is not None:
+        lowered = lowered._replace(**bias.lower(position, B, H, Lq, Lk, DEVICE))
+    plan = P.plan(AttentionArgs(q, k, v, lowered, 1.0))
+    grads = dict(bias_grad=position is None, position_grad=position is not None)
+    span = ("_attn_mask_span",) if position is None else ()
+    assert tuple(ln.name for ln in launches) == span + P.kernels(plan) + P.kernels(plan, True, **grads)
+    real = lowered if position is not None else lowered.with_span(B, Lq, Lk)
+    assert sum(bench_budget.launch_flops(ln, plan, real) for ln in launches) == flops[0]
 
 
 @pytest.mark.parametrize("kind", ["clip queues", "clip distill", "siglip", "max over queries"])

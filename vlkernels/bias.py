@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class PositionBias:
                    before (decoder: a key after the query shares the distance-0 bucket)
     num_buckets, max_distance: T5 only
     query_offset:  key position of query row 0 (None: Lk - Lq)
+    buckets:       T5 only: ``bucket_table`` on the table's device
     """
 
     table: torch.Tensor
@@ -40,6 +42,7 @@ class PositionBias:
     num_buckets: int = 0
     max_distance: int = 0
     query_offset: int | None = None
+    buckets: torch.Tensor | None = None
 
     def check(self, batch: int, heads: int, device: torch.device) -> None:
         """Raise ValueError if this bias cannot apply to attention over [batch, heads, *, *]."""
@@ -112,7 +115,9 @@ def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int, devic
     table = _BUCKET_TABLES.get(key)
     if table is None:
         rel = torch.arange(-max_distance, max_distance + 1, device=device)
-        table = _BUCKET_TABLES[key] = t5_bucket(rel, bidirectional, num_buckets, max_distance).int()
+        table = t5_bucket(rel, bidirectional, num_buckets, max_distance).int()
+        if not is_fake(table):  # (a tensor of a tracing or fake mode is not kept)
+            _BUCKET_TABLES[key] = table
     return table
 
 
@@ -153,6 +158,7 @@ def t5(table: torch.Tensor, bidirectional: bool, num_buckets: int = 32, max_dist
         )
     _check_offset(query_offset)
     heads_first = table.shape[0] != num_buckets
+    buckets = bucket_table(bool(bidirectional), num_buckets, max_distance, table.device)
     return PositionBias(
         table if heads_first else table.t(),
         "t5",
@@ -160,6 +166,7 @@ def t5(table: torch.Tensor, bidirectional: bool, num_buckets: int = 32, max_dist
         num_buckets,
         max_distance,
         query_offset,
+        buckets,
     )
 
 
@@ -187,14 +194,8 @@ def lower(pb: PositionBias | None, batch: int, heads: int, q_len: int, k_len: in
             f"got {type(pb).__name__}"
         )
     pb.check(batch, heads, device)
-    buckets = None
-    if pb.kind == "t5":
-        buckets = bucket_table(pb.bidirectional, pb.num_buckets, pb.max_distance, device)
-    return dict(
-        position_bias=pb.table,
-        position_buckets=buckets,
-        position_shift=pb.offset(q_len, k_len) - (k_len - q_len),
-    )
+    shift = pb.offset(q_len, k_len) - (k_len - q_len)
+    return dict(position_bias=pb.table, position_buckets=pb.buckets, position_shift=shift)
 
 
 def dense_args(table: torch.Tensor, buckets: torch.Tensor | None, shift: int, q_len: int, k_len: int):

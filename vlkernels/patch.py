@@ -35,9 +35,10 @@ def hf_attention_forward(
     ``attention_mask`` None, bool (True = attend) or float, added to the scores (0 = attend, very
     negative = masked, or any bias), broadcastable to [B, H, Lq, Lk]. ``softcap``: Gemma 2's logit
     soft-capping; ``sliding_window``: already in the mask transformers builds, applied here only
-    when there is no mask. Returns ([B, Lq, H, D], the attention probabilities [B, H, Lq, Lk]
-    after dropout when ``output_attentions`` is asked for, as transformers' eager attention,
-    else None)."""
+    when there is no mask; ``position_bias``: T5's, a ``vlkernels.bias`` bias (patched T5-family
+    modules) or a dense tensor added to the scores. Returns ([B, Lq, H, D], the attention
+    probabilities [B, H, Lq, Lk] after dropout when ``output_attentions`` is asked for, as
+    transformers' eager attention, else None)."""
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("vlkernels attention does not support 's_aux' (attention sinks)")
     position = kwargs.get("position_bias")
@@ -144,8 +145,8 @@ def _is_t5_family(mod: nn.Module) -> bool:
 
 def _t5_bias_is_ours(mod: nn.Module) -> bool:
     """Whether ``mod``'s own compute_bias gives what ``_t5_compute_bias`` does, bucket for bucket:
-    both computed (on CPU) for a table whose entries are all distinct, over relative positions
-    past max_distance both ways."""
+    both computed on the table's device for a table of distinct entries (distinct up to 256 in
+    bf16), over relative positions past max_distance both ways."""
     weight = mod.relative_attention_bias.weight
     md = mod.relative_attention_max_distance
     probe = torch.arange(weight.numel(), dtype=torch.float32).view(weight.shape)

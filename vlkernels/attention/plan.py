@@ -329,9 +329,10 @@ def _make(a: A.AttentionArgs) -> Plan:
 # ----------------------------------------------------------------------------------------------
 
 
-def kernels(p: Plan, backward: bool = False) -> tuple[str, ...]:
+def kernels(p: Plan, backward: bool = False, bias_grad: bool = False, position_grad: bool = False):
     """The Triton kernels one forward (or backward) of plan ``p`` launches, in order (a dense
-    mask's span kernel runs before, in the backend's prepare; a float bias's gradient after)."""
+    mask's span kernel runs before, in the backend's prepare); the backward's ends with a float
+    bias's gradient (``bias_grad``), then a position bias's (``position_grad``) where asked."""
     if not backward:
         return ("_attn_fwd", "_attn_fwd_combine") if p.splits > 1 else ("_attn_fwd",)
     out = ("_attn_bwd_delta",) if p.bwd == "split" else ()
@@ -339,7 +340,7 @@ def kernels(p: Plan, backward: bool = False) -> tuple[str, ...]:
         out += ("_attn_bwd_dkdv",)
     if p.bwd != "keys_fused":
         out += ("_attn_bwd_dq", "_attn_bwd_dq_sum") if p.shared else ("_attn_bwd_dq",)
-    return out
+    return out + ("_attn_bwd_dbias",) * bias_grad + ("_attn_bwd_dposition",) * position_grad
 
 
 def row_intervals(lo: torch.Tensor, hi: torch.Tensor, B: int, Lk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,6 +391,10 @@ def gemm_flops(p: Plan, kernel: str, BLOCK_M: int, BLOCK_N: int, lo: torch.Tenso
             group = p.consts["GROUP"]
             lo, hi, heads = lo.repeat(1, group), hi.repeat(1, group), H // group
         return heads * int(_key_tiles_visited(lo, hi, BM, BN, Lk, per_split).sum()) * 2 * tile
+    if kernel == "_attn_bwd_dposition":  # S, dP = dO Vᵀ over the dq kernel's key tiles
+        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * 2 * tile
+    if kernel == "_attn_bwd_dbias":  # two passes over every key tile (delta, then dS): S, dP each
+        return H * B * cdiv(Lq, BM) * cdiv(Lk, BN) * 4 * tile
     if kernel == "_attn_bwd_dq":  # S, dP = dO Vᵀ, dQ += dS K; fused: dV and dK too
         fused = p.bwd == "queries_fused"
         return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * (5 if fused else 3) * tile

@@ -835,8 +835,9 @@ def _position_grad(g: A.AttentionGradArgs) -> torch.Tensor:
         BLOCK_N=block, BLOCK_P=width,
     )  # fmt: skip
     LAUNCHES["attention_position_grad"] += 1
-    summed = partial.sum(2)  # [B, H, width]
-    return (summed.sum(0)[:, : table.shape[1]] if t5 else summed[..., 0]).contiguous()
+    if t5:  # [H, num_buckets] (a copy only where num_buckets is not a power of two)
+        return partial.sum((0, 2))[:, : table.shape[1]].contiguous()
+    return partial[..., 0].sum(2)  # [B, H]
 
 
 _fwd_op = _schema.python_op(
