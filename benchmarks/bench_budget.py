@@ -817,7 +817,7 @@ def missed_targets(w: Workload, values: dict) -> list[str]:
 
 # Spill (stack) bytes of the CUDA kernels that spill; every other kernel: 0. Head dim 256 keeps
 # two 64x256 fp32 accumulators per block in dk/dv; the contrastive backward keeps 32 B of indices.
-CUDA_SPILL_BUDGETS = {  # the attention kernels' last argument: soft-capping and dropout compiled in
+CUDA_SPILL_BUDGETS = {  # attention kernels, last argument: soft-capping, dropout, position bias compiled in
     "attn_dkdv_kernel<float, 256, false>": 816,
     "attn_dkdv_kernel<float, 256, true>": 896,
     "attn_dkdv_kernel<bf16, 128, true>": 8,

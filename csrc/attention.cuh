@@ -13,6 +13,10 @@
 #include "vlk.cuh"
 
 namespace vlk {
+
+// What attention_launch runs.
+enum class Pass { BWD, FWD, POSITION_GRAD };
+
 namespace {
 
 template <typename T, int DP>
@@ -71,18 +75,42 @@ __device__ __forceinline__ bool allowed(const MaskArgs& m, int64_t b, int h, int
   return ok;
 }
 
-// A score in log2 units from q·k: scaled, then capped (softcap > 0: softcap * tanh(s / softcap),
-// Gemma 2); dcap = the cap's derivative (1 without a cap). X: the kernel was instantiated for
-// soft-capping or dropout (extras()); without, neither is compiled in.
+// The position bias (natural units) of query `row` and key `col` of (b, h) and what its gradient
+// is reduced by (`by`): T5, the element's bucket; ALiBi, the bias's derivative in the slope,
+// -|i - j| (vlkernels/bias.py, _position in vlkernels/attention/triton.py).
+__device__ __forceinline__ float position(const AttnArgs& a, int64_t b, int h, int row, int col, float& by) {
+  const MaskArgs& m = a.mask;
+  const int rel = col - (row + (a.Lk - a.Lq) + m.pos_shift);  // key - query position
+  if (m.pos_buckets) {
+    const int c = m.pos_buckets[min(max(rel, -m.pos_md), m.pos_md) + m.pos_md];
+    by = float(c);
+    return m.pos[h * m.spos0 + c * m.spos1];
+  }
+  by = -fabsf(float(rel));
+  return m.pos[b * m.spos0 + h * m.spos1] * by;
+}
+
+// A score in log2 units from q·k of query `row` and key `col`: scaled, then capped (softcap > 0:
+// softcap * tanh(s / softcap), Gemma 2), then + the position bias; dcap = the cap's derivative (1
+// without a cap). X: the kernel was instantiated for soft-capping, dropout or a position bias
+// (extras()); without, none of them is compiled in.
 template <bool X>
-__device__ __forceinline__ float score(const AttnArgs& a, float qk, float& dcap) {
+__device__ __forceinline__ float score(const AttnArgs& a, float qk, float& dcap, int64_t b, int h, int row,
+                                       int col) {
+  float s;
   if (X && a.softcap > 0.f) {
     const float t = tanhf(qk * a.scale / a.softcap);
     dcap = 1.f - t * t;
-    return t * a.softcap * 1.4426950408889634f;
+    s = t * a.softcap;
+  } else {
+    dcap = 1.f;
+    s = qk * a.scale;
   }
-  dcap = 1.f;
-  return qk * a.scale * 1.4426950408889634f;
+  if (X && a.mask.pos) {
+    float by;
+    s += position(a, b, h, row, col, by);
+  }
+  return s * 1.4426950408889634f;
 }
 
 // Philox-4x32-10's first output word (as triton.language.philox and vlkernels/attention/dropout.py).
@@ -193,9 +221,10 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, col = n0 + j * 8 + c_col(e);
-        const bool ok = allowed(a.mask, b, h, m0 + r0 + c_row(e), col, lo[r], hi[r]);
+        const int row = m0 + r0 + c_row(e);
+        const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
         float dcap = 1.f;  // (masked elements: score is not called)
-        s[j][e] = ok ? score<X>(a, s[j][e], dcap) : NEG_INF;
+        s[j][e] = ok ? score<X>(a, s[j][e], dcap, b, h, row, col) : NEG_INF;
         mx[r] = fmaxf(mx[r], s[j][e]);
       }
     float m_safe[2], alpha[2], rs[2] = {0.f, 0.f};
@@ -350,7 +379,7 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
           const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
           const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
           float dcap = 1.f;  // (masked elements: score is not called)
-          const float pe = ok ? exp2f(score<X>(a, p[j][e], dcap) - lse[r]) : 0.f;
+          const float pe = ok ? exp2f(score<X>(a, p[j][e], dcap, b, h, row, col) - lse[r]) : 0.f;
           p[j][e] = pe * dcap * (dp[j][e] * keep<X>(a, seed, b, h, row, col) - delta[r]);  // dS
         }
       mm_pv<T, DP, BN / 16>(dq, p, Ks, LD);
@@ -373,6 +402,111 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
       for (int r = 0; r < 2; ++r)
         store_frag(out, a.sdq[2], a.sdq[3], r0 + g + 8 * r, dj * 8 + c_col(0), rows_valid, a.D,
                    dq[dj][2 * r] * a.scale, dq[dj][2 * r + 1] * a.scale);
+  }
+}
+
+// The position bias's gradient over one query tile of (b = blockIdx.z, h = blockIdx.y): the dq
+// kernel's tiles and scores without dq, dS = P (dO V^T * Z - delta) (the bias is added after the
+// cap: no cap factor) reduced by each warp in a fixed order (T5: per bucket, looping over the
+// buckets between the warp's smallest and largest in the tile; ALiBi: dS * -|i - j|) into its own
+// shared-memory row, the warps' rows then added in order: pos_partial[b, h, tile] (deterministic,
+// no atomics).
+template <typename T, int DP>
+__global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec) {
+  using C = Cfg<T, DP>;
+  const uint64_t seed = dropout_seed<true>(a);
+  constexpr int BM = C::DQ_BM, BN = C::DQ_BN, LD = C::LD, WARPS = BM / 16;
+  VLK_SMEM(smem);
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* Os = Qs + BM * LD;
+  T* Ks = Os + BM * LD;
+  T* Vs = Ks + BN * LD;
+  int* lo_s = reinterpret_cast<int*>(Vs + BN * LD);
+  int* hi_s = lo_s + BM;
+  float* lse_s = reinterpret_cast<float*>(hi_s + BM);
+  float* delta_s = lse_s + BM;
+  float* pos_s = delta_s + BM;  // [WARPS, pos_width]
+
+  const int m0 = blockIdx.x * BM, h = blockIdx.y, W = a.pos_width;
+  const int64_t b = blockIdx.z;
+  const int hk = h / (a.H / a.Hk);
+  const int r0 = warp_id() * 16, g = lane_id() >> 2;
+  for (int i = threadIdx.x; i < WARPS * W; i += blockDim.x) pos_s[i] = 0.f;
+  load_tile(Qs, LD, cptr<T>(a.q) + b * a.sq[0] + h * a.sq[1] + m0 * a.sq[2], a.sq[2], a.sq[3], BM, DP, a.Lq - m0,
+            a.D, vec.q);
+  load_tile(Os, LD, cptr<T>(a.grad_out) + b * a.sdo[0] + h * a.sdo[1] + m0 * a.sdo[2], a.sdo[2], a.sdo[3], BM, DP,
+            a.Lq - m0, a.D, vec.dout);
+  tile_rows(a, b, h, m0, BM, lo_s, hi_s, lse_s, delta_s);
+  __syncthreads();
+  int blo, bhi, wlo, whi;
+  range_of(lo_s, hi_s, 0, BM, blo, bhi);
+  range_of(lo_s, hi_s, r0, 16, wlo, whi);
+  const int lo[2] = {lo_s[r0 + g], lo_s[r0 + g + 8]}, hi[2] = {hi_s[r0 + g], hi_s[r0 + g + 8]};
+  const float lse[2] = {lse_s[r0 + g], lse_s[r0 + g + 8]};
+  const float delta[2] = {delta_s[r0 + g], delta_s[r0 + g + 8]};
+  const T* k = cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1];
+  const T* v = cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1];
+  float* own = pos_s + warp_id() * W;
+  const bool t5 = a.mask.pos_buckets != nullptr;
+
+  for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
+    __syncthreads();
+    load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
+    load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
+    __syncthreads();
+    if (n0 >= whi || n0 + BN <= wlo) continue;
+
+    float p[BN / 8][4], dp[BN / 8][4], by[BN / 8][4];
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[j][e] = dp[j][e] = 0.f;
+    mm_nt<T, DP, BN / 8>(p, Qs, Ks, LD, r0);
+    mm_nt<T, DP, BN / 8>(dp, Os, Vs, LD, r0);
+    float least = 3.4e38f, most = -3.4e38f;  // the warp's buckets in this tile (T5)
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
+        const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
+        float dcap = 1.f;
+        const float pe = ok ? exp2f(score<true>(a, p[j][e], dcap, b, h, row, col) - lse[r]) : 0.f;
+        p[j][e] = pe * (dp[j][e] * keep<true>(a, seed, b, h, row, col) - delta[r]);  // dS
+        position(a, b, h, row, col, by[j][e]);
+        if (ok) least = fminf(least, by[j][e]), most = fmaxf(most, by[j][e]);
+      }
+    if (t5) {
+      for (int o = 16; o > 0; o >>= 1) {
+        least = fminf(least, __shfl_xor_sync(FULL, least, o));
+        most = fmaxf(most, __shfl_xor_sync(FULL, most, o));
+      }
+      const int first = least <= most ? int(least) : 1, last = least <= most ? int(most) : 0;  // none: 1 > 0
+      for (int c = first; c <= last; ++c) {
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sum += by[j][e] == float(c) ? p[j][e] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL, sum, o);
+        if (lane_id() == 0) own[c] += sum;
+      }
+    } else {
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sum += p[j][e] * by[j][e];
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL, sum, o);
+      if (lane_id() == 0) own[0] += sum;
+    }
+  }
+  __syncthreads();
+  float* out = a.pos_partial + ((b * a.H + h) * int64_t(gridDim.x) + blockIdx.x) * W;
+  for (int c = threadIdx.x; c < W; c += blockDim.x) {
+    float sum = 0.f;
+    for (int w = 0; w < WARPS; ++w) sum += pos_s[w * W + c];
+    out[c] = sum;
   }
 }
 
@@ -442,7 +576,7 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
           const int qi = j * 8 + c_col(e), key = n0 + r0 + c_row(e);
           const bool ok = allowed(a.mask, b, h, m0 + qi, key, lo_s[qi], hi_s[qi]);
           float dcap = 1.f;  // (masked elements: score is not called)
-          const float p = ok ? exp2f(score<X>(a, pt[j][e], dcap) - lse_s[qi]) : 0.f;
+          const float p = ok ? exp2f(score<X>(a, pt[j][e], dcap, b, h, m0 + qi, key) - lse_s[qi]) : 0.f;
           dpt[j][e] = p * keep<X>(a, seed, b, h, m0 + qi, key);  // P^T after dropout, for dV
           pt[j][e] = p * dcap;                          // P^T times the cap's derivative, for dS
         }
@@ -501,9 +635,9 @@ void allow_smem(Kernel kernel, int bytes) {
 #endif
 }
 
-// Whether a call needs the kernels instantiated with soft-capping and dropout (X = true); the
-// others leave that code out (registers: it made dk/dv spill at head dim 128).
-bool extras(const AttnArgs& a) { return a.softcap > 0.f || a.dropout; }
+// Whether a call needs the kernels instantiated with soft-capping, dropout and a position bias
+// (X = true); the others leave that code out (registers: it made dk/dv spill at head dim 128).
+bool extras(const AttnArgs& a) { return a.softcap > 0.f || a.dropout || a.mask.pos; }
 
 template <typename T, int DP, bool X>
 const char* fwd(const AttnArgs& a, void* stream) {
@@ -539,13 +673,28 @@ const char* bwd(const AttnArgs& a, void* stream) {
   VLK_CHECK_LAUNCH();
 }
 
+template <typename T, int DP>
+const char* position_grad(const AttnArgs& a, void* stream) {
+  using C = Cfg<T, DP>;
+  auto delta = attn_delta_kernel<T>;
+  auto dpos = attn_dpos_kernel<T, DP>;
+  VLK_LAUNCH(delta, dim3(cdiv(a.Lq, 4), a.H, a.B), dim3(128), 0, stream, a);
+  const int smem = C::smem(2 * C::DQ_BM + 2 * C::DQ_BN, C::DQ_BM) + C::DQ_BM / 16 * a.pos_width * 4;
+  allow_smem(dpos, smem);
+  VLK_LAUNCH(dpos, dim3(cdiv(a.Lq, C::DQ_BM), a.H, a.B), dim3(C::DQ_BM * 2), smem, stream, a, vec_flags<T>(a));
+  VLK_CHECK_LAUNCH();
+}
+
 }  // namespace
 
-// One (dtype, padded head dim): the forward (with the flash-decoding combine) or the backward, the
-// kernels with or without soft-capping and dropout as the call needs. Explicitly instantiated once
-// per (T, DP) in attention_<dtype>_hd<DP>.cu, so that a parallel build compiles them side by side.
+// One (dtype, padded head dim): the forward (with the flash-decoding combine), the backward, or
+// the position bias's gradient, the kernels with or without soft-capping, dropout and a position
+// bias as the call needs. Explicitly instantiated once per (T, DP) in attention_<dtype>_hd<DP>.cu,
+// so that a parallel build compiles them side by side.
 template <typename T, int DP>
-const char* attention_launch(const AttnArgs& a, void* stream, bool forward) {
+const char* attention_launch(const AttnArgs& a, void* stream, Pass pass) {
+  if (pass == Pass::POSITION_GRAD) return position_grad<T, DP>(a, stream);
+  const bool forward = pass == Pass::FWD;
   if (extras(a)) return forward ? fwd<T, DP, true>(a, stream) : bwd<T, DP, true>(a, stream);
   return forward ? fwd<T, DP, false>(a, stream) : bwd<T, DP, false>(a, stream);
 }

@@ -159,14 +159,46 @@ struct Attention {
   optional<Tensor> dense;
   vlk::AttnArgs a;
   Tensor span_lo, span_hi;  // a dense mask's spans, when computed here (dense_span)
+  Tensor pos;               // the position bias's table or slopes as the kernels read them (fp32)
 };
+
+// A position bias (vlkernels/bias.py, masks.MaskArgs.position_*): T5's table [H, num_buckets] with
+// its int32 bucket table [2 * max_distance + 1], or ALiBi's slopes [B or 1, H]; read as fp32.
+void position_args(const Args& in, const char* op, Attention& r) {
+  const optional<Tensor> pos = in.opt_tensor("position_bias"), buckets = in.opt_tensor("position_buckets");
+  vlk::AttnArgs& a = r.a;
+  vlk::MaskArgs& mk = a.mask;
+  TORCH_CHECK(pos || !buckets, op, ": position_buckets needs position_bias (a T5 table)");
+  if (!pos) return;
+  check_device(op, "position_bias", *pos);
+  TORCH_CHECK(pos->is_floating_point() && pos->dim() == 2, op,
+              ": position_bias must be a 2-D floating tensor, got ", pos->scalar_type(), " ", shape(*pos));
+  r.pos = pos->to(at::kFloat).contiguous();
+  mk.pos = r.pos.data_ptr<float>();
+  mk.pos_shift = int(in.integer("position_shift"));
+  if (buckets) {
+    check_device(op, "position_buckets", *buckets);
+    TORCH_CHECK(buckets->scalar_type() == at::kInt && buckets->dim() == 1 && buckets->numel() % 2 == 1 &&
+                    buckets->is_contiguous(),
+                op, ": position_buckets must be a contiguous int32 [2 * max_distance + 1] tensor, got ",
+                buckets->scalar_type(), " ", shape(*buckets));
+    TORCH_CHECK(pos->size(0) == a.H, op, ": a T5 table must be [H, num_buckets] with H = ", a.H, ", got ",
+                shape(*pos));
+    mk.pos_buckets = buckets->data_ptr<int32_t>();
+    mk.pos_md = int((buckets->numel() - 1) / 2);
+    mk.spos0 = r.pos.size(1), mk.spos1 = 1;
+  } else {
+    TORCH_CHECK(pos->size(1) == a.H && (pos->size(0) == 1 || pos->size(0) == a.B), op,
+                ": ALiBi slopes must be [B or 1, H] with B = ", a.B, ", H = ", a.H, ", got ", shape(*pos));
+    mk.spos0 = pos->size(0) == 1 ? 0 : a.H, mk.spos1 = 1;
+  }
+}
 
 Attention attn_args(const Args& in) {
   const char* op = in.op();
   Attention r{in.tensor("q"), in.tensor("k"), in.tensor("v"), in.opt_tensor("dense_mask"), {}, {}, {}};
   const Tensor &q = r.q, &k = r.k, &v = r.v;
   TORCH_CHECK(!in.opt_tensor("bias"), op, ": the CUDA C++ kernels take no float bias (a float attn_mask)");
-  TORCH_CHECK(!in.opt_tensor("position_bias"), op, ": the CUDA C++ kernels take no position bias (vlkernels.bias)");
   const optional<Tensor> key_lengths = in.opt_tensor("key_lengths"), prefix_lengths = in.opt_tensor("prefix_lengths"),
                          text_to_media = in.opt_tensor("text_to_media"), row_lo = in.opt_tensor("row_lo"),
                          row_hi = in.opt_tensor("row_hi");
@@ -245,6 +277,7 @@ Attention attn_args(const Args& in) {
   mk.media_mode = int(media_mode), mk.latents_per_media = int(lat);
   mk.window = int(in.integer("window"));
   if (row_lo) mk.row_lo = row_lo->data_ptr<int32_t>(), mk.row_hi = row_hi->data_ptr<int32_t>();
+  position_args(in, op, r);
   return r;
 }
 
@@ -306,10 +339,8 @@ void attention_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
   in.done(out, lse);
 }
 
-void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
-  Args in(handle, stack);
-  const char* op = in.op();
-  Attention r = attn_args(in);
+// The backward's inputs common to its ops: out, grad_out, lse checked; delta allocated.
+Tensor grad_args(const Args& in, const char* op, Attention& r) {
   vlk::AttnArgs& a = r.a;
   const Tensor &q = r.q, grad_out = in.tensor("grad_out"), out = in.tensor("out"), lse = in.tensor("lse");
   const std::vector<int64_t> out_shape{a.B, a.H, a.Lq, a.D};
@@ -330,6 +361,16 @@ void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
   a.lse = lse.data_ptr<float>();
   Tensor delta = poisoned(at::empty({a.B, a.H, a.Lq}, q.options().dtype(at::kFloat)));
   a.delta = delta.data_ptr<float>();
+  return delta;
+}
+
+void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  Args in(handle, stack);
+  const char* op = in.op();
+  Attention r = attn_args(in);
+  vlk::AttnArgs& a = r.a;
+  const Tensor& q = r.q;
+  Tensor delta = grad_args(in, op, r);
   Tensor dq = poisoned(at::empty_like(q)), dk = poisoned(at::empty_like(r.k)), dv = poisoned(at::empty_like(r.v));
   a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
   strides4(a.sdq, dq);
@@ -349,13 +390,36 @@ void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
   in.done(dq, dk, dv);
 }
 
+// The position bias's gradient: T5's table [H, num_buckets], ALiBi's slopes [B, H] (fp32), the
+// kernel's per-tile partial sums added in a fixed order.
+void attention_position_grad(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  Args in(handle, stack);
+  const char* op = in.op();
+  Attention r = attn_args(in);
+  vlk::AttnArgs& a = r.a;
+  TORCH_CHECK(a.mask.pos, op, ": no position bias (position_bias) to take the gradient of");
+  Tensor delta = grad_args(in, op, r);
+  const bool t5 = a.mask.pos_buckets != nullptr;
+  a.pos_width = t5 ? int(r.pos.size(1)) : 1;
+  const vlk::DType dt = dtype_of(op, "q", r.q);
+  const int tiles = vlk::attention_position_tiles(a, dt);
+  Tensor partial = poisoned(at::empty({a.B, a.H, tiles, a.pos_width}, r.q.options().dtype(at::kFloat)));
+  a.pos_partial = partial.data_ptr<float>();
+  Launch l(r.q);
+  dense_span(r, l, op);
+  l.check(op, vlk::attention_position_grad(a, dt, l.stream));
+  in.done(t5 ? partial.sum({0, 2}) : partial.select(3, 0).sum(2));
+}
+
 // The autograd of cuda_attention_fwd, in C++: its Autograd kernel records AttentionFn, whose
 // forward calls the op again below autograd (the kernel above, or a fake kernel under
 // torch.compile) and whose backward calls cuda_attention_bwd with the forward's arguments, matched
-// by name. Only q, k and v are differentiable (the kernels take no float bias).
+// by name (and, when a position bias's table or slopes need a gradient, cuda_attention_position_grad,
+// which takes the backward's arguments). q, k, v and the position bias are differentiable (the
+// kernels take no float bias).
 struct AttentionOps {
-  c10::OperatorHandle fwd, bwd;
-  size_t q, k, v;                  // their positions among the forward's arguments
+  c10::OperatorHandle fwd, bwd, position_grad;
+  size_t q, k, v, position;        // their positions among the forward's arguments
   std::vector<int64_t> bwd_source;  // per backward argument: a forward argument's position, or
                                     // GRAD_OUT / OUT / LSE
   static constexpr int64_t GRAD_OUT = -1, OUT = -2, LSE = -3;
@@ -365,14 +429,17 @@ const AttentionOps& attention_ops() {
   static const AttentionOps ops = [] {
     auto& d = c10::Dispatcher::singleton();
     AttentionOps o{d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_fwd", ""),
-                   d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_bwd", ""), 0, 0, 0, {}};
+                   d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_bwd", ""),
+                   d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_position_grad", ""), 0, 0, 0, 0, {}};
     const auto& fs = o.fwd.schema();
     auto index = [&](const std::string& name) {
       auto i = fs.argumentIndexWithName(name);
       TORCH_CHECK(i.has_value(), "cuda_attention_bwd reads '", name, "', which cuda_attention_fwd lacks: ", fs);
       return *i;
     };
-    o.q = index("q"), o.k = index("k"), o.v = index("v");
+    o.q = index("q"), o.k = index("k"), o.v = index("v"), o.position = index("position_bias");
+    TORCH_CHECK(o.bwd.schema().arguments().size() == o.position_grad.schema().arguments().size(),
+                "cuda_attention_position_grad must take cuda_attention_bwd's arguments");
     for (const auto& a : o.bwd.schema().arguments()) {
       const std::string& n = a.name();
       o.bwd_source.push_back(n == "grad_out" ? AttentionOps::GRAD_OUT
@@ -386,9 +453,11 @@ const AttentionOps& attention_ops() {
 }
 
 struct AttentionFn : public torch::autograd::Function<AttentionFn> {
-  // `args`: every argument of cuda_attention_fwd (q, k, v among them, passed apart for autograd).
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
-                                                const Tensor& k, const Tensor& v, c10::impl::GenericList args) {
+  // `args`: every argument of cuda_attention_fwd; `inputs`: q, k, v and the position bias's table
+  // or slopes where there is one, among them, passed apart for autograd.
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList inputs,
+                                                c10::impl::GenericList args) {
+    ctx->saved_data["position"] = inputs.size() > 3;
     torch::jit::Stack stack(args.begin(), args.end());
     {
       at::AutoDispatchBelowADInplaceOrView below;
@@ -430,11 +499,25 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
       else if (src == AttentionOps::LSE) stack.emplace_back(saved[1]);
       else stack.push_back(args.get(src));
     }
+    const bool position = ctx->saved_data["position"].toBool();
+    Tensor dposition;
+    if (position && ctx->needs_input_grad(3)) {  // its own op, on the same arguments
+      torch::jit::Stack again(stack.begin(), stack.end());
+      at::AutoDispatchBelowADInplaceOrView below;
+      ops.position_grad.callBoxed(&again);
+      const Tensor table = args.get(ops.position).toTensor();
+      dposition = again[0].toTensor();
+      if (table.size(0) != dposition.size(0)) dposition = dposition.sum(0, true);  // slopes [1, H]
+      dposition = dposition.to(table.scalar_type());
+    }
     {
       at::AutoDispatchBelowADInplaceOrView below;
       ops.bwd.callBoxed(&stack);
     }
-    return {stack[0].toTensor(), stack[1].toTensor(), stack[2].toTensor(), Tensor()};
+    torch::autograd::variable_list out{stack[0].toTensor(), stack[1].toTensor(), stack[2].toTensor()};
+    if (position) out.push_back(dposition);
+    out.emplace_back();  // args
+    return out;
   }
 };
 
@@ -445,7 +528,9 @@ void attention_fwd_autograd(const c10::OperatorHandle& handle, torch::jit::Stack
   args.reserve(n);
   for (size_t i = stack->size() - n; i < stack->size(); ++i) args.push_back((*stack)[i]);
   const Tensor q = args.get(ops.q).toTensor(), k = args.get(ops.k).toTensor(), v = args.get(ops.v).toTensor();
-  auto outs = AttentionFn::apply(q, k, v, std::move(args));
+  std::vector<Tensor> inputs{q, k, v};
+  if (args.get(ops.position).isTensor()) inputs.push_back(args.get(ops.position).toTensor());
+  auto outs = AttentionFn::apply(at::TensorList(inputs), std::move(args));
   torch::jit::drop(*stack, n);
   torch::jit::push(*stack, std::move(outs[0]), std::move(outs[1]));
 }
@@ -627,6 +712,7 @@ void contrastive_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack
 TORCH_LIBRARY_IMPL(VLK_NS, VLK_KEY, m) {
   m.impl("cuda_attention_fwd", VLK_BOXED(attention_fwd));
   m.impl("cuda_attention_bwd", VLK_BOXED(attention_bwd));
+  m.impl("cuda_attention_position_grad", VLK_BOXED(attention_position_grad));
   m.impl("cuda_gated_residual_fwd", VLK_BOXED(gated_residual_fwd));
   m.impl("cuda_gated_residual_bwd", VLK_BOXED(gated_residual_bwd));
   m.impl("cuda_contrastive_fwd", VLK_BOXED(contrastive_fwd));

@@ -22,6 +22,14 @@ struct MaskArgs {
   int media_mode = 0, latents_per_media = 1;  // 0 none, 1 immediate, 2 all previous
   int window = 0;                             // sliding window, 0: none
   const int32_t *row_lo = nullptr, *row_hi = nullptr;  // [B, Lq] contiguous: per-row key bounds
+  // a position bias (vlkernels/bias.py), fp32: T5's table [H, num_buckets] (spos0: a head,
+  // spos1: a bucket) with its bucket table [2 * pos_md + 1] (relative position r at r + pos_md,
+  // clamped), or ALiBi's slopes [B, H] (spos0: a batch entry, 0 when shared; spos1: a head);
+  // query row i sits at key position i + (Lk - Lq) + pos_shift
+  const float* pos = nullptr;
+  int64_t spos0 = 0, spos1 = 0;
+  const int32_t* pos_buckets = nullptr;
+  int pos_md = 0, pos_shift = 0;
 };
 
 // q [Bq, H, Lq, D] (Bq = B or 1: sq[0] is 0 for shared queries), k, v [B, Hk, Lk, D], out and
@@ -49,6 +57,11 @@ struct AttnArgs {
   // (log2, -inf: no key), which a second kernel combines into o and lse
   int splits = 1, keys_per_split = 0;  // keys_per_split: a multiple of SPLIT_KEYS
   float *o_partial = nullptr, *lse_partial = nullptr;
+  // the position bias's gradient: per (batch entry, head, query tile) the sums of dS per T5
+  // bucket (pos_width = num_buckets), or of dS * -|i - j| for ALiBi (pos_width = 1), fp32
+  // [B, H, query tiles, pos_width], added up by the caller in a fixed order
+  float* pos_partial = nullptr;
+  int pos_width = 0;
   MaskArgs mask;
 };
 
@@ -95,6 +108,9 @@ constexpr int SPLIT_KEYS = 64;
 // Each returns nullptr on success, or the CUDA error string of the launch.
 const char* attention_fwd(const AttnArgs& a, DType dt, void* stream);
 const char* attention_bwd(const AttnArgs& a, DType dt, void* stream);
+// The position bias's gradient (delta, then the partial sums of pos_partial); its query tiles:
+int attention_position_tiles(const AttnArgs& a, DType dt);
+const char* attention_position_grad(const AttnArgs& a, DType dt, void* stream);
 const char* mask_span(const MaskSpanArgs& a, void* stream);
 const char* contrastive_fwd(const ContrastiveArgs& a, DType dt, void* stream);
 const char* contrastive_bwd(const ContrastiveArgs& a, DType dt, void* stream);

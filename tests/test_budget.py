@@ -192,6 +192,7 @@ def test_cuda_kernels_within_their_spill_budget():
         "attn_delta_kernel",
         "attn_dq_kernel",
         "attn_dkdv_kernel",
+        "attn_dpos_kernel",
         "ctr_fwd_kernel",
         "ctr_bwd_kernel",
         "gated_fwd_kernel",

@@ -88,6 +88,9 @@ def _launchers(arch_dtypes):
                         row_lo=torch.empty(B, Lq, dtype=torch.int64, device=dev),
                         row_hi=torch.empty(B, Lq, dtype=torch.int64, device=dev),
                         row_run=torch.empty(B, Lq, dtype=torch.uint8, device=dev),
+                        position_bias=torch.empty(H, 32, dtype=dtype, device=dev),  # T5's table
+                        position_buckets=torch.empty(257, dtype=torch.int32, device=dev),
+                        position_shift=3,
                     ),
                     "off": MaskArgs(),
                     "mixed": MaskArgs(
@@ -99,6 +102,7 @@ def _launchers(arch_dtypes):
                         latents_per_media=16,
                         row_lo=torch.empty(B, Lq, dtype=torch.int64, device=dev),
                         row_hi=torch.empty(B, Lq, dtype=torch.int64, device=dev),
+                        position_bias=torch.empty(B, H, dtype=torch.float32, device=dev),  # ALiBi's slopes
                     ),
                 }[variant]
                 on = variant == "all_on"  # soft-capping and dropout too
@@ -111,6 +115,8 @@ def _launchers(arch_dtypes):
                 attn._backward(AttentionGradArgs(out, out, lse, a))
                 if variant == "all_on":  # the float bias's gradient
                     attn._bias_grad(AttentionGradArgs(out, out, lse, a))
+                if variant != "off":  # the position bias's: T5's table, ALiBi's slopes
+                    attn._position_grad(AttentionGradArgs(out, out, lse, a))
                 if variant != "mixed":  # decoding: one query row over 4096 keys, split and combined
                     long_k = torch.empty(B, Hk, 4096, D, dtype=dtype, device=dev)
                     dec_mask = (
@@ -232,14 +238,21 @@ def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
 
     # per variant: attention fwd and its backward (fused: 1; split: delta, dk/dv, dq, and with
-    # shared queries the sum of the dq partials; with a float bias its gradient; decoding's split
-    # forward and combine; the mask span kernel); contrastive row
+    # shared queries the sum of the dq partials; with a float bias its gradient, with a position
+    # bias its; decoding's split forward and combine; the mask span kernel); contrastive row
     # fwd, bwd (a second bwd for "off"); the fused loss: bands, finish, two bwd, finish; gated fwd, bwd, dgate
     def attention(variant, backward):
         decode = 2 * (variant != "mixed")  # split forward and combine
         spans = 2 * (variant == "all_on")  # the span kernel for a bool mask and for a float bias
-        bias_grad = variant == "all_on"
-        return 1 + (1 if backward != "split" else 3 + (variant == "mixed")) + bias_grad + decode + spans
+        bias_grad, position_grad = variant == "all_on", variant != "off"
+        return (
+            1
+            + (1 if backward != "split" else 3 + (variant == "mixed"))
+            + bias_grad
+            + position_grad
+            + decode
+            + spans
+        )
 
     n = sum(attention(v, bw) + 2 + (v == "off") + 5 + 3 for _, _, v, bw, _ in VARIANTS)
     assert f"({n} launches)" in out.stdout, out.stdout

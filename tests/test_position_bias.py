@@ -4,10 +4,10 @@ masks, soft-capping, dropout, shared queries, grouped keys, decoding and low pre
 
 import pytest
 import torch
-from helpers import DEVICE, GRAD_FACTOR, assert_launched, check_against_reference, launched
+from helpers import DEVICE, GRAD_FACTOR, assert_launched, assert_ops_ran, check_against_reference, launched
 
 import vlkernels
-from vlkernels import bias, masks
+from vlkernels import _extension, bias, masks
 from vlkernels.reference import attention_ref
 
 
@@ -54,6 +54,9 @@ def _compare(backend, q, k, v, mask, kind, table, dtype=torch.float32, bidirecti
     ran = launched(backend, "attention")
     if backend == "triton":
         ran = assert_launched("attention_fwd", "attention_bwd", "attention_position_grad")
+    if backend == "cuda":
+        ns = _extension.get().ns
+        ran = assert_ops_ran(*(f"{ns}::cuda_attention_{op}" for op in ("fwd", "bwd", "position_grad")))
     with ran:
         out = vlkernels.attention(
             q, k, v, mask, backend=backend, position_bias=_bias(kind, table, bidirectional, offset), **kw
@@ -100,6 +103,9 @@ CASES = [  # kind, mask, (Bq, B, H, Hk, Lq, Lk, D), extra arguments
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-Lq{c[2][4]}-Lk{c[2][5]}")
 def test_position_bias_and_its_gradient(backend, case):
     kind, mask_name, (Bq, B, H, Hk, Lq, Lk, D), extra = case
+    if backend == "cuda":  # its head dims: multiples of 8 in [16, 256]; no float bias
+        D = max(16, D + -D % 8)
+        mask_name = "padding" if mask_name == "float" else mask_name
     g = torch.Generator().manual_seed(Lq * Lk + D)
     q = torch.randn(Bq, H, Lq, D, generator=g).to(DEVICE)
     k, v = (torch.randn(B, Hk, Lk, D, generator=g).to(DEVICE) for _ in range(2))
@@ -108,10 +114,6 @@ def test_position_bias_and_its_gradient(backend, case):
     if not kind.startswith("t5"):
         extra.pop("bidirectional", None)
     scale = extra.pop("scale", 1.0)
-    if backend == "cuda":
-        with pytest.raises(vlkernels.BackendUnavailableError, match="take no position bias"):
-            vlkernels.attention(q, k, v, position_bias=_bias(kind, _table(kind, B, H, g)), backend=backend)
-        return
     out, grads = _compare(backend, q, k, v, mask, kind, _table(kind, B, H, g), scale=scale, **extra)
     if mask_name == "dense":  # its row 2 has nothing to attend: 0, and 0 gradient
         assert torch.all(out[:, :, 2] == 0) and torch.all(grads[0][:, :, 2] == 0)
@@ -120,8 +122,6 @@ def test_position_bias_and_its_gradient(backend, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["t5", "alibi_batch"])
 def test_position_bias_low_precision_two_x_rule(backend, kind, dtype):
-    if backend == "cuda":
-        pytest.skip("the CUDA C++ kernels take no position bias (test_position_bias_and_its_gradient)")
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 4, 45, 64, generator=g).to(DEVICE) for _ in range(3))
     _compare(backend, q, k, v, masks.causal(), kind, _table(kind, 2, 4, g), dtype, scale=0.125)
@@ -141,7 +141,7 @@ def test_flash_attention_alibi_shapes(shape, causal):
     _compare("triton", q, k, v, mask, "alibi_batch", slopes, torch.float16)
 
 
-def test_table_gradient_is_deterministic_and_fp32_reduced():
+def test_table_gradient_is_deterministic(backend):
     """Two backward passes give the same table gradient, bit for bit (per-tile partial sums added
     in a fixed order, no atomics)."""
     g = torch.Generator().manual_seed(3)
@@ -149,7 +149,7 @@ def test_table_gradient_is_deterministic_and_fp32_reduced():
     table = torch.randn(32, 2, generator=g).to(DEVICE).requires_grad_()
     grads = []
     for _ in range(2):
-        out = vlkernels.attention(q, k, v, scale=1.0, position_bias=bias.t5(table, True), backend="triton")
+        out = vlkernels.attention(q, k, v, scale=1.0, position_bias=bias.t5(table, True), backend=backend)
         grads.append(torch.autograd.grad(out.square().sum(), table)[0])
     assert torch.equal(grads[0], grads[1])
 

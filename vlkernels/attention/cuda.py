@@ -1,8 +1,9 @@
 """The CUDA C++ backend of attention: csrc/attention.cu through ``vlkernels._C``, as the ops
-``vlkernels::cuda_attention_fwd`` / ``_bwd`` (schemas derived from ``attention.args``). The
-forward op is the backend's entry point: its autograd kernel (C++) records the backward op, so a
-call runs no Python between the op and its kernels, forward or backward. Every mask, shared
-queries, grouped keys on mma.sync tensor cores; fp16, bf16, fp32; CUDA tensors."""
+``vlkernels::cuda_attention_fwd`` / ``_bwd`` / ``_position_grad`` (schemas derived from
+``attention.args``). The forward op is the backend's entry point: its autograd kernel (C++)
+records the backward ops, so a call runs no Python between the op and its kernels, forward or
+backward. Every mask, position biases, shared queries, grouped keys on mma.sync tensor cores;
+fp16, bf16, fp32; CUDA tensors."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ _fwd_op = _extension.declare(
 # called by the forward's autograd kernel (C++) only
 _extension.declare(
     "cuda_attention_bwd", A.PlannedAttentionGradArgs, A.BWD_RETURNS, lambda p: A.bwd_fake(p.grad)
+)
+_extension.declare(
+    "cuda_attention_position_grad",
+    A.PlannedAttentionGradArgs,
+    "Tensor",
+    lambda p: A.position_grad_fake(p.grad),
 )
 
 
@@ -60,8 +67,6 @@ def _limits(a: A.AttentionArgs) -> list[str]:
         reasons.append(f"the CUDA C++ kernels take head dims that are multiples of 8 in [16, 256], got {D}")
     if a.mask.bias is not None:
         reasons.append("the CUDA C++ kernels take no float bias (a float attn_mask)")
-    if a.mask.position_bias is not None:
-        reasons.append("the CUDA C++ kernels take no position bias (vlkernels.bias)")
     return reasons
 
 
