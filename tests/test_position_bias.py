@@ -91,6 +91,7 @@ CASES = [  # kind, mask, (Bq, B, H, Hk, Lq, Lk, D), extra arguments
     ("t5", "dense", (1, 2, 3, 3, 19, 70, 40), {}),  # shared queries, a dense mask
     ("t5", "float", (2, 2, 2, 2, 23, 31, 16), {"bidirectional": False, "offset": 5}),
     ("t5", "causal", (2, 2, 4, 1, 1, 150, 32), {"bidirectional": False}),  # decoding one token
+    ("alibi", "padding", (2, 2, 4, 2, 1, 300, 32), {}),  # decoding: heads packed, keys split
     ("alibi", "causal", (2, 2, 3, 3, 41, 41, 24), {}),
     ("alibi", "none", (2, 2, 4, 2, 33, 57, 16), {"scale": 0.3}),
     ("alibi_batch", "padding", (2, 2, 3, 3, 30, 47, 59), {"offset": -3}),
@@ -194,3 +195,20 @@ def test_bad_position_bias_raises_clearly(make, match):
     q = torch.randn(2, 3, 5, 8, device=DEVICE)
     with pytest.raises((ValueError, TypeError), match=match):
         vlkernels.attention(q, q, q, position_bias=make(torch.randn(32, 3, device=DEVICE)))
+
+
+def test_torch_compile_fullgraph_with_a_t5_bias():
+    """A compiled step that builds the bias from its table (as a T5 layer does) has no graph break
+    and gives eager's gradients, the table's included."""
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, 2, 20, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    table = torch.randn(32, 2, generator=g).to(DEVICE).requires_grad_()
+
+    def step(q, k, table):
+        out = vlkernels.attention(q, k, k, masks.causal(), scale=1.0, position_bias=bias.t5(table, False))
+        return out.square().sum()
+
+    with assert_launched("attention_fwd", "attention_bwd", "attention_position_grad"):
+        grads = torch.autograd.grad(torch.compile(step, fullgraph=True)(q, k, table), (q, k, table))
+    for got, want in zip(grads, torch.autograd.grad(step(q, k, table), (q, k, table)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

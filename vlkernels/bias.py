@@ -116,7 +116,9 @@ def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int, devic
     if table is None:
         rel = torch.arange(-max_distance, max_distance + 1, device=device)
         table = t5_bucket(rel, bidirectional, num_buckets, max_distance).int()
-        if not is_fake(table):  # (a tensor of a tracing or fake mode is not kept)
+        if torch.compiler.is_compiling():  # a tensor of a trace, or of a fake mode, is not kept
+            return table
+        if not is_fake(table):
             _BUCKET_TABLES[key] = table
     return table
 
