@@ -408,7 +408,7 @@ void attention_position_grad(const c10::OperatorHandle& handle, torch::jit::Stac
   Launch l(r.q);
   dense_span(r, l, op);
   l.check(op, vlk::attention_position_grad(a, dt, l.stream));
-  in.done(t5 ? partial.sum({0, 2}) : partial.select(3, 0).sum(2));
+  in.done(t5 ? partial.sum(std::vector<int64_t>{0, 2}) : partial.select(3, 0).sum(2));
 }
 
 // The autograd of cuda_attention_fwd, in C++: its Autograd kernel records AttentionFn, whose
