@@ -1,10 +1,11 @@
 """Public transformers models with and without ``vlkernels.patch``: forward and forward + backward
 time and peak memory of the same model, inputs and output gradient. transformers'
 ``Blip2QFormerModel`` at BLIP-2's size (multimodal-causal mask, cross-attention to 257 image
-tokens) and a small ``PaliGemmaForConditionalGeneration`` (SigLIP + Gemma with one key head,
-prefix-LM mask). Unpatched, both run transformers' SDPA path; patched, vlkernels (on CPU its torch
-backend). The two models' calls alternate, so drift of a shared machine reaches both alike.
-float32 on CPU, bfloat16 on a GPU."""
+tokens), a small ``PaliGemmaForConditionalGeneration`` (SigLIP + Gemma with one key head,
+prefix-LM mask) and a small ``MT5ForConditionalGeneration`` (T5's relative position bias: dense in
+transformers, ``vlkernels.bias.t5`` patched). Unpatched, they run transformers' SDPA path;
+patched, vlkernels (on CPU its torch backend). The two models' calls alternate, so drift of a
+shared machine reaches both alike. float32 on CPU, bfloat16 on a GPU."""
 
 from __future__ import annotations
 
@@ -83,7 +84,34 @@ def _paligemma(device, dtype, B):
     return transformers.PaliGemmaForConditionalGeneration(cfg), kw, lambda out: out.logits, shape
 
 
-MODELS = {"hf_blip2_qformer": (_qformer, 8), "hf_paligemma": (_paligemma, 4)}  # factory, batch
+def _mt5(device, dtype, B):
+    """(model, inputs, output, shape) of a small mT5 as PaLI uses it: an encoder over 288 tokens
+    (256 image tokens' places and a prompt of 32, the last 12 padded in every other row), a decoder
+    over 32; T5's relative position bias (32 buckets up to 128) in both stacks."""
+    import transformers
+
+    cfg = transformers.MT5Config(
+        vocab_size=1024, d_model=512, d_kv=64, d_ff=1024, num_layers=2, num_decoder_layers=2, num_heads=8,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 1024, (B, 288), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1::2, -12:] = 0
+    kw = dict(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        decoder_input_ids=torch.randint(1, 1024, (B, 32), generator=g).to(device),
+    )
+    shape = f"B{B} 288 enc (padded) + 32 dec 512w 8h 2+2L"
+    return transformers.MT5ForConditionalGeneration(cfg), kw, lambda out: out.logits, shape
+
+
+MODELS = {  # factory, batch
+    "hf_blip2_qformer": (_qformer, 8),
+    "hf_paligemma": (_paligemma, 4),
+    "hf_mt5": (_mt5, 4),
+}
 
 
 def _sync(device) -> None:

@@ -150,11 +150,9 @@ __device__ __forceinline__ void tile_rows(const AttnArgs& a, int64_t b, int h, i
   if (i < BM) {
     int row = m0 + i;
     row_bounds(a.mask, b, row, a.Lq, a.Lk, lo_s[i], hi_s[i]);
-    if (lse_s) {
-      int64_t at = (b * a.H + h) * a.Lq + row;
-      lse_s[i] = row < a.Lq ? a.lse[at] : 0.f;
-      delta_s[i] = row < a.Lq ? a.delta[at] : 0.f;
-    }
+    const int64_t at = (b * a.H + h) * a.Lq + row;
+    if (lse_s) lse_s[i] = row < a.Lq ? a.lse[at] : 0.f;
+    if (delta_s) delta_s[i] = row < a.Lq ? a.delta[at] : 0.f;
   }
 }
 
@@ -410,7 +408,9 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
 // cap: no cap factor) reduced by each warp in a fixed order (T5: per bucket, looping over the
 // buckets between the warp's smallest and largest in the tile; ALiBi: dS * -|i - j|) into its own
 // shared-memory row, the warps' rows then added in order: pos_partial[b, h, tile] (deterministic,
-// no atomics).
+// no atomics). A first pass gives delta = rowsum(P dO V^T Z) and the rows' sums of P, by which P is
+// renormalised (as _attn_bwd_dposition: ALiBi's distance weights would carry the rounding of the
+// output and of the lse into the sum).
 template <typename T, int DP>
 __global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec) {
   using C = Cfg<T, DP>;
@@ -424,8 +424,7 @@ __global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec
   int* lo_s = reinterpret_cast<int*>(Vs + BN * LD);
   int* hi_s = lo_s + BM;
   float* lse_s = reinterpret_cast<float*>(hi_s + BM);
-  float* delta_s = lse_s + BM;
-  float* pos_s = delta_s + BM;  // [WARPS, pos_width]
+  float* pos_s = lse_s + 2 * BM;  // [WARPS, pos_width]
 
   const int m0 = blockIdx.x * BM, h = blockIdx.y, W = a.pos_width;
   const int64_t b = blockIdx.z;
@@ -436,18 +435,51 @@ __global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec
             a.D, vec.q);
   load_tile(Os, LD, cptr<T>(a.grad_out) + b * a.sdo[0] + h * a.sdo[1] + m0 * a.sdo[2], a.sdo[2], a.sdo[3], BM, DP,
             a.Lq - m0, a.D, vec.dout);
-  tile_rows(a, b, h, m0, BM, lo_s, hi_s, lse_s, delta_s);
+  tile_rows(a, b, h, m0, BM, lo_s, hi_s, lse_s, nullptr);
   __syncthreads();
   int blo, bhi, wlo, whi;
   range_of(lo_s, hi_s, 0, BM, blo, bhi);
   range_of(lo_s, hi_s, r0, 16, wlo, whi);
   const int lo[2] = {lo_s[r0 + g], lo_s[r0 + g + 8]}, hi[2] = {hi_s[r0 + g], hi_s[r0 + g + 8]};
   const float lse[2] = {lse_s[r0 + g], lse_s[r0 + g + 8]};
-  const float delta[2] = {delta_s[r0 + g], delta_s[r0 + g + 8]};
   const T* k = cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1];
   const T* v = cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1];
   float* own = pos_s + warp_id() * W;
   const bool t5 = a.mask.pos_buckets != nullptr;
+
+  float delta[2] = {0.f, 0.f}, norm[2] = {0.f, 0.f};  // first pass: sums of P dP Z and of P
+  for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
+    __syncthreads();
+    load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
+    load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
+    __syncthreads();
+    if (n0 >= whi || n0 + BN <= wlo) continue;
+    float p[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[j][e] = dp[j][e] = 0.f;
+    mm_nt<T, DP, BN / 8>(p, Qs, Ks, LD, r0);
+    mm_nt<T, DP, BN / 8>(dp, Os, Vs, LD, r0);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
+        float dcap = 1.f;
+        const float pe = allowed(a.mask, b, h, row, col, lo[r], hi[r])
+                             ? exp2f(score<true>(a, p[j][e], dcap, b, h, row, col) - lse[r])
+                             : 0.f;
+        delta[r] += pe * dp[j][e] * keep<true>(a, seed, b, h, row, col);
+        norm[r] += pe;
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = quad_sum(norm[r]);
+    norm[r] = 1.f / (total == 0.f ? 1.f : total);
+    delta[r] = quad_sum(delta[r]) * norm[r];
+  }
 
   for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
     __syncthreads();
@@ -471,7 +503,7 @@ __global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec
         const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
         const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
         float dcap = 1.f;
-        const float pe = ok ? exp2f(score<true>(a, p[j][e], dcap, b, h, row, col) - lse[r]) : 0.f;
+        const float pe = ok ? exp2f(score<true>(a, p[j][e], dcap, b, h, row, col) - lse[r]) * norm[r] : 0.f;
         p[j][e] = pe * (dp[j][e] * keep<true>(a, seed, b, h, row, col) - delta[r]);  // dS
         position(a, b, h, row, col, by[j][e]);
         if (ok) least = fminf(least, by[j][e]), most = fmaxf(most, by[j][e]);
@@ -676,9 +708,7 @@ const char* bwd(const AttnArgs& a, void* stream) {
 template <typename T, int DP>
 const char* position_grad(const AttnArgs& a, void* stream) {
   using C = Cfg<T, DP>;
-  auto delta = attn_delta_kernel<T>;
   auto dpos = attn_dpos_kernel<T, DP>;
-  VLK_LAUNCH(delta, dim3(cdiv(a.Lq, 4), a.H, a.B), dim3(128), 0, stream, a);
   const int smem = C::smem(2 * C::DQ_BM + 2 * C::DQ_BN, C::DQ_BM) + C::DQ_BM / 16 * a.pos_width * 4;
   allow_smem(dpos, smem);
   VLK_LAUNCH(dpos, dim3(cdiv(a.Lq, C::DQ_BM), a.H, a.B), dim3(C::DQ_BM * 2), smem, stream, a, vec_flags<T>(a));

@@ -398,7 +398,7 @@ void attention_position_grad(const c10::OperatorHandle& handle, torch::jit::Stac
   Attention r = attn_args(in);
   vlk::AttnArgs& a = r.a;
   TORCH_CHECK(a.mask.pos, op, ": no position bias (position_bias) to take the gradient of");
-  Tensor delta = grad_args(in, op, r);
+  grad_args(in, op, r);  // (delta: the kernel computes its own, exactly)
   const bool t5 = a.mask.pos_buckets != nullptr;
   a.pos_width = t5 ? int(r.pos.size(1)) : 1;
   const vlk::DType dt = dtype_of(op, "q", r.q);

@@ -108,7 +108,7 @@ constexpr int SPLIT_KEYS = 64;
 // Each returns nullptr on success, or the CUDA error string of the launch.
 const char* attention_fwd(const AttnArgs& a, DType dt, void* stream);
 const char* attention_bwd(const AttnArgs& a, DType dt, void* stream);
-// The position bias's gradient (delta, then the partial sums of pos_partial); its query tiles:
+// The position bias's gradient (the partial sums of pos_partial); its query tiles:
 int attention_position_tiles(const AttnArgs& a, DType dt);
 const char* attention_position_grad(const AttnArgs& a, DType dt, void* stream);
 const char* mask_span(const MaskSpanArgs& a, void* stream);

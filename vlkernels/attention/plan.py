@@ -391,8 +391,8 @@ def gemm_flops(p: Plan, kernel: str, BLOCK_M: int, BLOCK_N: int, lo: torch.Tenso
             group = p.consts["GROUP"]
             lo, hi, heads = lo.repeat(1, group), hi.repeat(1, group), H // group
         return heads * int(_key_tiles_visited(lo, hi, BM, BN, Lk, per_split).sum()) * 2 * tile
-    if kernel == "_attn_bwd_dposition":  # S, dP = dO Vᵀ over the dq kernel's key tiles
-        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * 2 * tile
+    if kernel == "_attn_bwd_dposition":  # two passes (delta, then dS) over the dq kernel's key tiles: S, dP
+        return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * 4 * tile
     if kernel == "_attn_bwd_dbias":  # two passes over every key tile (delta, then dS): S, dP each
         return H * B * cdiv(Lq, BM) * cdiv(Lk, BN) * 4 * tile
     if kernel == "_attn_bwd_dq":  # S, dP = dO Vᵀ, dQ += dS K; fused: dV and dK too

@@ -623,32 +623,51 @@ def _attn_bwd_dbias(
 
 @triton.jit
 def _attn_bwd_dposition(
-    Q, K, V, O, DO, LSE, DP, sq, sk, sv, so, sdo, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, drop,
+    Q, K, V, DO, LSE, DP, sq, sk, sv, sdo, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, drop,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """The position bias's gradient over one query tile's allowed keys, dS = P ∘ (dO Vᵀ ∘ Z -
-    delta) (delta = rowsum(O ∘ dO), Z the dropout factor; the bias is added after the cap, so no cap
-    factor) reduced: T5, summed per bucket; ALiBi, dS · -|i - j| summed. DP [B, H, tiles, BLOCK_P]
-    fp32 (T5: bucket c at c, 0 past the table; ALiBi: at 0, 0 elsewhere): the tiles' partial sums,
-    which the launcher adds in a fixed order (no atomics). Each tile loops only over the buckets
-    between its smallest and its largest."""
+    delta) (Z the dropout factor; the bias is added after the cap, so no cap factor) reduced: T5,
+    summed per bucket; ALiBi, dS · -|i - j| summed. delta = rowsum(P ∘ dO Vᵀ ∘ Z) from a first
+    pass, not from the rounded output: ALiBi weighs dS by distances up to Lk, which would scale
+    the output's rounding error in delta; P is renormalised by its row sums from that pass. DP
+    [B, H, tiles, BLOCK_P] fp32 (T5: bucket c at c, 0 past the table; ALiBi: at 0, 0 elsewhere):
+    the tiles' partial sums, which the launcher adds in a fixed order (no atomics). Each tile loops
+    only over the buckets between its smallest and its largest."""
     b, h, hk, offs_m, offs_d = _query_tile(GROUP, tl.program_id(0), BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
     k_lo, k_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)
     n_start = (k_lo // BLOCK_N) * BLOCK_N
+    n_tiles = tl.maximum(tl.cdiv(k_hi - n_start, BLOCK_N), 0)
     d_ok = offs_d < D
     q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
-    q, do, lse, delta = _grad_rows(Q, DO, O, LSE, LSE, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq, True)
-    cols = tl.arange(0, BLOCK_P)
-    acc = tl.zeros([BLOCK_P], tl.float32)
-    for it in tl.range(0, tl.maximum(tl.cdiv(k_hi - n_start, BLOCK_N), 0)):
+    q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    lse = _row_lse(LSE, (b * H + h) * Lq + offs_m, offs_m < Lq)
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)  # the row sums of P: 1 up to the lse's rounding
+    for it in tl.range(0, n_tiles):
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, k_lo, k_hi,
                                  BLOCK_N)
         p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
                       UPCAST, CAP)
         z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
-        ds = p * (_mm(do, tl.trans(v), PRECISION, UPCAST) * z - delta[:, None])
+        delta += tl.sum(p * z * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
+        total += tl.sum(p, axis=1)
+    # P renormalised: the bias makes the scores, and the lse, large, and the lse's rounding then
+    # scales a row's P by a factor that ALiBi's distance weights would carry into the sum
+    norm = 1.0 / tl.where(total == 0.0, 1.0, total)
+    delta *= norm
+    cols = tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    for it in tl.range(0, n_tiles):
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, k_lo, k_hi,
+                                 BLOCK_N)
+        p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
+                      UPCAST, CAP)
+        z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
+        ds = p * norm[:, None] * (_mm(do, tl.trans(v), PRECISION, UPCAST) * z - delta[:, None])
         _, by = _position(mask, b, h, offs_m, offs_n, Lq, Lk)
         if mask.position_buckets is not None:
             first = tl.min(tl.min(by, axis=1), axis=0)
@@ -827,9 +846,9 @@ def _position_grad(g: A.AttentionGradArgs) -> torch.Tensor:
     c = p.consts
     launch(
         _attn_bwd_dposition, (tiles, H, B), p.launched, "dposition",
-        (a.q, a.k, a.v, g.out, g.grad_out, g.lse, partial, g.out.stride(), g.grad_out.stride(), *dyn),
-        Q=a.q, K=a.k, V=a.v, O=g.out, DO=g.grad_out, LSE=g.lse, DP=partial, sq=p.sq, sk=a.k.stride(),
-        sv=a.v.stride(), so=g.out.stride(), sdo=g.grad_out.stride(), mask=mask, H=H, GROUP=c["GROUP"], Lq=Lq,
+        (a.q, a.k, a.v, g.grad_out, g.lse, partial, g.grad_out.stride(), *dyn),
+        Q=a.q, K=a.k, V=a.v, DO=g.grad_out, LSE=g.lse, DP=partial, sq=p.sq, sk=a.k.stride(),
+        sv=a.v.stride(), sdo=g.grad_out.stride(), mask=mask, H=H, GROUP=c["GROUP"], Lq=Lq,
         Lk=Lk, D=D, qk_scale=a.scale * LOG2E.value, softcap=a.softcap, drop=drop, PRECISION=c["PRECISION"],
         UPCAST=c["UPCAST"], CAP=c["CAP"], DROPOUT=c["DROPOUT"], BLOCK_D=c["BLOCK_D"], BLOCK_M=block,
         BLOCK_N=block, BLOCK_P=width,
