@@ -828,6 +828,9 @@ CUDA_SPILL_BUDGETS = {  # attention kernels, last argument: soft-capping, dropou
     # at each use instead, 72 B)
     "attn_dkdv_kernel<bf16, 256, true>": 464,
     "attn_dkdv_kernel<fp16, 256, true>": 464,
+    # fp32 at head dim 32: the position gradient's two passes keep P, dP and each element's bucket
+    # or distance in registers (bf16 / fp16 and larger head dims: none)
+    "attn_dpos_kernel<float, 32>": 56,
     "ctr_bwd_kernel<float>": 32,
     "ctr_bwd_kernel<bf16>": 32,
     "ctr_bwd_kernel<fp16>": 32,
