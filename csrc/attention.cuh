@@ -134,12 +134,28 @@ __device__ __forceinline__ uint64_t dropout_seed(const AttnArgs& a) {
   return X && a.dropout ? uint64_t(*a.seed) : 0;
 }
 
-// Attention dropout's factor of probability (b, h, row, col): 1 / (1 - p) kept, 0 dropped, 1 off.
+// Attention dropout's keep indicator of probability (b, h, row, col): 1 kept, 0 dropped, 1 off.
 template <bool X>
-__device__ __forceinline__ float keep(const AttnArgs& a, uint64_t seed, int64_t b, int h, int row, int col) {
+__device__ __forceinline__ float kept(const AttnArgs& a, uint64_t seed, int64_t b, int h, int row, int col) {
   if (!X || !a.dropout) return 1.f;
   const uint32_t r = philox(seed, uint32_t(col), uint32_t(row), uint32_t(b * a.H + h), 0u);
-  return int(r >> 8) >= a.dropout_threshold ? a.dropout_scale : 0.f;
+  return int(r >> 8) >= a.dropout_threshold ? 1.f : 0.f;
+}
+
+// Dropout's 1 / (1 - p) (1 off). It multiplies fp32 values (the output, dV, dP), never
+// probabilities about to be rounded to 16 bits for a GEMM: there the row maximum of P (1 before
+// normalisation) would round the same way in every row, bf16's 1 / 0.9 being 1.109, a bias of
+// -0.16% in the output.
+template <bool X>
+__device__ __forceinline__ float rescale(const AttnArgs& a) {
+  return X && a.dropout ? a.dropout_scale : 1.f;
+}
+
+// Attention dropout's factor of probability (b, h, row, col) for fp32 arithmetic: 1 / (1 - p)
+// kept, 0 dropped, 1 off.
+template <bool X>
+__device__ __forceinline__ float keep(const AttnArgs& a, uint64_t seed, int64_t b, int h, int row, int col) {
+  return kept<X>(a, seed, b, h, row, col) * rescale<X>(a);
 }
 
 // Per-row mask bounds (and optionally two per-row fp32 values) of the BM rows starting at m0,
@@ -239,7 +255,7 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
       for (int e = 0; e < 4; ++e) {
         s[j][e] = exp2f(s[j][e] - m_safe[e >> 1]);
         rs[e >> 1] += s[j][e];
-        s[j][e] *= keep<X>(a, seed, b, h, m0 + r0 + c_row(e), n0 + j * 8 + c_col(e));  // after the sum: dropout
+        s[j][e] *= kept<X>(a, seed, b, h, m0 + r0 + c_row(e), n0 + j * 8 + c_col(e));  // after the sum: dropout
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l_i[r] = l_i[r] * alpha[r] + quad_sum(rs[r]);
@@ -254,7 +270,7 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(AttnArgs a, VecFlags vec)
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    inv[r] = l_i[r] > 0.f ? 1.f / l_i[r] : 0.f;
+    inv[r] = l_i[r] > 0.f ? rescale<X>(a) / l_i[r] : 0.f;
     const int row = m0 + r0 + g + 8 * r;
     const float empty = a.splits > 1 ? NEG_INF : POS_INF;  // a split without keys weighs 0
     float* lse = a.splits > 1 ? a.lse_partial : a.lse;
@@ -609,7 +625,7 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
           const bool ok = allowed(a.mask, b, h, m0 + qi, key, lo_s[qi], hi_s[qi]);
           float dcap = 1.f;  // (masked elements: score is not called)
           const float p = ok ? exp2f(score<X>(a, pt[j][e], dcap, b, h, m0 + qi, key) - lse_s[qi]) : 0.f;
-          dpt[j][e] = p * keep<X>(a, seed, b, h, m0 + qi, key);  // P^T after dropout, for dV
+          dpt[j][e] = p * kept<X>(a, seed, b, h, m0 + qi, key);  // P^T after dropout, for dV (rescaled once summed)
           pt[j][e] = p * dcap;                          // P^T times the cap's derivative, for dS
         }
       mm_pv<T, DP, BM / 16>(dv, dpt, Os, LD);
@@ -638,7 +654,8 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
       const int row = r0 + g + 8 * r, col = dj * 8 + c_col(0);
       store_frag(dkp, a.sdk[2], a.sdk[3], row, col, a.Lk - n0, a.D, dk[dj][2 * r] * a.scale,
                  dk[dj][2 * r + 1] * a.scale);
-      store_frag(dvp, a.sdv[2], a.sdv[3], row, col, a.Lk - n0, a.D, dv[dj][2 * r], dv[dj][2 * r + 1]);
+      store_frag(dvp, a.sdv[2], a.sdv[3], row, col, a.Lk - n0, a.D, dv[dj][2 * r] * rescale<X>(a),
+                 dv[dj][2 * r + 1] * rescale<X>(a));
     }
 }
 

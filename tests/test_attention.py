@@ -721,6 +721,27 @@ def test_dropout_low_precision_two_x_rule(dtype):
         check_against_reference(f"dropout {name}", got, r, lp, dtype, "attention", "triton")
 
 
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_dropout_rescale_does_not_bias_low_precision(backend, dtype):
+    """Dropout's 1 / (1 - p) multiplies fp32 values (the output, dV), not the probabilities rounded
+    to 16 bits for the P·V and Pᵀ·dO GEMMs: rounded there, bf16's 1 / 0.9 (1.109) scales every
+    row's largest probability alike, a bias the max error hides but a model's sums (a tanh gate's
+    gradient) do not. The output's and dV's least-squares scale against float64 is 1 within
+    eps/32 (unbiased rounding: eps/1000 here)."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3))
+    do = torch.randn(2, 4, 64, 32, generator=g).to(DEVICE, dtype)
+    with launched(backend, "attention"):
+        out = vlkernels.attention(q, k, v, dropout_p=0.1, seed=5, scale=0.5, backend=backend)
+        (dv,) = torch.autograd.grad(out, (v,), do)
+    keep = vlkernels.attention_dropout_mask(q, k, 0.1, 5)
+    ref = attention_ref(q, k, v, upcast=True, dropout_keep=keep, dropout_p=0.1, scale=0.5)
+    (ref_dv,) = torch.autograd.grad(ref, (v,), do.double())
+    for name, got, want in (("out", out, ref), ("dv", dv, ref_dv)):
+        bias = ((got.double() - want) * want).sum() / (want * want).sum()
+        assert abs(bias) <= torch.finfo(dtype).eps / 32, (name, bias.item())
+
+
 def test_dropout_rows_with_nothing_to_attend_stay_zero(backend):
     """Dropout on rows with no allowed key (a batch entry padded away entirely): 0 out, 0 gradient."""
     g = torch.Generator().manual_seed(13)

@@ -219,19 +219,38 @@ def _probs(q, k, qk_scale, softcap, m, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk
 
 
 @triton.jit
-def _keep(drop, b, h, H, offs_m, offs_n, DROPOUT: tl.constexpr):
-    """Attention dropout's factor for a tile: 1 / (1 - p) where kept, 0 where dropped (1.0 without
-    DROPOUT). ``drop`` = (the seed's pointer, threshold, scale); the keep rule is
+def _kept(drop, b, h, H, offs_m, offs_n, DROPOUT: tl.constexpr):
+    """Attention dropout's keep indicator for a tile: 1.0 where kept, 0.0 where dropped (1.0
+    without DROPOUT). ``drop`` = (the seed's pointer, threshold, scale); the keep rule is
     attention/dropout.py's."""
     z = 1.0
     if DROPOUT:  # (one return: the compiler wants one type per function)
-        seed_ptr, thresh, scale = drop
+        seed_ptr, thresh, _ = drop
         seed = tl.load(seed_ptr)
         zero = offs_m[:, None] * 0 + offs_n[None, :] * 0
         bh = (b * H + h + offs_m * 0).to(tl.int32)[:, None]  # one head or one per row
         r, _, _, _ = tl.philox(seed, offs_n[None, :] + zero, offs_m[:, None] + zero, bh + zero, zero)
-        z = tl.where((r >> 8).to(tl.int32) >= thresh, scale, 0.0)
+        z = tl.where((r >> 8).to(tl.int32) >= thresh, 1.0, 0.0)
     return z
+
+
+@triton.jit
+def _rescale(drop, DROPOUT: tl.constexpr):
+    """Dropout's 1 / (1 - p) (1.0 without DROPOUT). It multiplies fp32 values (the output, dV, dP),
+    never probabilities about to be rounded to 16 bits for a GEMM: there the row maximum of P (1
+    before normalisation) would round the same way in every row, bf16's 1 / 0.9 being 1.109, a
+    bias of -0.16% in the output."""
+    s = 1.0
+    if DROPOUT:
+        _, _, s = drop
+    return s
+
+
+@triton.jit
+def _keep(drop, b, h, H, offs_m, offs_n, DROPOUT: tl.constexpr):
+    """Attention dropout's factor for a tile, for fp32 arithmetic: 1 / (1 - p) where kept, 0 where
+    dropped (1.0 without DROPOUT)."""
+    return _kept(drop, b, h, H, offs_m, offs_n, DROPOUT) * _rescale(drop, DROPOUT)
 
 
 @triton.jit
@@ -342,11 +361,11 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p *= _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)  # after the sum: the softmax is dropout's input
+        p *= _kept(drop, b, h, H, offs_m, offs_n, DROPOUT)  # after the sum: the softmax is dropout's input
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc * (_rescale(drop, DROPOUT) / tl.where(empty, 1.0, l_i))[:, None]
     hi, lo = _lse_pair(m_i, tl.log2(tl.where(empty, 1.0, l_i)))
     hi = tl.where(empty, float("-inf") if SPLIT else float("inf"), hi)
     lo = tl.where(empty, 0.0, lo)
@@ -479,6 +498,7 @@ def _attn_bwd_dkdv(
             m_last = tl.where(touches, start_m, m_last)
     kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]  # the tile's stores
     live = ((offs_n >= k_lo) & (offs_n < k_hi))[:, None] & d_ok[None, :]
+    rescale = _rescale(drop, DROPOUT)
     k = tl.load(_block(K, sk, b, hk, offs_n, offs_d), mask=live, other=0.0)
     v = tl.load(_block(V, sv, b, hk, offs_n, offs_d), mask=live, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -494,15 +514,16 @@ def _attn_bwd_dkdv(
             )
             p, dcap = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk,
                              PRECISION, UPCAST, CAP)
-            z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
-            dv += _mm(tl.trans((p * z).to(do.dtype)), do, PRECISION, UPCAST)
+            kept = _kept(drop, b, h, H, offs_m, offs_n, DROPOUT)
+            dv += _mm(tl.trans((p * kept).to(do.dtype)), do, PRECISION, UPCAST)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp * z - delta[:, None]) * dcap
+            ds = p * (dp * (kept * rescale) - delta[:, None]) * dcap
             dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
             if FUSED:
                 dq = _mm(ds.to(k.dtype), k, PRECISION, UPCAST) * sm_scale
                 tl.store(_block(DQ, sdq, b, h, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=q_ok)
     dk *= sm_scale
+    dv *= rescale
     tl.store(_block(DK, sdk, b, hk, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(_block(DV, sdv, b, hk, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
 
@@ -530,6 +551,7 @@ def _attn_bwd_dq(
     d_ok = offs_d < D
     q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    rescale = _rescale(drop, DROPOUT)
     b_end = tl.minimum(c * B_PER_PROG + B_PER_PROG, B)
     for b in tl.range(c * B_PER_PROG, b_end):
         lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
@@ -543,13 +565,13 @@ def _attn_bwd_dq(
                                      BLOCK_N)
             p, dcap = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk,
                              PRECISION, UPCAST, CAP)
-            z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
+            kept = _kept(drop, b, h, H, offs_m, offs_n, DROPOUT)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp * z - delta[:, None]) * dcap
+            ds = p * (dp * (kept * rescale) - delta[:, None]) * dcap
             dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
             if FUSED:
                 kv_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
-                dv = _mm(tl.trans((p * z).to(do.dtype)), do, PRECISION, UPCAST)
+                dv = _mm(tl.trans((p * kept).to(do.dtype)), do, PRECISION, UPCAST) * rescale
                 dk = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST) * sm_scale
                 tl.store(_block(DK, sdk, b, hk, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=kv_ok)
                 tl.store(_block(DV, sdv, b, hk, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=kv_ok)
