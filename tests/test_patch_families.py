@@ -4,6 +4,7 @@ saved with torch.save loads in a fresh process and computes the same outputs wit
 once. (Outputs and gradients: test_patch.py; generate(): test_generate.py.)"""
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 from helpers import (
     DEVICE,
+    assert_launched,
     paligemma_inputs,
     tiny_blip_config,
     tiny_gemma_config,
@@ -321,3 +323,111 @@ def test_low_precision_patched_models_within_twice_the_eager_error(name, backend
     ours_err = (got.double() - want).abs().max().item()
     eager_err = (eager.double() - want).abs().max().item()
     assert ours_err <= 2 * eager_err + 1e-6, f"{ours_err:.3g} > 2 x {eager_err:.3g}"
+
+
+# (open_clip's AttentionalPooler and open_flamingo's gated cross-attention have no dropout)
+WITH_DROPOUT = [name for name in FAMILIES if name not in ("coca_pooler", "open_flamingo_block")]
+
+
+def _with_dropout(model, p=0.1):
+    """``model`` with every dropout at ``p``: its attention modules' (a float ``attention_dropout``
+    or ``dropout``) and every ``nn.Dropout`` (hidden states and, in BLIP / FLAVA, probabilities)."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = p
+        for attr in ("attention_dropout", "dropout"):
+            if type(getattr(mod, attr, None)) is float:
+                setattr(mod, attr, p)
+    return model
+
+
+def _seeded_dropout(monkeypatch) -> list:
+    """Replace F.dropout by one whose every mask comes from a seed drawn from torch's generator,
+    where vlkernels.attention draws its seed: attention probabilities [B, H, Lq, Lk] get the keep
+    mask the kernels draw from that seed; any other tensor a mask that does not depend on its
+    dtype. With it, an unpatched model drops what the patched one does, in any dtype. Returns the
+    list of the seeds drawn for probabilities."""
+    from vlkernels.attention import dropout
+
+    drawn = []
+
+    def seeded(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        seed = int(torch.randint(0, 2**62, ()))
+        if x.dim() == 4:  # probabilities
+            drawn.append(seed)
+            keep = dropout.keep_mask(seed, p, *x.shape, x.device)
+        else:
+            keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device) >= p
+        return x * keep / (1 - p)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", seeded)
+    return drawn
+
+
+def _train_step(model, inputs, field, dtype):
+    """(output as float64, every parameter's gradient as float64) of one training forward and
+    backward of ``model`` in ``dtype``, torch seeded, a fixed output gradient."""
+    torch.manual_seed(1)
+    if isinstance(model, torch.nn.ModuleDict):
+        model = model["xattn"]
+    out = model(**_cast(inputs, dtype))
+    out = out if field is None else getattr(out, field)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, params, go, allow_unused=True)
+    return out.double(), [g if g is None else g.double() for g in grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", WITH_DROPOUT)
+def test_train_mode_with_the_models_dropout(name, dtype, monkeypatch):
+    """A patched model in train mode, every dropout at 0.1, equals the unpatched one (transformers'
+    eager attention, dropping the same probabilities and hidden states): output and every
+    parameter gradient. fp32: equal within 2e-5 (gradients 1e-4); bf16 / fp16: FlashAttention's
+    rule against the unpatched model in float64, 2x its same-dtype error for the output, 3x for
+    each gradient (plus that gradient's own rounding to the dtype). A family whose unpatched
+    gradients overflow in a dtype is skipped there (FLAVA in fp16)."""
+    torch.manual_seed(0)
+    model, inputs, field = FAMILIES[name]()
+    model = _with_dropout(model.to(DEVICE).train())
+    if model._supports_sdpa:
+        model.set_attn_implementation("eager")  # (SDPA draws its own dropout mask)
+    inputs = _to_device(inputs)
+    step = functools.partial(_train_step, inputs=inputs, field=field)
+    ours = vlkernels.patch(copy.deepcopy(model)).to(dtype)
+    drawn = _seeded_dropout(monkeypatch)
+    with vlkernels.use_backend("triton"), assert_launched("attention_fwd", "attention_bwd"):
+        got, got_grads = step(ours, dtype=dtype)
+    assert not drawn  # the patched model dropped its probabilities in the kernels
+    eager, eager_grads = step(copy.deepcopy(model).to(dtype), dtype=dtype)
+    if not all(g.isfinite().all() for g in eager_grads if g is not None):
+        pytest.skip(f"{name} does not train in {dtype} unscaled: the unpatched model's gradients overflow")
+    assert drawn, "the unpatched model dropped no attention probabilities"
+    n = len(drawn)
+    assert not torch.allclose(got, step(ours.eval(), dtype=dtype)[0])  # dropout acted
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, eager, rtol=2e-5, atol=2e-5)
+        for g, w in zip(got_grads, eager_grads, strict=True):
+            if w is None:
+                assert g is None
+            else:
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * max(1.0, w.abs().max().item()))
+        return
+    drawn.clear()
+    want, want_grads = step(copy.deepcopy(model).double(), dtype=torch.float64)
+    assert len(drawn) == n  # the same probabilities dropped in float64
+    err = lambda a, b: (a - b).abs().max().item()
+    assert err(got, want) <= 2 * err(eager, want) + 1e-6, (err(got, want), err(eager, want))
+    scale = max(w.abs().max().item() for w in want_grads if w is not None)
+    for i, (g, e, w) in enumerate(zip(got_grads, eager_grads, want_grads, strict=True)):
+        if w is None:
+            assert g is None and e is None
+        elif w.abs().max() <= 1e-9 * scale:  # zero but for rounding (a key bias: softmax ignores it)
+            assert g.abs().max() <= torch.finfo(dtype).eps * scale, (i, g.abs().max().item(), scale)
+        else:
+            # (plus the rounding of the gradient itself to the dtype: a one-element gradient, such as
+            # a tanh gate's, can otherwise be luckier in eager by any factor)
+            tol = 3 * err(e, w) + torch.finfo(dtype).eps * w.abs().max().item()
+            assert err(g, w) <= tol, (i, err(g, w), err(e, w))
