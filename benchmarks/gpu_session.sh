@@ -5,8 +5,9 @@
 # nothing is compiled from C++ there. Steps: install (the wheels; _C must load), info (versions,
 # backends), tests (the GPU selection over 16 pytest workers), demo, bench (--quick paper
 # workloads against the peers, then the public models patched and unpatched), table (the README's
-# GPU table). Everything lands under $OUT as it goes: steps.txt (each step's status and seconds), info.txt, tests.log (a line per test as it
-# ends), demo.txt, bench.txt, results.csv (a row per measurement as it is made), gpu_table.md.
+# GPU table). Everything lands under $OUT as it goes: steps.txt (each step's status and seconds),
+# info.txt, tests.log (a line per test as it ends), demo.txt, bench.txt, results.csv (a row per
+# measurement as it is made), gpu_table.md.
 # Each step runs under its own time limit, cut to what is left of DEADLINE seconds; a failing or
 # stopped step is recorded and the next one still runs. Exit status 0 only when every step passed.
 #
