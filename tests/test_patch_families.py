@@ -181,6 +181,24 @@ def test_whole_patched_models_save_and_load_in_a_fresh_process(tmp_path):
 ATTENTION_FAMILIES = ["blip", "blip2_qformer", "flava", "paligemma", "idefics", "t5", "umt5"]
 
 
+def _eager(model):
+    """``model`` on transformers' eager attention, its stacks' copies of the config included (T5's
+    stacks keep copies, which transformers 5.17's setter misses)."""
+    model.set_attn_implementation("eager")
+    for m in model.modules():
+        if hasattr(getattr(m, "config", None), "_attn_implementation"):
+            m.config._attn_implementation = "eager"
+    return model
+
+
+def _skip_a_non_causal_umt5_decoder(name, model):
+    if name == "umt5" and not model.decoder.block[0].layer[0].SelfAttention.is_causal:
+        pytest.skip(
+            "this transformers' UMT5 decoder self-attention says is_causal=False (5.17): its SDPA path, "
+            "which the patched one follows, is then not causal, its eager one is"
+        )
+
+
 @pytest.mark.parametrize("name", ATTENTION_FAMILIES)
 def test_output_attentions_are_eager_probabilities(name):
     """``output_attentions=True`` on a patched model returns what transformers' eager attention
@@ -188,16 +206,8 @@ def test_output_attentions_are_eager_probabilities(name):
     outputs are still the kernels'."""
     torch.manual_seed(0)
     model, inputs, field = FAMILIES[name]()
-    if name == "umt5" and not model.decoder.block[0].layer[0].SelfAttention.is_causal:
-        pytest.skip(
-            "this transformers' UMT5 decoder self-attention says is_causal=False (5.17): its SDPA path, "
-            "which the patched one follows, is then not causal, its eager one is"
-        )
-    eager = model.to(DEVICE).eval()
-    eager.set_attn_implementation("eager")
-    for m in eager.modules():  # T5's stacks keep copies of the config, which 5.17's setter misses
-        if hasattr(getattr(m, "config", None), "_attn_implementation"):
-            m.config._attn_implementation = "eager"
+    _skip_a_non_causal_umt5_decoder(name, model)
+    eager = _eager(model.to(DEVICE).eval())
     ours = vlkernels.patch(copy.deepcopy(eager))
     inputs = dict(_to_device(inputs), output_attentions=True)
     with torch.no_grad():
@@ -391,9 +401,10 @@ def test_train_mode_with_the_models_dropout(name, dtype, monkeypatch):
     gradients overflow in a dtype is skipped there (FLAVA in fp16)."""
     torch.manual_seed(0)
     model, inputs, field = FAMILIES[name]()
+    _skip_a_non_causal_umt5_decoder(name, model)
     model = _with_dropout(model.to(DEVICE).train())
     if model._supports_sdpa:
-        model.set_attn_implementation("eager")  # (SDPA draws its own dropout mask)
+        model = _eager(model)  # (SDPA draws its own dropout mask)
     inputs = _to_device(inputs)
     step = functools.partial(_train_step, inputs=inputs, field=field)
     ours = vlkernels.patch(copy.deepcopy(model)).to(dtype)
