@@ -129,6 +129,77 @@ def test_patch_open_flamingo_gated_blocks():
     ]
 
 
+def test_patch_swaps_a_module_under_every_name_it_has():
+    """A module held under two names (open_flamingo's Flamingo keeps each gated block in its LM's
+    list and in the decoder layer that calls it) is swapped under both, for one new module."""
+    from open_clip.transformer import AttentionalPooler
+    from test_modules import _open_flamingo_helpers
+
+    pooler = AttentionalPooler(32, 24, n_head=4, n_queries=5)
+    block = _open_flamingo_helpers().GatedCrossAttentionBlock(dim=32, dim_visual=24, dim_head=16, heads=2)
+    model = torch.nn.ModuleDict({"a": pooler, "b": pooler, "c": torch.nn.ModuleList([block, block])})
+    ours = vlkernels.patch(model)
+    assert isinstance(ours["a"], vlkernels.modules.AttentionalPooler) and ours["b"] is ours["a"]
+    assert (
+        isinstance(ours["c"][0], vlkernels.modules.GatedCrossAttentionBlock) and ours["c"][1] is ours["c"][0]
+    )
+    assert [line.split(":")[0] for line in ours.vlkernels_patched] == ["a", "b", "c.0", "c.1"]
+
+
+def _tiny_open_flamingo():
+    """open_flamingo's Flamingo as its factory builds it, at test size: an open_clip ViT (16-pixel
+    images) and a two-layer OPT with a gated cross-attention block before each layer, gates
+    opened to 0.5."""
+    import open_clip
+    import transformers
+    from open_flamingo.src.flamingo import Flamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    vision = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8, image_size=16),
+        text_cfg=dict(layers=1, width=32, heads=2, vocab_size=100, context_length=8),
+    )
+    vision.visual.output_tokens = True
+    lm = transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=102,
+            word_embed_proj_dim=32, max_position_embeddings=64,
+        )
+    )  # fmt: skip
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("model.decoder.layers")
+    model = Flamingo(
+        vision, lm, eoc_token_id=100, media_token_id=101, vis_dim=32, cross_attn_every_n_layers=1
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_gate"):
+                p.fill_(0.5)
+    return model
+
+
+def test_patch_open_flamingo_model():
+    """open_flamingo's whole Flamingo (its LM's decoder layers call the gated blocks), patched:
+    logits and every parameter gradient equal the unpatched model's, the gated kernels ran, no
+    open_flamingo block is left. (Its generate() passes the attention mask positionally to
+    FlamingoLMMixin.forward, which transformers 5's generation loop does not: it runs with
+    neither model there.)"""
+    pytest.importorskip("open_flamingo")
+    torch.manual_seed(0)
+    model = _tiny_open_flamingo()
+    vision_x = torch.randn(2, 2, 1, 3, 16, 16, device=DEVICE)
+    ids = torch.randint(3, 99, (2, 12), device=DEVICE)
+    ids[:, [0, 6]] = 101  # two images, each before its text
+    am = torch.ones_like(ids)
+    am[1, 10:] = 0
+    with assert_launched("gated_residual_fwd", "gated_residual_bwd"):
+        ours = _compare_patched(model, lambda m: m(vision_x=vision_x, lang_x=ids, attention_mask=am).logits)
+    names = [type(m).__module__ for m in ours.modules() if type(m).__name__ == "GatedCrossAttentionBlock"]
+    assert names == ["vlkernels.modules"] * 2
+
+
 def test_patch_paligemma_prefix_lm(monkeypatch):
     """PaliGemma (SigLIP + Gemma with grouped keys): same logits after the patch, and the mask its
     Gemma layers hand to vlkernels is exactly masks.prefix_lm(prefix lengths)."""

@@ -412,6 +412,9 @@ def patch(
             model.set_attn_implementation(HF_NAME)
             done.append(line)
     wanted = {"AttentionalPooler": pooler, "GatedCrossAttentionBlock": gated_xattn}
+    paths = {}  # every name of each module: open_flamingo's Flamingo holds its blocks under two
+    for name, mod in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(mod), []).append(name)
     for name, mod in list(model.named_modules()):
         for key in _FORWARD_SWAPS:
             module_prefix, cls_name = key
@@ -433,8 +436,9 @@ def patch(
                 new = make(mod).to(device=next(mod.parameters()).device, dtype=next(mod.parameters()).dtype)
                 new.load_state_dict(mod.state_dict())
                 new.train(mod.training)
-                _replace(model, name, new)
-                done.append(f"{name}: {cls_name} -> vlkernels.modules.{cls_name}")
+                for path in paths[id(mod)]:
+                    _replace(model, path, new)
+                    done.append(f"{path}: {cls_name} -> vlkernels.modules.{cls_name}")
     before = getattr(model, "vlkernels_patched", [])
     if not done and not before:
         raise ValueError(
