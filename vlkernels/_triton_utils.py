@@ -48,18 +48,8 @@ def autotuned(configs: list[triton.Config], key: list[str], interpret_config: tr
             kept = prune(configs, named_args | kwargs) if prune else configs
             return kept[:1] if first_only else kept
 
-    decorate = triton.autotune(
-        configs=configs, key=key, prune_configs_by={"early_config_prune": pruned} if pruned else None
-    )
-
-    def tuned(fn):
-        tuner = decorate(fn)
-        tuner.__class__ = _Autotuner  # (no new state at construction: any Triton's Autotuner.__init__)
-        tuner.chosen = {}
-        tuner.key_index = [(k, fn.arg_names.index(k)) for k in key]
-        return tuner
-
-    return tuned
+    prune_by = {"early_config_prune": pruned} if pruned else None
+    return lambda fn: _Autotuner(fn, configs, key, prune_by)
 
 
 class _Compiled(NamedTuple):
@@ -130,6 +120,12 @@ class _Autotuner(triton.runtime.Autotuner):
     """Triton's autotuner with a cheaper call once a key is tuned: the chosen config is launched
     directly (Autotuner.run walks every argument on each call, ~15 us for attention's). The key is
     the key arguments and the first argument's dtype (what changes shared memory per config)."""
+
+    def __init__(self, fn, configs: list[triton.Config], key: list[str], prune_configs_by: dict | None):
+        # what triton.autotune(configs, key, prune_configs_by) builds (Triton 3.6 to 3.8)
+        super().__init__(fn, fn.arg_names, configs, key, None, None, prune_configs_by=prune_configs_by)
+        self.chosen = {}
+        self.key_index = [(k, fn.arg_names.index(k)) for k in key]
 
     def run(self, *args, **kwargs):
         first = args[0] if args else kwargs[self.arg_names[0]]
