@@ -47,16 +47,16 @@ __device__ __forceinline__ void row_bounds(const MaskArgs& m, int64_t b, int row
   if (m.causal) hi = min(hi, row + (Lk - Lq) + 1);
   if (m.key_lengths) hi = min(hi, m.key_lengths[b]);
   const int nq = m.qformer_queries;
-  if (m.qformer_mode == 1) hi = min(hi, row < nq ? nq : max(row + 1, nq));
-  if (m.qformer_mode == 2) {
+  if (m.qformer_mode == QFORMER_MULTIMODAL_CAUSAL) hi = min(hi, row < nq ? nq : max(row + 1, nq));
+  if (m.qformer_mode == QFORMER_UNIMODAL) {
     hi = min(hi, row < nq ? nq : Lk);
     lo = max(lo, row < nq ? 0 : nq);
   }
   if (m.prefix_lengths) hi = min(hi, max(m.prefix_lengths[b], row + 1));
-  if (m.media_mode != 0) {
+  if (m.media_mode != MEDIA_NONE) {
     int t = row < Lq ? m.text_to_media[b * m.stb + int64_t(row) * m.stm] : 0;
     hi = min(hi, t * m.latents_per_media);
-    if (m.media_mode == 1) lo = max(lo, (t - 1) * m.latents_per_media);
+    if (m.media_mode == MEDIA_IMMEDIATE) lo = max(lo, (t - 1) * m.latents_per_media);
   }
   if (m.window > 0) lo = max(lo, row + (Lk - Lq) - m.window + 1);
   if (m.row_lo && row < Lq) {  // per-row bounds: a document's run, a dense mask's span

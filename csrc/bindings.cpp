@@ -221,9 +221,11 @@ Attention attn_args(const Args& in) {
   TORCH_CHECK(D >= 16 && D <= 256 && D % 8 == 0, op, ": head dim must be a multiple of 8 in [16, 256], got ", D);
   TORCH_CHECK(B >= 1 && Lq >= 1 && Lk >= 1, op, ": batch and lengths must be >= 1, got q ", shape(q), ", k ",
               shape(k));
-  TORCH_CHECK(qf_mode >= 0 && qf_mode <= 2, op, ": qformer_mode must be 0, 1 or 2, got ", qf_mode);
-  TORCH_CHECK(media_mode >= 0 && media_mode <= 2, op, ": media_mode must be 0, 1 or 2, got ", media_mode);
-  TORCH_CHECK(media_mode == 0 || text_to_media, op, ": media_mode ", media_mode, " needs text_to_media");
+  TORCH_CHECK(qf_mode >= vlk::QFORMER_BIDIRECTIONAL && qf_mode <= vlk::QFORMER_UNIMODAL, op,
+              ": qformer_mode must be 0, 1 or 2, got ", qf_mode);
+  TORCH_CHECK(media_mode >= vlk::MEDIA_NONE && media_mode <= vlk::MEDIA_ALL_PREVIOUS, op,
+              ": media_mode must be 0, 1 or 2, got ", media_mode);
+  TORCH_CHECK(media_mode == vlk::MEDIA_NONE || text_to_media, op, ": media_mode ", media_mode, " needs text_to_media");
   TORCH_CHECK(lat >= 1, op, ": latents_per_media must be >= 1, got ", lat);
   check_lengths(op, "key_lengths", key_lengths, q, {B});
   check_lengths(op, "prefix_lengths", prefix_lengths, q, {B});
@@ -648,7 +650,7 @@ RowPass ctr_args(const Args& in) {
   a.scale = r.scale.data_ptr<float>();
   a.bias = bias ? r.bias.data_ptr<float>() : nullptr;
   a.M = M, a.N = N, a.D = D, a.QR = QR, a.QC = QC;
-  a.kind = kind == "clip" ? 0 : 1;
+  a.kind = kind == "clip" ? vlk::LOSS_CLIP : vlk::LOSS_SIGLIP;
   a.row_off = in.integer("row_off"), a.col_off = in.integer("col_off");
   return r;
 }

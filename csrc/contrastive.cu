@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(THREADS) ctr_fwd_kernel(ContrastiveArgs a) {
   float m_i[2] = {NEG_INF, NEG_INF}, l_i[2] = {0.f, 0.f}, pos[2] = {0.f, 0.f}, tot[2] = {0.f, 0.f};
   float mm_i[2] = {NEG_INF, NEG_INF}, lm_i[2] = {0.f, 0.f}, wm_i[2] = {0.f, 0.f};
   const int n_pad = cdiv(a.N, BN) * BN;
-  const int n_cols = a.kind == 0 ? n_pad + a.K : a.N;
+  const int n_cols = a.kind == LOSS_CLIP ? n_pad + a.K : a.N;
   for (int n0 = 0; n0 < n_cols; n0 += BN) {
     Tiles<T> t(a, m0, n0, n_pad);
     float sim[BN / 8][4], simm[BN / 8][4];
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(THREADS) ctr_fwd_kernel(ContrastiveArgs a) {
         const bool ok = row < a.M && col - n0 < t.cols.valid;
         const bool is_pos = t.main && a.row_off + row == a.col_off + col;
         const float logit = s * sim[j][e] + bias;
-        if (a.kind == 0) {
+        if (a.kind == LOSS_CLIP) {
           sim[j][e] = ok ? logit : NEG_INF;
           tile_max[r] = fmaxf(tile_max[r], sim[j][e]);
           tot[r] += ok ? logit : 0.f;
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(THREADS) ctr_fwd_kernel(ContrastiveArgs a) {
           tot[r] += ok ? fmaxf(z, 0.f) + logf(1.f + expf(-fabsf(z))) : 0.f;
         }
       }
-    if (a.kind != 0) continue;
+    if (a.kind != LOSS_CLIP) continue;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {  // online log-sum-exp, per lane (merged over the quad at the end)
       const float m_new = fmaxf(m_i[r], tile_max[r]);
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(THREADS) ctr_bwd_kernel(ContrastiveArgs a) {
   for (int dj = 0; dj < DO / 8; ++dj) dr[dj][0] = dr[dj][1] = dr[dj][2] = dr[dj][3] = 0.f;
   float ds[2] = {0.f, 0.f}, db[2] = {0.f, 0.f}, ds_neg[2] = {0.f, 0.f}, db_neg[2] = {0.f, 0.f};
   const int n_pad = cdiv(a.N, BN) * BN;
-  const int n_cols = a.kind == 0 && a.own ? n_pad + a.K : a.N;
+  const int n_cols = a.kind == LOSS_CLIP && a.own ? n_pad + a.K : a.N;
   for (int n0 = 0; n0 < n_cols; n0 += BN) {
     Tiles<T> t(a, m0, n0, n_pad);
     float sim[BN / 8][4], simm[BN / 8][4];
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(THREADS) ctr_bwd_kernel(ContrastiveArgs a) {
         const float pos_f = is_pos ? 1.f : 0.f;
         const float logit = s * sim[j][e] + bias;
         float gr = 0.f;
-        if (a.kind == 0) {
+        if (a.kind == LOSS_CLIP) {
           if (a.own) {
             const float p = expf(logit - lse_row[r]);
             const float target = distill ? a.alpha * expf(s * simm[j][e] - lsem_row[r]) + (1.f - a.alpha) * pos_f

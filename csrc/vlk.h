@@ -8,6 +8,12 @@ namespace vlk {
 
 enum class DType { F32 = 0, F16 = 1, BF16 = 2 };
 
+// The codes the Python side passes; vlkernels.masks.QFormerMode / MediaMode and
+// vlkernels.contrastive.args.LossKind have the same names and values (tests/test_ops.py compares).
+enum QFormerMode : int { QFORMER_BIDIRECTIONAL = 0, QFORMER_MULTIMODAL_CAUSAL = 1, QFORMER_UNIMODAL = 2 };
+enum MediaMode : int { MEDIA_NONE = 0, MEDIA_IMMEDIATE = 1, MEDIA_ALL_PREVIOUS = 2 };
+enum LossKind : int { LOSS_CLIP = 0, LOSS_SIGLIP = 1 };
+
 // The attention mask as lowered by vlkernels/masks.py (MaskArgs): per query row an allowed key interval
 // [lo, hi) from the analytic parts, and optionally a dense bool mask on top.
 struct MaskArgs {
@@ -18,8 +24,8 @@ struct MaskArgs {
   const int32_t* text_to_media = nullptr;   // [B, Lq]
   int64_t stb = 0, stm = 0;
   bool causal = false;
-  int qformer_queries = 0, qformer_mode = 0;  // 0 bidirectional, 1 multimodal causal, 2 unimodal
-  int media_mode = 0, latents_per_media = 1;  // 0 none, 1 immediate, 2 all previous
+  int qformer_queries = 0, qformer_mode = QFORMER_BIDIRECTIONAL;  // a QFormerMode
+  int media_mode = MEDIA_NONE, latents_per_media = 1;               // a MediaMode
   int window = 0;                             // sliding window, 0: none
   const int32_t *row_lo = nullptr, *row_hi = nullptr;  // [B, Lq] contiguous: per-row key bounds
   // a position bias (vlkernels/bias.py), fp32: T5's table [H, num_buckets] (spos0: a head,
@@ -81,7 +87,7 @@ struct ContrastiveArgs {
   const float *scale = nullptr, *bias = nullptr;  // one fp32 element each (bias may be null)
   int64_t sr[3], srm[3], sc[3], sneg[2], sdr[3];
   int M = 0, N = 0, K = 0, D = 0, QR = 1, QC = 1;
-  int kind = 0;  // 0 clip, 1 siglip
+  int kind = LOSS_CLIP;  // a LossKind
   int64_t row_off = 0, col_off = 0;
   float* stats = nullptr;  // forward: [5, M]
   // backward

@@ -346,3 +346,18 @@ def test_compiled_training_step_with_dropout_draws_anew_each_step(backend):
     assert len(set(losses)) == 3  # a new keep mask each step
     torch.manual_seed(0)
     assert [compiled(q, k, v).item() for _ in range(3)] == losses
+
+
+def test_csrc_codes_are_the_python_enums():
+    """The codes both sides of the C++ ops use: csrc/vlk.h's QFormerMode, MediaMode and LossKind
+    have the names and values of vlkernels.masks.QFormerMode / MediaMode and
+    vlkernels.contrastive.args.LossKind."""
+    import pathlib
+    import re
+
+    from vlkernels.contrastive.args import LossKind
+
+    header = (pathlib.Path(__file__).parents[1] / "csrc" / "vlk.h").read_text()
+    for enum, prefix in ((masks.QFormerMode, "QFORMER_"), (masks.MediaMode, "MEDIA_"), (LossKind, "LOSS_")):
+        body = re.search(rf"enum {enum.__name__} : int {{([^}}]*)}}", header).group(1)
+        assert dict(re.findall(r"(\w+) = (\d+)", body)) == {prefix + m.name: str(m.value) for m in enum}

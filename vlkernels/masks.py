@@ -16,13 +16,33 @@ interval rule ``MaskArgs.intervals`` here, ``_row_bounds`` in the Triton kernels
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
-QFORMER_MODES = ("bidirectional", "multimodal_causal", "unimodal")
-MEDIA_MODES = {None: 0, True: 1, False: 2}  # only_immediate -> media_mode
+
+class QFormerMode(enum.IntEnum):
+    """``Mask.qformer_mode``: which keys the text rows of [queries ; text] see (csrc/vlk.h's
+    ``QFormerMode`` has the same values; a test compares them)."""
+
+    BIDIRECTIONAL = 0  # every key
+    MULTIMODAL_CAUSAL = 1  # the queries and the text up to itself
+    UNIMODAL = 2  # the text only (the queries see the queries)
+
+
+class MediaMode(enum.IntEnum):
+    """``Mask.media_mode``: which images' latents a text row sees (csrc/vlk.h's ``MediaMode``)."""
+
+    NONE = 0  # no media mask
+    IMMEDIATE = 1  # only the image before it
+    ALL_PREVIOUS = 2  # every image before it
+
+
+QFORMER_MODES = tuple(mode.name.lower() for mode in QFormerMode)  # the names masks.qformer takes
+# masks.media's only_immediate -> Mask.media_mode
+MEDIA_MODES = {None: MediaMode.NONE, True: MediaMode.IMMEDIATE, False: MediaMode.ALL_PREVIOUS}
 
 
 @dataclass(frozen=True)
@@ -283,8 +303,8 @@ class MaskArgs(NamedTuple):
     text_to_media:     int32 or int64 [B, Lq]
     causal:            bottom-right aligned
     qformer_queries:   the number of learned queries of the qformer mask
-    qformer_mode:      index in QFORMER_MODES
-    media_mode:        0 no media mask, 1 only the immediate image, 2 all previous images
+    qformer_mode:      a QFormerMode
+    media_mode:        a MediaMode
     latents_per_media: keys per image
     window:            sliding window (0: none)
     bias:              float, broadcastable to [B, H, Lq, Lk]: added to the scaled scores (SDPA's
@@ -339,11 +359,9 @@ class MaskArgs(NamedTuple):
             hi = torch.minimum(hi, i + (k_len - q_len) + 1)
         if self.key_lengths is not None:
             hi = torch.minimum(hi, self.key_lengths.long()[:, None])
-        if (
-            self.qformer_mode == 1
-        ):  # multimodal causal: queries -> queries; text -> queries + text up to itself
+        if self.qformer_mode == QFormerMode.MULTIMODAL_CAUSAL:  # text -> queries + text up to itself
             hi = torch.minimum(hi, torch.where(i < nq, nq, torch.clamp(i + 1, min=nq)))
-        if self.qformer_mode == 2:  # unimodal: queries -> queries; text -> text
+        if self.qformer_mode == QFormerMode.UNIMODAL:  # queries -> queries; text -> text
             hi = torch.minimum(hi, torch.where(i < nq, nq, k_len))
             lo = torch.maximum(lo, torch.where(i < nq, 0, nq))
         if self.prefix_lengths is not None:
@@ -351,7 +369,7 @@ class MaskArgs(NamedTuple):
         if self.media_mode:
             t = self.text_to_media.long()
             hi = torch.minimum(hi, t * self.latents_per_media)
-            if self.media_mode == 1:
+            if self.media_mode == MediaMode.IMMEDIATE:
                 lo = torch.maximum(lo, (t - 1) * self.latents_per_media)
         if self.window:
             lo = torch.maximum(lo, i + (k_len - q_len) - self.window + 1)

@@ -23,7 +23,7 @@ from vlkernels._triton_utils import LAUNCHES, LOG2E, autotuned, cdiv, launch, ne
 from vlkernels.attention import args as A
 from vlkernels.attention import dropout
 from vlkernels.attention import plan as P
-from vlkernels.masks import MaskArgs
+from vlkernels.masks import MaskArgs, MediaMode, QFormerMode
 
 
 class _View(NamedTuple):
@@ -69,8 +69,8 @@ def _kernel_mask(m: MaskArgs, B: int, H: int, Lq: int, Lk: int) -> MaskArgs:
         position_bias=position,
         position_buckets=buckets,
         causal=tl.constexpr(m.causal),
-        qformer_mode=tl.constexpr(m.qformer_mode),
-        media_mode=tl.constexpr(m.media_mode),
+        qformer_mode=tl.constexpr(int(m.qformer_mode)),
+        media_mode=tl.constexpr(int(m.media_mode)),
     )
 
 
@@ -97,6 +97,13 @@ def _clamped(x, low, high):
     return tl.minimum(tl.maximum(x, low), high).to(tl.int32)
 
 
+# the mask modes as the kernels compare them
+_MULTIMODAL_CAUSAL = tl.constexpr(int(QFormerMode.MULTIMODAL_CAUSAL))
+_UNIMODAL = tl.constexpr(int(QFormerMode.UNIMODAL))
+_NO_MEDIA = tl.constexpr(int(MediaMode.NONE))
+_IMMEDIATE = tl.constexpr(int(MediaMode.IMMEDIATE))
+
+
 @triton.jit
 def _row_bounds(offs_m, b, Lq, Lk, m):
     """Allowed key interval [lo, hi) of each query row (masks.MaskArgs.intervals); empty rows
@@ -108,19 +115,19 @@ def _row_bounds(offs_m, b, Lq, Lk, m):
         hi = tl.minimum(hi, offs_m + (Lk - Lq) + 1)
     if m.key_lengths is not None:
         hi = tl.minimum(hi, _clamped(tl.load(m.key_lengths + b), -1, Lk))
-    if m.qformer_mode == 1:  # multimodal causal: queries -> queries; text -> queries + text up to itself
+    if m.qformer_mode == _MULTIMODAL_CAUSAL:  # queries -> queries; text -> queries + text up to itself
         hi = tl.minimum(hi, tl.where(offs_m < nq, nq, tl.maximum(offs_m + 1, nq)))
-    if m.qformer_mode == 2:  # unimodal: queries -> queries; text -> text
+    if m.qformer_mode == _UNIMODAL:  # queries -> queries; text -> text
         hi = tl.minimum(hi, tl.where(offs_m < nq, nq, Lk))
         lo = tl.maximum(lo, tl.where(offs_m < nq, 0, nq))
     if m.prefix_lengths is not None:
         hi = tl.minimum(hi, tl.maximum(_clamped(tl.load(m.prefix_lengths + b), -1, Lk), offs_m + 1))
-    if m.media_mode != 0:  # 1: only the immediately preceding image, 2: all previous images
+    if m.media_mode != _NO_MEDIA:
         t2m = m.text_to_media
         t = tl.load(t2m.ptr + b * t2m.stride[0] + offs_m * t2m.stride[2], mask=offs_m < Lq, other=0)
         t = _clamped(t, -1, Lk // m.latents_per_media + 1)
         hi = tl.minimum(hi, t * m.latents_per_media)
-        if m.media_mode == 1:
+        if m.media_mode == _IMMEDIATE:
             lo = tl.maximum(lo, (t - 1) * m.latents_per_media)
     if m.window > 0:
         lo = tl.maximum(lo, offs_m + (Lk - Lq) - m.window + 1)

@@ -15,11 +15,20 @@ Two levels:
 
 from __future__ import annotations
 
+import enum
 from typing import NamedTuple
 
 import torch
 
-KINDS = ("clip", "siglip")
+
+class LossKind(enum.IntEnum):
+    """The losses, as the kernels take them (csrc/vlk.h's ``LossKind`` has the same values)."""
+
+    CLIP = 0  # InfoNCE over both directions
+    SIGLIP = 1  # pairwise sigmoid
+
+
+KINDS = tuple(kind.name.lower() for kind in LossKind)  # the names contrastive_loss takes
 
 
 class RowPass(NamedTuple):

@@ -45,6 +45,9 @@ def _features(t: torch.Tensor | None, like: torch.Tensor) -> _Features:
     return _Features(t3, t3.shape[0], t3.shape[1], *t3.stride())
 
 
+_CLIP = tl.constexpr(int(A.LossKind.CLIP))  # the KIND the kernels compare with
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +109,7 @@ def _ctr_fwd(
     R, RM, C, NEG, SCALE, BIAS, OUT, M, D, row_off, col_off, KIND: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Row statistics (args.RowStats) of rows R against columns [C ; NEG]; KIND 0 clip, 1 siglip;
+    """Row statistics (args.RowStats) of rows R against columns [C ; NEG]; KIND an args.LossKind;
     RM (momentum rows) and BIAS may be None."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
@@ -120,13 +123,13 @@ def _ctr_fwd(
     lm_i = tl.zeros([BLOCK_M], tl.float32)
     wm_i = tl.zeros([BLOCK_M], tl.float32)
     n_pad = tl.cdiv(C.n, BLOCK_N) * BLOCK_N  # negatives start at the next tile after the columns
-    n_cols = n_pad + NEG.n if KIND == 0 else C.n
+    n_cols = n_pad + NEG.n if KIND == _CLIP else C.n
     for start_n in range(0, n_cols, BLOCK_N):
         sim, _, col_ok, is_pos = _tile(R, C, NEG, offs_m, start_n, n_pad, D, row_off, col_off, PRECISION,
                                        UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         ok = row_ok[:, None] & col_ok[None, :]
         logit = s * sim + b
-        if KIND == 0:  # online log-sum-exp, sum of logits, positive logit
+        if KIND == _CLIP:  # online log-sum-exp, sum of logits, positive logit
             m_i, l_i = _online(m_i, l_i, tl.where(ok, logit, float("-inf")), 1)
             tot += tl.sum(tl.where(ok, logit, 0.0), axis=1)
             pos += tl.sum(tl.where(ok & is_pos, logit, 0.0), axis=1)
@@ -194,7 +197,7 @@ def _bwd_columns(R, RM, C, ACC, dr, sums, offs_m, row_ok, start_n, s, b, lse_row
         pos_f = ((row_off + offs_m)[:, None] == (col_off + offs_n)[None, :]).to(tl.float32)
     else:  # no positives among the negatives
         pos_f = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if KIND == 0:
+    if KIND == _CLIP:
         g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if OWN:  # softmax over the row minus the row's target
             if RM is not None:
@@ -261,7 +264,7 @@ def _ctr_bwd(
     dr = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     sums = tl.zeros([BLOCK_M, 4], tl.float32)
     for which in tl.static_range(2):  # the columns, then the negatives (CLIP's own direction only)
-        if which == 0 or (KIND == 0 and OWN):
+        if which == 0 or (KIND == _CLIP and OWN):
             COLS = C if which == 0 else NEG
             for start_n in range(0, COLS.n, BLOCK_N):
                 dr, sums = _bwd_columns(R, RM, COLS, ACC, dr, sums, offs_m, row_ok, start_n, s, b, lse_row,
@@ -381,7 +384,7 @@ def _loss_fwd_bands(
                     sim, _ = _sim_tile(X, Y, offs_m, offs_n, D, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
                     logit = s * sim + b
                     diag = ok & (offs_m[:, None] == offs_n[None, :])
-                    if KIND == 0:
+                    if KIND == _CLIP:
                         lm = tl.where(ok, logit, float("-inf"))
                         m_i, l_i = _online(m_i, l_i, lm, 1)
                         sel = tsel[:, None] == t  # this tile's columns among the band's
@@ -399,11 +402,11 @@ def _loss_fwd_bands(
                         z = tl.where(diag, -logit, logit)
                         sp = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
                         sig += tl.sum(tl.where(ok, sp, 0.0), axis=1)
-            if KIND == 0:
+            if KIND == _CLIP:
                 tl.store(PX + cb * N + offs_m, _lse(m_i, l_i), mask=row_ok)
                 if SMOOTH:
                     tl.store(TX + cb * N + offs_m, t_i, mask=row_ok)
-        if KIND == 0:
+        if KIND == _CLIP:
             offs_c = cb * BAND + tsel[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             tl.store(PY + rb * N + offs_c, _lse(cm, cl), mask=offs_c < N)
             if SMOOTH:
@@ -465,7 +468,7 @@ def _loss_fwd_finish(PX, PY, TX, TY, POS, SIGP, STATS, LOSS, N, SX, SY, n_sig, n
     """One program: each row's statistics from the partials (STATS [2, 5, N]: RowStats of the image
     rows, then of the text rows) and the loss, summed in a fixed order (deterministic)."""
     acc = tl.zeros([BLOCK], tl.float32)
-    if KIND == 0:
+    if KIND == _CLIP:
         for r0 in range(0, N, BLOCK):
             offs = r0 + tl.arange(0, BLOCK)
             ok = offs < N
@@ -501,7 +504,7 @@ def _loss_bwd_finish(DSBX, DSBY, GOUT, DS, DB, N, KIND: tl.constexpr, BLOCK: tl.
         db += tl.load(DSBX + offs * 4 + 1, mask=ok, other=0.0)
         ds += tl.load(DSBX + offs * 4 + 2, mask=ok, other=0.0)
         db += tl.load(DSBX + offs * 4 + 3, mask=ok, other=0.0)
-        if KIND == 0:
+        if KIND == _CLIP:
             ds += tl.load(DSBY + offs * 4 + 2, mask=ok, other=0.0)
             db += tl.load(DSBY + offs * 4 + 3, mask=ok, other=0.0)
     g = tl.load(GOUT).to(tl.float32)
@@ -530,7 +533,7 @@ def _operands(a: A.RowPass) -> dict:
         D=a.rows.shape[-1],
         row_off=a.row_off,
         col_off=a.col_off,
-        KIND=A.KINDS.index(a.kind),
+        KIND=int(A.LossKind[a.kind.upper()]),
         **P.blocks(a.rows),
     )
 
@@ -609,7 +612,7 @@ def _loss_forward(a: A.LossArgs) -> tuple[torch.Tensor, torch.Tensor]:
     pos = a.y.new_empty(N, **f32)
     sigp = a.y.new_empty(n_bands * n_bands, **f32)
     stats, loss = (poisoned(t) for t in A.loss_fwd_fake(a)[::-1])
-    kind = A.KINDS.index(a.kind)
+    kind = int(A.LossKind[a.kind.upper()])
     blocks = {k: v for k, v in P.blocks(a.y).items() if k in ("PRECISION", "UPCAST", "BLOCK_D")}
     programs = n_bands * n_bands + (n_bands * (n_nx + n_ny) if clip else 0)
     # fmt: off
@@ -645,7 +648,7 @@ def _loss_backward(g: A.LossGradArgs) -> tuple[torch.Tensor, ...]:
     d_scale = torch.empty_like(a.scale)
     d_bias = torch.empty_like(a.bias if a.bias is not None else a.scale)
     _loss_bwd_finish[(1,)](
-        dsb_x, dsb_y, g.grad_loss, d_scale, d_bias, N, KIND=A.KINDS.index(a.kind), BLOCK=1024
+        dsb_x, dsb_y, g.grad_loss, d_scale, d_bias, N, KIND=int(A.LossKind[a.kind.upper()]), BLOCK=1024
     )
     LAUNCHES["contrastive_bwd"] += 1
     return dx, dy, d_scale, d_bias
