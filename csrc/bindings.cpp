@@ -668,7 +668,7 @@ void contrastive_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack
   Args in(handle, stack);
   const char* op = in.op();
   RowPass r = ctr_args(in);
-  Tensor stats = poisoned(at::empty({5, r.a.M}, r.rows.options().dtype(at::kFloat)));
+  Tensor stats = poisoned(at::empty({vlk::ROW_STATS, r.a.M}, r.rows.options().dtype(at::kFloat)));
   r.a.stats = stats.data_ptr<float>();
   Launch l(r.rows);
   l.check(op, vlk::contrastive_fwd(r.a, dtype_of(op, "rows", r.rows), l.stream));
@@ -697,7 +697,7 @@ void contrastive_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack
   a.n_cls_own = float(in.integer("n_cls_own")), a.n_cls_other = float(in.integer("n_cls_other"));
   a.alpha = float(in.real("alpha"));
   Tensor dr = a.QR > 1 ? at::zeros(rows.sizes(), rows.options().dtype(at::kFloat)) : poisoned(at::empty_like(rows));
-  Tensor dsb = poisoned(at::empty({a.M, 4}, rows.options().dtype(at::kFloat)));
+  Tensor dsb = poisoned(at::empty({a.M, vlk::SCALE_BIAS_SUMS}, rows.options().dtype(at::kFloat)));
   a.dr = dr.data_ptr();
   for (int i = 0; i < 3; ++i) a.sdr[i] = dr.stride(i);
   a.dsb = dsb.data_ptr<float>();

@@ -165,11 +165,11 @@ __global__ void __launch_bounds__(THREADS) ctr_fwd_kernel(ContrastiveArgs a) {
     const float p = quad_sum(pos[r]), tt = quad_sum(tot[r]);
     const int row = m0 + r0 + (lane_id() >> 2) + 8 * r;
     if ((lane_id() & 3) == 0 && row < a.M) {
-      a.stats[row] = l > 0.f ? m + logf(l) : NEG_INF;
-      a.stats[a.M + row] = p;
-      a.stats[2 * a.M + row] = tt;
-      a.stats[3 * a.M + row] = lm > 0.f ? mm + logf(lm) : NEG_INF;
-      a.stats[4 * a.M + row] = wm / (lm > 0.f ? lm : 1.f);
+      a.stats[STAT_LSE * a.M + row] = l > 0.f ? m + logf(l) : NEG_INF;
+      a.stats[STAT_POS * a.M + row] = p;
+      a.stats[STAT_TOT * a.M + row] = tt;
+      a.stats[STAT_LSE_M * a.M + row] = lm > 0.f ? mm + logf(lm) : NEG_INF;
+      a.stats[STAT_WEIGHTED * a.M + row] = wm / (lm > 0.f ? lm : 1.f);
     }
   }
 }
@@ -280,10 +280,10 @@ __global__ void __launch_bounds__(THREADS) ctr_bwd_kernel(ContrastiveArgs a) {
     const float v0 = quad_sum(ds[r]), v1 = quad_sum(db[r]), v2 = quad_sum(ds_neg[r]), v3 = quad_sum(db_neg[r]);
     const int row = m0 + r0 + g + 8 * r;
     if (blockIdx.y == 0 && (lane_id() & 3) == 0 && row < a.M) {
-      a.dsb[row * 4] = v0;
-      a.dsb[row * 4 + 1] = v1;
-      a.dsb[row * 4 + 2] = v2;
-      a.dsb[row * 4 + 3] = v3;
+      a.dsb[row * SCALE_BIAS_SUMS + SUM_DS_COLS] = v0;
+      a.dsb[row * SCALE_BIAS_SUMS + SUM_DB_COLS] = v1;
+      a.dsb[row * SCALE_BIAS_SUMS + SUM_DS_NEG] = v2;
+      a.dsb[row * SCALE_BIAS_SUMS + SUM_DB_NEG] = v3;
     }
   }
 }

@@ -13,6 +13,14 @@ enum class DType { F32 = 0, F16 = 1, BF16 = 2 };
 enum QFormerMode : int { QFORMER_BIDIRECTIONAL = 0, QFORMER_MULTIMODAL_CAUSAL = 1, QFORMER_UNIMODAL = 2 };
 enum MediaMode : int { MEDIA_NONE = 0, MEDIA_IMMEDIATE = 1, MEDIA_ALL_PREVIOUS = 2 };
 enum LossKind : int { LOSS_CLIP = 0, LOSS_SIGLIP = 1 };
+// The contrastive forward's row statistics [ROW_STATS, M] and the backward's sums [M,
+// SCALE_BIAS_SUMS], in the order of vlkernels.contrastive.args.RowStats / ScaleBiasSums.
+enum RowStat : int {
+  STAT_LSE = 0, STAT_POS = 1, STAT_TOT = 2, STAT_LSE_M = 3, STAT_WEIGHTED = 4, ROW_STATS = 5
+};
+enum ScaleBiasSum : int {
+  SUM_DS_COLS = 0, SUM_DB_COLS = 1, SUM_DS_NEG = 2, SUM_DB_NEG = 3, SCALE_BIAS_SUMS = 4
+};
 
 // The attention mask as lowered by vlkernels/masks.py (MaskArgs): per query row an allowed key interval
 // [lo, hi) from the analytic parts, and optionally a dense bool mask on top.

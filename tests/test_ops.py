@@ -349,15 +349,25 @@ def test_compiled_training_step_with_dropout_draws_anew_each_step(backend):
 
 
 def test_csrc_codes_are_the_python_enums():
-    """The codes both sides of the C++ ops use: csrc/vlk.h's QFormerMode, MediaMode and LossKind
-    have the names and values of vlkernels.masks.QFormerMode / MediaMode and
-    vlkernels.contrastive.args.LossKind."""
+    """The codes and layouts both sides of the C++ ops use: csrc/vlk.h's QFormerMode, MediaMode
+    and LossKind have the names and values of vlkernels.masks.QFormerMode / MediaMode and
+    vlkernels.contrastive.args.LossKind; its RowStat and ScaleBiasSum, the fields of RowStats and
+    ScaleBiasSums in their order, then their count."""
     import pathlib
     import re
 
-    from vlkernels.contrastive.args import LossKind
+    from vlkernels.contrastive.args import LossKind, RowStats, ScaleBiasSums
 
     header = (pathlib.Path(__file__).parents[1] / "csrc" / "vlk.h").read_text()
+
+    def declared(name):
+        body = re.search(rf"enum {name} : int {{([^}}]*)}}", header).group(1)
+        return dict(re.findall(r"(\w+) = (\d+)", body))
+
     for enum, prefix in ((masks.QFormerMode, "QFORMER_"), (masks.MediaMode, "MEDIA_"), (LossKind, "LOSS_")):
-        body = re.search(rf"enum {enum.__name__} : int {{([^}}]*)}}", header).group(1)
-        assert dict(re.findall(r"(\w+) = (\d+)", body)) == {prefix + m.name: str(m.value) for m in enum}
+        assert declared(enum.__name__) == {prefix + m.name: str(m.value) for m in enum}
+    layouts = [(RowStats, "RowStat", "STAT_", "ROW_STATS")]
+    layouts.append((ScaleBiasSums, "ScaleBiasSum", "SUM_", "SCALE_BIAS_SUMS"))
+    for layout, name, prefix, count in layouts:
+        want = {prefix + f.upper(): str(i) for i, f in enumerate(layout._fields)}
+        assert declared(name) == {**want, count: str(len(layout._fields))}

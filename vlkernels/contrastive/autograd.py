@@ -149,7 +149,7 @@ class RingContrastiveLoss(torch.autograd.Function):
         w = 1.0 / n if kind == "siglip" else 0.5 / n
         dx = torch.zeros_like(x3, dtype=torch.float32)
         dy = torch.zeros_like(y3, dtype=torch.float32)
-        dsb = torch.zeros(4, device=x3.device, dtype=torch.float32)
+        dsb = torch.zeros(len(ScaleBiasSums._fields), device=x3.device, dtype=torch.float32)
         xb, yb = x3, y3
         dxb = torch.zeros_like(x3, dtype=torch.float32)
         dyb = torch.zeros_like(y3, dtype=torch.float32)

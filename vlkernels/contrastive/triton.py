@@ -46,6 +46,11 @@ def _features(t: torch.Tensor | None, like: torch.Tensor) -> _Features:
 
 
 _CLIP = tl.constexpr(int(A.LossKind.CLIP))  # the KIND the kernels compare with
+# the rows of args.RowStats and the columns of args.ScaleBiasSums, as the kernels index them
+_LSE, _POS, _TOT, _LSE_M, _WEIGHTED = (tl.constexpr(i) for i in range(len(A.RowStats._fields)))
+_N_STATS = tl.constexpr(len(A.RowStats._fields))
+_DS_COLS, _DB_COLS, _DS_NEG, _DB_NEG = (tl.constexpr(i) for i in range(len(A.ScaleBiasSums._fields)))
+_N_SUMS = tl.constexpr(len(A.ScaleBiasSums._fields))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,11 +157,11 @@ def _ctr_fwd(
     lse = _lse(m_i, l_i)
     lsem = _lse(mm_i, lm_i)
     wm = wm_i / tl.where(lm_i > 0, lm_i, 1.0)
-    tl.store(OUT + 0 * M + offs_m, lse, mask=row_ok)
-    tl.store(OUT + 1 * M + offs_m, pos, mask=row_ok)
-    tl.store(OUT + 2 * M + offs_m, tot, mask=row_ok)
-    tl.store(OUT + 3 * M + offs_m, lsem, mask=row_ok)
-    tl.store(OUT + 4 * M + offs_m, wm, mask=row_ok)
+    tl.store(OUT + _LSE * M + offs_m, lse, mask=row_ok)
+    tl.store(OUT + _POS * M + offs_m, pos, mask=row_ok)
+    tl.store(OUT + _TOT * M + offs_m, tot, mask=row_ok)
+    tl.store(OUT + _LSE_M * M + offs_m, lsem, mask=row_ok)
+    tl.store(OUT + _WEIGHTED * M + offs_m, wm, mask=row_ok)
 
 
 @triton.jit
@@ -184,9 +189,9 @@ def _bwd_columns(R, RM, C, ACC, dr, sums, offs_m, row_ok, start_n, s, b, lse_row
                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DO: tl.constexpr, IN_REGS: tl.constexpr):
     """The column tile of C (WHICH 0: the columns, 1: the negatives) that starts at ``start_n``: its
-    logits once, dLoss/dlogit g, the sums of g · sim and of g into ``sums`` [BLOCK_M, 4] (columns
-    2·WHICH and 2·WHICH + 1, as args.ScaleBiasSums), and g @ C into dR (``dr`` in registers, or
-    ACC). Returns (dr, sums)."""
+    logits once, dLoss/dlogit g, the sums of g · sim and of g into ``sums`` [BLOCK_M, 4]
+    (args.ScaleBiasSums: ds, db of the columns or of the negatives), and g @ C into dR (``dr`` in
+    registers, or ACC). Returns (dr, sums)."""
     MAIN: tl.constexpr = WHICH == 0
     keep = (start_n > 0) if MAIN else True  # ACC holds earlier tiles' sums
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -214,9 +219,9 @@ def _bwd_columns(R, RM, C, ACC, dr, sums, offs_m, row_ok, start_n, s, b, lse_row
         eps = 2.0 * pos_f - 1.0
         g = w_own * (-eps * tl.sigmoid(-eps * logit))
     g = tl.where(ok, g, 0.0)
-    col4 = tl.arange(0, 4)[None, :]
-    sums += tl.where(col4 == 2 * WHICH, tl.sum(g * sim, axis=1)[:, None], 0.0)
-    sums += tl.where(col4 == 2 * WHICH + 1, tl.sum(g, axis=1)[:, None], 0.0)
+    col = tl.arange(0, _N_SUMS)[None, :]
+    sums += tl.where(col == (_DS_COLS if MAIN else _DS_NEG), tl.sum(g * sim, axis=1)[:, None], 0.0)
+    sums += tl.where(col == (_DB_COLS if MAIN else _DB_NEG), tl.sum(g, axis=1)[:, None], 0.0)
     # dR += g @ C, each (row, column) pair's gradient to the arg-max query of whichever side has several
     if IN_REGS:
         offs_do = tl.arange(0, BLOCK_DO)
@@ -262,7 +267,7 @@ def _ctr_bwd(
     lse_row = tl.load(LSE_ROW + offs_m, mask=row_ok, other=0.0)
     lsem_row = tl.load(LSEM_ROW + offs_m, mask=row_ok, other=0.0) if RM is not None else lse_row
     dr = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
-    sums = tl.zeros([BLOCK_M, 4], tl.float32)
+    sums = tl.zeros([BLOCK_M, _N_SUMS], tl.float32)
     for which in tl.static_range(2):  # the columns, then the negatives (CLIP's own direction only)
         if which == 0 or (KIND == _CLIP and OWN):
             COLS = C if which == 0 else NEG
@@ -286,7 +291,7 @@ def _ctr_bwd(
                 acc = tl.load(acc_ptrs, mask=out_ok, other=0.0)
                 tl.store(DR + offs_m[:, None] * sdr[0] + qr * sdr[1] + offs_do[None, :] * sdr[2],
                          (gs * acc).to(DR.dtype.element_ty), mask=out_ok)
-    tl.store(DSB + offs_m[:, None] * 4 + tl.arange(0, 4)[None, :], sums, mask=row_ok[:, None])
+    tl.store(DSB + offs_m[:, None] * _N_SUMS + tl.arange(0, _N_SUMS)[None, :], sums, mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,12 +459,12 @@ def _sum_of_slots(P, slots, N, offs, ok):
 @triton.jit
 def _store_stats(STATS, direction, N, offs, ok, lse, pos, tot):
     """RowStats (lse, pos, tot, lse_m = 0, weighted = 0) of one direction's rows into STATS [2, 5, N]."""
-    base = STATS + direction * 5 * N + offs
-    tl.store(base, lse, mask=ok)
-    tl.store(base + N, pos, mask=ok)
-    tl.store(base + 2 * N, tot, mask=ok)
-    tl.store(base + 3 * N, tl.zeros_like(lse), mask=ok)
-    tl.store(base + 4 * N, tl.zeros_like(lse), mask=ok)
+    base = STATS + direction * _N_STATS * N + offs
+    tl.store(base + _LSE * N, lse, mask=ok)
+    tl.store(base + _POS * N, pos, mask=ok)
+    tl.store(base + _TOT * N, tot, mask=ok)
+    tl.store(base + _LSE_M * N, tl.zeros_like(lse), mask=ok)
+    tl.store(base + _WEIGHTED * N, tl.zeros_like(lse), mask=ok)
 
 
 @triton.jit
@@ -500,13 +505,13 @@ def _loss_bwd_finish(DSBX, DSBY, GOUT, DS, DB, N, KIND: tl.constexpr, BLOCK: tl.
     for r0 in range(0, N, BLOCK):
         offs = r0 + tl.arange(0, BLOCK)
         ok = offs < N
-        ds += tl.load(DSBX + offs * 4, mask=ok, other=0.0)
-        db += tl.load(DSBX + offs * 4 + 1, mask=ok, other=0.0)
-        ds += tl.load(DSBX + offs * 4 + 2, mask=ok, other=0.0)
-        db += tl.load(DSBX + offs * 4 + 3, mask=ok, other=0.0)
+        ds += tl.load(DSBX + offs * _N_SUMS + _DS_COLS, mask=ok, other=0.0)
+        db += tl.load(DSBX + offs * _N_SUMS + _DB_COLS, mask=ok, other=0.0)
+        ds += tl.load(DSBX + offs * _N_SUMS + _DS_NEG, mask=ok, other=0.0)
+        db += tl.load(DSBX + offs * _N_SUMS + _DB_NEG, mask=ok, other=0.0)
         if KIND == _CLIP:
-            ds += tl.load(DSBY + offs * 4 + 2, mask=ok, other=0.0)
-            db += tl.load(DSBY + offs * 4 + 3, mask=ok, other=0.0)
+            ds += tl.load(DSBY + offs * _N_SUMS + _DS_NEG, mask=ok, other=0.0)
+            db += tl.load(DSBY + offs * _N_SUMS + _DB_NEG, mask=ok, other=0.0)
     g = tl.load(GOUT).to(tl.float32)
     tl.store(DS, (g * tl.sum(ds, axis=0)).to(DS.dtype.element_ty))
     tl.store(DB, (g * tl.sum(db, axis=0)).to(DB.dtype.element_ty))
