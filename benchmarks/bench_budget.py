@@ -708,7 +708,7 @@ BUDGETS = {
         bwd_over_fwd=5.5,
         spill_bytes=0,
     ),
-    "pali_encoder_t5_dense": dict(  # the dense bias's span pass; its gradient: two passes over every tile
+    "pali_encoder_t5_dense": dict(  # the dense bias's span pass; its gradient: delta, then dS over every tile
         launches_fwd=2,
         launches_bwd=5,
         host_syncs=0,

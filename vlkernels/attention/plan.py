@@ -393,8 +393,9 @@ def gemm_flops(p: Plan, kernel: str, BLOCK_M: int, BLOCK_N: int, lo: torch.Tenso
         return heads * int(_key_tiles_visited(lo, hi, BM, BN, Lk, per_split).sum()) * 2 * tile
     if kernel == "_attn_bwd_dposition":  # two passes (delta, then dS) over the dq kernel's key tiles: S, dP
         return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * 4 * tile
-    if kernel == "_attn_bwd_dbias":  # two passes over every key tile (delta, then dS): S, dP each
-        return H * B * cdiv(Lq, BM) * cdiv(Lk, BN) * 4 * tile
+    if kernel == "_attn_bwd_dbias":  # delta over the attended key tiles, dS over every one: S, dP each
+        attended = int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum())
+        return H * (attended + B * cdiv(Lq, BM) * cdiv(Lk, BN)) * 2 * tile
     if kernel == "_attn_bwd_dq":  # S, dP = dO Vᵀ, dQ += dS K; fused: dV and dK too
         fused = p.bwd == "queries_fused"
         return H * int(_key_tiles_visited(lo, hi, BM, BN, Lk).sum()) * (5 if fused else 3) * tile

@@ -261,13 +261,20 @@ def _keep(drop, b, h, H, offs_m, offs_n, DROPOUT: tl.constexpr):
 
 
 @triton.jit
+def _rows(Q, DO, LSE, sq, sdo, b, h, H, offs_m, offs_d, q_ok, Lq):
+    """The query rows of a backward tile: q, do and lse (``_row_lse``)."""
+    q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    lse = _row_lse(LSE, (b * H + h) * Lq + offs_m, offs_m < Lq)
+    return q, do, lse
+
+
+@triton.jit
 def _grad_rows(Q, DO, O, LSE, DELTA, sq, sdo, so, b, h, H, offs_m, offs_d, q_ok, Lq, FUSED: tl.constexpr):
     """The query rows of a backward tile: q, do, lse (``_row_lse``) and delta (FUSED: rowsum(o · do)
     computed here, DELTA not read)."""
-    q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-    do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
+    q, do, lse = _rows(Q, DO, LSE, sq, sdo, b, h, H, offs_m, offs_d, q_ok, Lq)
     row = (b * H + h) * Lq + offs_m
-    lse = _row_lse(LSE, row, offs_m < Lq)
     if FUSED:
         o = tl.load(_block(O, so, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
@@ -614,33 +621,47 @@ def _attn_bwd_dq_sum(PART, DQ, spart, sdq, CHUNKS, Lq, D, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _exact_delta(q, do, lse, K, V, sk, sv, mask, b, h, hk, H, offs_m, offs_d, d_ok, lo, hi, k_lo, k_hi, Lq,
+                 Lk, qk_scale, softcap, drop, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 CAP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The bias gradients' first pass over the key tiles a query tile attends: (delta = rowsum(P ∘
+    dO Vᵀ ∘ Z), Z the dropout factor, and the row sums of P, 1 up to the lse's rounding). delta
+    is not taken from the rounded output: dS is not averaged over a feature dim, so delta's
+    rounding error would show in it."""
+    n_start = (k_lo // BLOCK_N) * BLOCK_N
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    for it in tl.range(0, tl.maximum(tl.cdiv(k_hi - n_start, BLOCK_N), 0)):
+        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, k_lo, k_hi,
+                                 BLOCK_N)
+        p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
+                      UPCAST, CAP)
+        z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
+        delta += tl.sum(p * z * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
+        total += tl.sum(p, axis=1)
+    return delta, total
+
+
+@triton.jit
 def _attn_bwd_dbias(
     Q, K, V, DO, LSE, DB, sq, sk, sv, sdo, sdb, mask, H, GROUP, Lq, Lk, D, qk_scale, softcap, drop,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, CAP: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The float bias's gradient, dS = P ∘ (dO Vᵀ - delta), of one query tile over every key
-    tile: DB [B, H, Lq, Lk] fp32, every element written (0 where nothing is allowed; the bias is
-    added after the cap, so dS has no cap factor). delta =
-    rowsum(P ∘ dO Vᵀ) from a first pass (not from the rounded output: dS is not averaged over a
-    feature dim, so delta's rounding error would show in it). With dropout, dS = P ∘ (dO Vᵀ ∘ Z -
-    delta), Z the dropout factor."""
+    """The float bias's gradient, dS = P ∘ (dO Vᵀ ∘ Z - delta) (Z the dropout factor), of one query
+    tile over every key tile: DB [B, H, Lq, Lk] fp32, every element written (0 where nothing is
+    allowed; the bias is added after the cap, so dS has no cap factor). delta from
+    ``_exact_delta``."""
     b, h, hk, offs_m, offs_d = _query_tile(GROUP, tl.program_id(0), BLOCK_M, BLOCK_D)
     lo, hi = _row_bounds(offs_m, b, Lq, Lk, mask)
     k_lo, k_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)
     d_ok = offs_d < D
     q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
-    q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-    do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-    lse = _row_lse(LSE, (b * H + h) * Lq + offs_m, offs_m < Lq)
-    delta = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in tl.range(0, Lk, BLOCK_N):
-        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, k_lo, k_hi, BLOCK_N)
-        p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
-                      UPCAST, CAP)
-        z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
-        delta += tl.sum(p * z * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
-    for start_n in tl.range(0, Lk, BLOCK_N):
+    q, do, lse = _rows(Q, DO, LSE, sq, sdo, b, h, H, offs_m, offs_d, q_ok, Lq)
+    delta = _exact_delta(q, do, lse, K, V, sk, sv, mask, b, h, hk, H, offs_m, offs_d, d_ok, lo, hi, k_lo,
+                         k_hi, Lq, Lk, qk_scale, softcap, drop, PRECISION, UPCAST, CAP, DROPOUT, BLOCK_M,
+                         BLOCK_N)[0]
+    for start_n in tl.range(0, Lk, BLOCK_N):  # every tile: DB is written whole
         offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, start_n, offs_d, d_ok, k_lo, k_hi, BLOCK_N)
         p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
                       UPCAST, CAP)
@@ -658,9 +679,9 @@ def _attn_bwd_dposition(
 ):
     """The position bias's gradient over one query tile's allowed keys, dS = P ∘ (dO Vᵀ ∘ Z -
     delta) (Z the dropout factor; the bias is added after the cap, so no cap factor) reduced: T5,
-    summed per bucket; ALiBi, dS · -|i - j| summed. delta = rowsum(P ∘ dO Vᵀ ∘ Z) from a first
-    pass, not from the rounded output: ALiBi weighs dS by distances up to Lk, which would scale
-    the output's rounding error in delta; P is renormalised by its row sums from that pass. DP
+    summed per bucket; ALiBi, dS · -|i - j| summed. delta from ``_exact_delta`` (ALiBi weighs dS
+    by distances up to Lk, which would scale the output's rounding error in delta); P is
+    renormalised by its row sums from that pass. DP
     [B, H, tiles, BLOCK_P] fp32 (T5: bucket c at c, 0 past the table; ALiBi: at 0, 0 elsewhere):
     the tiles' partial sums, which the launcher adds in a fixed order (no atomics). Each tile loops
     only over the buckets between its smallest and its largest."""
@@ -671,19 +692,10 @@ def _attn_bwd_dposition(
     n_tiles = tl.maximum(tl.cdiv(k_hi - n_start, BLOCK_N), 0)
     d_ok = offs_d < D
     q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
-    q = tl.load(_block(Q, sq, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-    do = tl.load(_block(DO, sdo, b, h, offs_m, offs_d), mask=q_ok, other=0.0)
-    lse = _row_lse(LSE, (b * H + h) * Lq + offs_m, offs_m < Lq)
-    delta = tl.zeros([BLOCK_M], tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)  # the row sums of P: 1 up to the lse's rounding
-    for it in tl.range(0, n_tiles):
-        offs_n, k, v = _key_tile(K, V, sk, sv, b, hk, n_start + it * BLOCK_N, offs_d, d_ok, k_lo, k_hi,
-                                 BLOCK_N)
-        p, _ = _probs(q, k, qk_scale, softcap, mask, offs_m, offs_n, lo, hi, lse, b, h, Lq, Lk, PRECISION,
-                      UPCAST, CAP)
-        z = _keep(drop, b, h, H, offs_m, offs_n, DROPOUT)
-        delta += tl.sum(p * z * _mm(do, tl.trans(v), PRECISION, UPCAST), axis=1)
-        total += tl.sum(p, axis=1)
+    q, do, lse = _rows(Q, DO, LSE, sq, sdo, b, h, H, offs_m, offs_d, q_ok, Lq)
+    delta, total = _exact_delta(q, do, lse, K, V, sk, sv, mask, b, h, hk, H, offs_m, offs_d, d_ok, lo, hi,
+                                k_lo, k_hi, Lq, Lk, qk_scale, softcap, drop, PRECISION, UPCAST, CAP, DROPOUT,
+                                BLOCK_M, BLOCK_N)
     # P renormalised: the bias makes the scores, and the lse, large, and the lse's rounding then
     # scales a row's P by a factor that ALiBi's distance weights would carry into the sum
     norm = 1.0 / tl.where(total == 0.0, 1.0, total)
