@@ -25,16 +25,36 @@ import torch
 import vlkernels
 from vlkernels import masks
 
+# a BERT-base / ViT-B encoder with two layers: the width, heads and MLP of the papers' towers
+_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12)
+
+
+def _padded_ids(g, B, L, padded, low=5):
+    """Token ids [B, L] below 1024 and their attention mask, the last ``padded`` of every other
+    row padded."""
+    ids = torch.randint(low, 1024, (B, L), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1::2, L - padded :] = 0
+    return ids, mask
+
+
+def _text_and_image(device, dtype, B, L, padded):
+    """The inputs of an image-text encoder: ``_padded_ids`` and a 224-pixel image per row."""
+    g = torch.Generator().manual_seed(0)
+    ids, mask = _padded_ids(g, B, L, padded)
+    return dict(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        pixel_values=torch.randn(B, 3, 224, 224, generator=g).to(device, dtype),
+    )
+
 
 def _qformer(device, dtype, B):
     """(model, inputs, output, shape) of transformers' Blip2QFormerModel at BLIP-2's size."""
     import transformers
 
     cfg = transformers.Blip2QFormerConfig(
-        hidden_size=768,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        num_hidden_layers=2,
+        **_BASE,
         encoder_hidden_size=1408,
         use_qformer_text_input=True,
         attention_probs_dropout_prob=0.0,
@@ -57,20 +77,11 @@ def _blip(device, dtype, B):
     tokens) and BERT-base text (35 tokens, 9 padded in every other row) cross-attending to them."""
     import transformers
 
-    layer = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12)
     cfg = transformers.BlipConfig(
-        text_config=dict(vocab_size=1024, encoder_hidden_size=768, **layer),
-        vision_config=dict(image_size=224, patch_size=16, **layer),
+        text_config=dict(vocab_size=1024, encoder_hidden_size=768, **_BASE),
+        vision_config=dict(image_size=224, patch_size=16, **_BASE),
     )
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 1024, (B, 35), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1::2, -9:] = 0
-    kw = dict(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        pixel_values=torch.randn(B, 3, 224, 224, generator=g).to(device, dtype),
-    )
+    kw = _text_and_image(device, dtype, B, 35, padded=9)
     shape = f"B{B} 197img + 35tok (padded) 768w 12h 2+2L"
     return transformers.BlipForImageTextRetrieval(cfg), kw, lambda out: out.itm_score, shape
 
@@ -81,14 +92,8 @@ def _blip2_opt(device, dtype, B):
     import transformers
 
     cfg = transformers.Blip2Config(
-        vision_config=dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
-            image_size=224, patch_size=14,
-        ),
-        qformer_config=dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
-            encoder_hidden_size=768,
-        ),
+        vision_config=dict(image_size=224, patch_size=14, **_BASE),
+        qformer_config=dict(encoder_hidden_size=768, **_BASE),
         text_config=transformers.OPTConfig(
             hidden_size=512, ffn_dim=2048, num_hidden_layers=2, num_attention_heads=8, vocab_size=1024,
             word_embed_proj_dim=512,
@@ -113,21 +118,12 @@ def _flava(device, dtype, B):
     in every other row) and the multimodal encoder over both, 768 wide."""
     import transformers
 
-    layer = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12)
     cfg = transformers.FlavaConfig(
-        image_config=dict(image_size=224, patch_size=16, **layer),
-        text_config=dict(vocab_size=1024, **layer),
-        multimodal_config=layer,
+        image_config=dict(image_size=224, patch_size=16, **_BASE),
+        text_config=dict(vocab_size=1024, **_BASE),
+        multimodal_config=_BASE,
     )
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 1024, (B, 32), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1::2, -8:] = 0
-    kw = dict(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        pixel_values=torch.randn(B, 3, 224, 224, generator=g).to(device, dtype),
-    )
+    kw = _text_and_image(device, dtype, B, 32, padded=8)
     shape = f"B{B} 197img + 32tok (padded) 768w 12h 2+2+2L"
     return transformers.FlavaModel(cfg), kw, lambda out: out.multimodal_embeddings, shape
 
@@ -224,9 +220,7 @@ def _mt5(device, dtype, B):
         dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 1024, (B, 288), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1::2, -12:] = 0
+    ids, mask = _padded_ids(g, B, 288, padded=12, low=1)
     kw = dict(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
