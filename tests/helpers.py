@@ -140,6 +140,45 @@ def use_cuda_backend(monkeypatch) -> str:
     return emulated.EXTENSION.ns
 
 
+def assert_same_output_and_grads(got, got_grads, want, want_grads, names=None):
+    """fp32 parity of a patched model with the unpatched one: the output within 2e-5, each
+    parameter gradient within 1e-4 relative and 1e-5 of its own scale (fp32 sums), None where the
+    other's is None. ``names``: the parameters', for the messages."""
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        name = names[i] if names else f"gradient {i}"
+        if w is None:
+            assert g is None, name
+        else:
+            atol = 1e-5 * max(1.0, w.abs().max().item())
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=name)
+
+
+def seeded_dropout(monkeypatch) -> list:
+    """Replace F.dropout by one whose every mask comes from a seed drawn from torch's generator,
+    where vlkernels.attention draws its seed: attention probabilities [B, H, Lq, Lk] get the keep
+    mask the kernels draw from that seed; any other tensor a mask that does not depend on its
+    dtype. With it, an unpatched model drops what the patched one does, in any dtype. Returns the
+    list of the seeds drawn for probabilities."""
+    from vlkernels.attention import dropout
+
+    drawn = []
+
+    def seeded(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        seed = int(torch.randint(0, 2**62, ()))
+        if x.dim() == 4:  # probabilities
+            drawn.append(seed)
+            keep = dropout.keep_mask(seed, p, *x.shape, x.device)
+        else:
+            keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device) >= p
+        return x * keep / (1 - p)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", seeded)
+    return drawn
+
+
 def tiny_idefics():
     """transformers' IdeficsForVisionText2Text at test size (hidden 64, 2 layers, cross-attention
     in each, 16-pixel images), its tanh gates opened to 0.5 so that the cross-attention matters."""

@@ -7,8 +7,10 @@ import torch
 from helpers import (
     DEVICE,
     assert_launched,
+    assert_same_output_and_grads,
     launched,
     paligemma_inputs,
+    seeded_dropout,
     tiny_blip_config,
     tiny_idefics,
     tiny_paligemma,
@@ -32,13 +34,7 @@ def _compare_patched(ref, run):
         grads = dict(zip(names, torch.autograd.grad(got, params, go, allow_unused=True), strict=True))
     ref_params = dict(ref.named_parameters())
     want_grads = torch.autograd.grad(want, [ref_params[n] for n in names], go, allow_unused=True)
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
-    for n, w in zip(names, want_grads, strict=True):
-        if w is None:
-            assert grads[n] is None, n
-        else:
-            atol = 1e-5 * max(1.0, w.abs().max().item())  # fp32 sums: relative to the gradient's scale
-            torch.testing.assert_close(grads[n], w, rtol=1e-4, atol=atol, msg=n)
+    assert_same_output_and_grads(got, [grads[n] for n in names], want, want_grads, names)
     return ours
 
 
@@ -386,35 +382,17 @@ def _compare_train_mode_dropout(ref, run, monkeypatch, n_attentions):
     """Patch a copy of ``ref`` (train mode, attention dropout > 0, hidden dropout 0); ``run(model)``
     -> (output, parameter gradients) after seeding torch. The unpatched model runs with
     ``F.dropout`` of the attention probabilities replaced by the keep mask vlkernels draws at the
-    same point of the run (a seed from torch's generator): outputs and every parameter gradient
-    match, the kernels ran, ``n_attentions`` attention calls dropped, and dropout did act."""
-    from vlkernels.attention import dropout
-
+    same point of the run (``seeded_dropout``): outputs and every parameter gradient match, the
+    kernels ran, ``n_attentions`` attention calls dropped, and dropout did act."""
     ref = ref.to(DEVICE).train()
     ours = vlkernels.patch(copy.deepcopy(ref))
     with assert_launched("attention_fwd", "attention_bwd"):
         got, got_grads = run(ours)
-    plain_dropout = torch.nn.functional.dropout
-    drawn = []
-
-    def same_keep_mask(x, p=0.5, training=True, inplace=False):
-        if not training or p == 0:
-            return plain_dropout(x, p, training, inplace)
-        seed = int(torch.randint(0, 2**62, ()))  # where vlkernels.attention draws its seed
-        drawn.append(seed)
-        B, H, Lq, Lk = x.shape
-        return x * dropout.keep_mask(seed, p, B, H, Lq, Lk, x.device) / (1 - p)
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", same_keep_mask)
+    drawn = seeded_dropout(monkeypatch)
     want, want_grads = run(ref)
     monkeypatch.undo()
     assert len(drawn) == n_attentions
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        if w is None:
-            assert g is None
-        else:
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * max(1.0, w.abs().max().item()))
+    assert_same_output_and_grads(got, got_grads, want, want_grads)
     assert not torch.allclose(got, run(ours.eval())[0])  # dropout did act
 
 

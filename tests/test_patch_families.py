@@ -15,7 +15,9 @@ import torch
 from helpers import (
     DEVICE,
     assert_launched,
+    assert_same_output_and_grads,
     paligemma_inputs,
+    seeded_dropout,
     tiny_blip_config,
     tiny_gemma_config,
     tiny_idefics,
@@ -351,31 +353,6 @@ def _with_dropout(model, p=0.1):
     return model
 
 
-def _seeded_dropout(monkeypatch) -> list:
-    """Replace F.dropout by one whose every mask comes from a seed drawn from torch's generator,
-    where vlkernels.attention draws its seed: attention probabilities [B, H, Lq, Lk] get the keep
-    mask the kernels draw from that seed; any other tensor a mask that does not depend on its
-    dtype. With it, an unpatched model drops what the patched one does, in any dtype. Returns the
-    list of the seeds drawn for probabilities."""
-    from vlkernels.attention import dropout
-
-    drawn = []
-
-    def seeded(x, p=0.5, training=True, inplace=False):
-        if not training or p == 0:
-            return x
-        seed = int(torch.randint(0, 2**62, ()))
-        if x.dim() == 4:  # probabilities
-            drawn.append(seed)
-            keep = dropout.keep_mask(seed, p, *x.shape, x.device)
-        else:
-            keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device) >= p
-        return x * keep / (1 - p)
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", seeded)
-    return drawn
-
-
 def _train_step(model, inputs, field, dtype):
     """(output as float64, every parameter's gradient as float64) of one training forward and
     backward of ``model`` in ``dtype``, torch seeded, a fixed output gradient."""
@@ -408,7 +385,7 @@ def test_train_mode_with_the_models_dropout(name, dtype, monkeypatch):
     inputs = _to_device(inputs)
     step = functools.partial(_train_step, inputs=inputs, field=field)
     ours = vlkernels.patch(copy.deepcopy(model)).to(dtype)
-    drawn = _seeded_dropout(monkeypatch)
+    drawn = seeded_dropout(monkeypatch)
     with vlkernels.use_backend("triton"), assert_launched("attention_fwd", "attention_bwd"):
         got, got_grads = step(ours, dtype=dtype)
     assert not drawn  # the patched model dropped its probabilities in the kernels
@@ -419,12 +396,7 @@ def test_train_mode_with_the_models_dropout(name, dtype, monkeypatch):
     n = len(drawn)
     assert not torch.allclose(got, step(ours.eval(), dtype=dtype)[0])  # dropout acted
     if dtype == torch.float32:
-        torch.testing.assert_close(got, eager, rtol=2e-5, atol=2e-5)
-        for g, w in zip(got_grads, eager_grads, strict=True):
-            if w is None:
-                assert g is None
-            else:
-                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * max(1.0, w.abs().max().item()))
+        assert_same_output_and_grads(got, got_grads, eager, eager_grads)
         return
     drawn.clear()
     want, want_grads = step(copy.deepcopy(model).double(), dtype=torch.float64)
