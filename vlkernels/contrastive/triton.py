@@ -46,10 +46,15 @@ def _features(t: torch.Tensor | None, like: torch.Tensor) -> _Features:
 
 
 _CLIP = tl.constexpr(int(A.LossKind.CLIP))  # the KIND the kernels compare with
-# the rows of args.RowStats and the columns of args.ScaleBiasSums, as the kernels index them
-_LSE, _POS, _TOT, _LSE_M, _WEIGHTED = (tl.constexpr(i) for i in range(len(A.RowStats._fields)))
+# the rows of args.RowStats and the columns of args.ScaleBiasSums, by field name, as the kernels
+# index them
+_LSE, _POS, _TOT, _LSE_M, _WEIGHTED = (
+    tl.constexpr(A.RowStats._fields.index(f)) for f in ("lse", "pos", "tot", "lse_m", "weighted")
+)
 _N_STATS = tl.constexpr(len(A.RowStats._fields))
-_DS_COLS, _DB_COLS, _DS_NEG, _DB_NEG = (tl.constexpr(i) for i in range(len(A.ScaleBiasSums._fields)))
+_DS_COLS, _DB_COLS, _DS_NEG, _DB_NEG = (
+    tl.constexpr(A.ScaleBiasSums._fields.index(f)) for f in ("ds_cols", "db_cols", "ds_neg", "db_neg")
+)
 _N_SUMS = tl.constexpr(len(A.ScaleBiasSums._fields))
 
 
