@@ -2,16 +2,14 @@
 
 GPU: forward+backward time, peak memory and achieved TFLOP/s (on the 6·N²·D FLOPs of the
 logits GEMM and its two gradient GEMMs) against a bf16 matmul measured in the same run.
-CPU: peak memory of one forward+backward at growing N, each in a fresh process — vlkernels'
-must grow linearly, open_clip's grows as N² — and the median time of three more.
+CPU: the allocator's peak memory over one forward+backward at growing N — vlkernels' grows
+linearly past its row chunks of 2**22 logits, open_clip's grows as N² — and the median time of
+three more.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import time
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +28,9 @@ def _open_clip_losses():
 def providers(kind: str, device) -> dict:
     """name -> function(x, y, scale, bias) -> loss, or a string saying why it is skipped."""
     out = {}
-    out["vlkernels-triton" if device.type == "cuda" else "vlkernels-torch"] = lambda x, y, s, b: (
-        vlkernels.contrastive_loss(x, y, s, b if kind == "siglip" else None, kind=kind)
+    backend = "triton" if device.type == "cuda" else "torch"  # on CPU, under the interpreter too
+    out[f"vlkernels-{backend}"] = lambda x, y, s, b: vlkernels.contrastive_loss(
+        x, y, s, b if kind == "siglip" else None, kind=kind, backend=backend
     )
     oc = _open_clip_losses()
     if oc is None:
@@ -52,6 +51,9 @@ def providers(kind: str, device) -> dict:
         if device.type != "cuda" and not isinstance(out["inf-cl"], str):
             out["inf-cl"] = "needs a GPU"
     return out
+
+
+CPU_SIZES = {True: (1000, 4000), False: (1000, 2000, 4000, 8000, 16000)}  # quick, full
 
 
 def matmul_ceiling_tflops() -> float:
@@ -123,66 +125,53 @@ def _run_gpu(quick: bool, progress, rows: list) -> None:
                     ]
 
 
-_CPU_PROBE = textwrap.dedent("""
-    import resource, sys, time, torch
-    kind, provider, N, D = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    x = torch.nn.functional.normalize(torch.randn(N, D), dim=-1).requires_grad_()
-    y = torch.nn.functional.normalize(torch.randn(N, D), dim=-1).requires_grad_()
-    s, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-5.0, requires_grad=True)
-    from benchmarks.bench_contrastive import providers
-    fn = providers(kind, torch.device("cpu"))[provider]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn(x, y, s, b).backward()
-    mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn(x, y, s, b).backward()
-        times.append((time.perf_counter() - t0) * 1e3)
-    print(mib, sorted(times)[1])
-""")
+def cpu_memory(sizes, kinds=("clip", "siglip"), progress=print) -> list[dict]:
+    """Per (kind, N in ``sizes``, provider) on CPU, float32, D 256: the allocator's peak above what
+    was held before (MiB) over one forward + backward, and the median ms of three more."""
+    from benchmarks.common import cpu_peak_mib
+
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for kind in kinds:
+        fns = providers(kind, torch.device("cpu"))
+        for name, why in ((n, f) for n, f in fns.items() if isinstance(f, str)):
+            progress(f"skip {name}: {why}")
+        for N in sizes:
+            x, y = (F.normalize(torch.randn(N, 256, generator=g), dim=-1).requires_grad_() for _ in range(2))
+            s, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-5.0, requires_grad=True)
+            for name, fn in ((n, f) for n, f in fns.items() if not isinstance(f, str)):
+                progress(f"{kind} N={N} D=256 {name}: peak memory, time")
+                step = lambda fn=fn, a=(x, y, s, b): torch.autograd.grad(fn(*a), a[:2])
+                mib = cpu_peak_mib(step)
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    step()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                out.append(dict(kind=kind, N=N, provider=name, peak_MiB=mib, ms=sorted(times)[1]))
+    return out
 
 
 def _run_cpu(quick: bool, progress, rows: list) -> None:
     from benchmarks.common import environment
 
     env = environment()
-    sizes = [500, 2000] if quick else [1000, 2000, 4000, 8000, 16000]
-    penv = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for kind in ("clip", "siglip"):
-        for name, fn in providers(kind, torch.device("cpu")).items():
-            if isinstance(fn, str):
-                progress(f"skip {name}: {fn}")
-                continue
-            for N in sizes:
-                progress(f"{kind} N={N} D=256 {name}: peak memory, time")
-                out = subprocess.run(
-                    [sys.executable, "-c", _CPU_PROBE, kind, name, str(N), "256"],
-                    capture_output=True,
-                    text=True,
-                    env=penv,
-                    cwd=root,
+    for m in cpu_memory(CPU_SIZES[quick], progress=progress):
+        for metric in ("peak_MiB", "ms"):
+            rows.append(
+                dict(
+                    op=f"contrastive_{m['kind']}",
+                    provider=m["provider"],
+                    mode="full",
+                    shape=f"N={m['N']} D=256",
+                    dtype="float32",
+                    metric=metric,
+                    p20=m[metric],
+                    p50=m[metric],
+                    p80=m[metric],
+                    **env,
                 )
-                if out.returncode:
-                    progress(f"    failed: {out.stderr.strip().splitlines()[-1]}")
-                    continue
-                mib, ms = map(float, out.stdout.strip().splitlines()[-1].split())
-                for metric, value in (("peak_MiB", mib), ("ms", ms)):
-                    rows.append(
-                        dict(
-                            op=f"contrastive_{kind}",
-                            provider=name,
-                            mode="full",
-                            shape=f"N={N} D=256",
-                            dtype="float32",
-                            metric=metric,
-                            p20=value,
-                            p50=value,
-                            p80=value,
-                            **env,
-                        )
-                    )
+            )
 
 
 def run(quick: bool, progress=print, rows=None) -> list[dict]:

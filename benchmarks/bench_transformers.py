@@ -359,13 +359,14 @@ def _measure(models: dict, kw: dict, output, rounds: int, device) -> dict:
     return {k: sorted(t) for k, t in times.items()}, {p: peak(fns[p]["full"]) for p in models}
 
 
-def run(quick: bool, progress=print, rows=None) -> list[dict]:
+def run(quick: bool, progress=print, rows=None, rounds: int | None = None) -> list[dict]:
+    """Rows of each model's time (``rounds`` alternating rounds: 3 quick, else 11) and peak memory."""
     from benchmarks.common import environment
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     env = dict(environment(), dtype=str(dtype).replace("torch.", ""))
-    rounds = 3 if quick else 11
+    rounds = rounds or (3 if quick else 11)
     rows = [] if rows is None else rows  # benchmarks.run passes a StreamedRows
     # Gradients that reach the image towers of freshly initialised models are partly subnormal
     # floats, which a CPU computes many times slower: flushed to zero on CPU while this runs

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import types
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -414,17 +415,24 @@ def resources(compiled) -> dict:
     return out
 
 
-def _kernel_name(mangled: str) -> str:
-    """``attn_dq_kernel<float, 256>`` from the mangled name of a csrc/ kernel."""
-    demangled = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip()
-    name = re.search(r"(\w+(?:<[^()]*>)?)\((?!anonymous)", demangled).group(1)
-    return name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
+def _kernel_names(mangled: list[str]) -> dict[str, str]:
+    """``attn_dq_kernel<float, 256>`` for each mangled name of a csrc/ kernel (one c++filt call)."""
+    demangled = subprocess.run(["c++filt", *mangled], capture_output=True, text=True).stdout.splitlines()
+    out = {}
+    for m, d in zip(mangled, demangled, strict=True):
+        name = re.search(r"(\w+(?:<[^()]*>)?)\((?!anonymous)", d).group(1)
+        out[m] = name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
+    return out
 
 
-def cuda_resources(binary: str, arch: str = "sm_90a") -> dict[str, dict]:
+def cuda_resources(
+    binary: str, arch: str = "sm_90a", mix: Callable[[str], bool] | None = None
+) -> dict[str, dict]:
     """Per kernel of the CUDA C++ backend, its ``arch`` build in ``binary`` (the built
     ``vlkernels._C`` or a cubin): registers, stack bytes (spills), static shared memory (the
-    kernels' tiles are dynamic shared memory, sized at launch) and the instruction mix."""
+    kernels' tiles are dynamic shared memory, sized at launch) and the instruction mix of the
+    kernels whose name ``mix`` accepts (default: every one; disassembling all of a full build takes
+    ~30 s, one kernel ~0.5 s)."""
     run = lambda *a: (
         subprocess.run(
             [_cuobjdump(), "-arch", arch, *a, binary], capture_output=True, text=True, check=True
@@ -433,13 +441,15 @@ def cuda_resources(binary: str, arch: str = "sm_90a") -> dict[str, dict]:
     usage = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+)", run("-res-usage"))
     if not usage:
         raise RuntimeError(f"{binary} has no {arch} code")
-    sass = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", run("-sass"), flags=re.S))
+    names = _kernel_names([mangled for mangled, *_ in usage])
+    wanted = [m for m in names if mix is None or mix(names[m])]
+    sass = {}
+    if wanted:
+        listing = run("-sass", *([] if mix is None else ["-fun", ",".join(wanted)]))
+        sass = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", listing, flags=re.S))
     out = {}
     for mangled, regs, stack, shared in usage:
-        out[_kernel_name(mangled)] = dict(
-            regs=int(regs),
-            stack_bytes=int(stack),
-            static_smem_bytes=int(shared),
-            **_instruction_mix(sass[mangled]),
-        )
+        out[names[mangled]] = dict(regs=int(regs), stack_bytes=int(stack), static_smem_bytes=int(shared))
+        if mangled in sass:
+            out[names[mangled]].update(_instruction_mix(sass[mangled]))
     return out

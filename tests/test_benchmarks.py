@@ -64,7 +64,7 @@ def test_transformers_benchmark_quick_runs_every_model_and_provider():
     from benchmarks import bench_transformers
 
     with vlkernels.use_backend("torch"):
-        rows = bench_transformers.run(quick=True, progress=lambda s: None)
+        rows = bench_transformers.run(quick=True, progress=lambda s: None, rounds=1)
     providers = {}
     for r in rows:
         providers.setdefault(r["op"], set()).add(r["provider"])
