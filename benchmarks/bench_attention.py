@@ -9,7 +9,6 @@ cannot run a case is skipped with a note.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -18,33 +17,28 @@ import torch
 import torch.nn.functional as F
 
 import vlkernels
-from vlkernels import masks
+from benchmarks import workloads as W
 from vlkernels.reference import attention_ref
 
 OURS_CPU = "vlkernels-torch"  # on CPU without the interpreter: the torch backend
 
 
-@dataclasses.dataclass
-class Case:
-    name: str
-    B: int
-    Bq: int
-    H: int
-    Lq: int
-    Lk: int
-    D: int
-    make_mask: Callable  # (device) -> mask object or None
-
-    @property
-    def shape(self) -> str:
-        q = f"q[{self.Bq},{self.H},{self.Lq},{self.D}]"
-        return f"{q} kv[{self.B},{self.H},{self.Lk},{self.D}]"
+# the workloads of benchmarks/workloads.py this benchmark runs (on a GPU: at their sizes, --quick:
+# at their quick batch; on CPU without the interpreter: at their CPU sizes)
+BENCHMARKED = (
+    "qformer_self_itm",
+    "qformer_self_itg",
+    "qformer_self_itc",
+    "qformer_cross",
+    "flamingo_immediate",
+    "flamingo_all_previous",
+    "coca_pooler_hd64",
+    "coca_pooler_hd96",
+)
 
 
-def _t2m(B, T, n_img, device):
-    """Flamingo: image m (1-based) before token m*T/n_img, text before the first image sees none."""
-    pos = torch.arange(T, device=device)
-    return ((pos * n_img) // T + 1).expand(B, T).contiguous()
+def shape_text(w: W.Attention) -> str:
+    return f"q[{w.Bq},{w.H},{w.Lq},{w.D}] kv[{w.B},{w.Hk},{w.Lk},{w.D}]"
 
 
 def _cpu_timing(device) -> bool:
@@ -54,102 +48,17 @@ def _cpu_timing(device) -> bool:
     return device.type == "cpu" and not interpreter_on()
 
 
-def _cpu_cases() -> list[Case]:
-    """The CPU sizes: Q-Former B32 (3 masks) and cross, Flamingo Lq512, CoCa pooler B32."""
-    gen = torch.Generator().manual_seed(0)
-    text_len = torch.randint(16, 33, (32,), generator=gen) + 32
-    out = [
-        Case(
-            f"qformer_self_{task}",
-            32,
-            32,
-            12,
-            64,
-            64,
-            64,
-            lambda d, m=mode: masks.qformer(32, m) & masks.key_padding(text_len.to(d)),
-        )
-        for task, mode in (("itm", "bidirectional"), ("itg", "multimodal_causal"), ("itc", "unimodal"))
-    ]
-    out.append(Case("qformer_cross", 32, 32, 12, 32, 257, 64, lambda d: None))
-    out.append(
-        Case(
-            "flamingo_xattn_immediate",
-            4,
-            4,
-            8,
-            512,
-            5 * 64,
-            64,
-            lambda d: masks.media(_t2m(4, 512, 5, d), 64, True),
-        )
-    )
-    out.append(Case("coca_pooler_L196_D64", 32, 1, 8, 256, 196, 64, lambda d: None))
-    return out
-
-
-def cases(quick: bool, device) -> list[Case]:
+def cases(quick: bool, device) -> list[W.Attention]:
+    declared = [W.WORKLOADS[name] for name in BENCHMARKED]
     if _cpu_timing(device):
-        return _cpu_cases()
-    if quick and device.type == "cpu":
-        B, nq, T = 2, 8, 8
-        lengths = torch.tensor([12, 16], device=device)
+        return [w.at(**w.cpu) for w in declared if w.cpu]
+    if device.type == "cpu":  # the interpreter (quick): the mechanics at a few heads, untimed
         return [
-            Case(
-                "qformer_self_itg",
-                B,
-                B,
-                2,
-                nq + T,
-                nq + T,
-                64,
-                lambda d: masks.qformer(nq, "multimodal_causal") & masks.key_padding(lengths),
-            ),
-            Case(
-                "flamingo_xattn_immediate",
-                1,
-                1,
-                2,
-                32,
-                3 * 8,
-                64,
-                lambda d: masks.media(_t2m(1, 32, 3, d), 8, True),
-            ),
-            Case("coca_pooler", 2, 1, 2, 16, 20, 96, lambda d: None),
+            W.WORKLOADS["qformer_self_itg"].at(B=2, H=2, Hk=2),
+            W.WORKLOADS["flamingo_immediate"].at(B=1, H=2, Hk=2, Lq=32),
+            W.WORKLOADS["coca_pooler_hd96"].at(B=2, H=2, Hk=2, Lq=16, Lk=20),
         ]
-    B = 64 if quick else 256
-    gen = torch.Generator().manual_seed(0)
-    text_len = (torch.randint(16, 33, (B,), generator=gen) + 32).to(device)
-    out = [
-        Case(
-            f"qformer_self_{task}",
-            B,
-            B,
-            12,
-            64,
-            64,
-            64,
-            lambda d, m=mode: masks.qformer(32, m) & masks.key_padding(text_len),
-        )
-        for task, mode in (("itm", "bidirectional"), ("itg", "multimodal_causal"), ("itc", "unimodal"))
-    ]
-    out.append(Case("qformer_cross", B, B, 12, 32, 257, 64, lambda d: None))
-    for imm in (True, False):
-        out.append(
-            Case(
-                f"flamingo_xattn_{'immediate' if imm else 'all_previous'}",
-                8,
-                8,
-                8,
-                2048,
-                5 * 64,
-                64,
-                lambda d, i=imm: masks.media(_t2m(8, 2048, 5, d), 64, i),
-            )
-        )
-    for L, D in ((196, 64), (576, 96)):
-        out.append(Case(f"coca_pooler_L{L}_D{D}", 64 if quick else 128, 1, 8, 257, L, D, lambda d: None))
-    return out
+    return [w.at(B=w.quick_batch) if quick and w.quick_batch else w for w in declared]
 
 
 def providers(device) -> dict[str, Callable | str]:
@@ -228,7 +137,7 @@ def _measure(fn, q, k, v, mask, dense, quick) -> list[tuple[str, str, tuple]]:
     return res
 
 
-def _inputs(case: Case, ci: int, device, dtype):
+def inputs(case: W.Attention, ci: int, device, dtype):
     """q, k, v (requiring grad), the case's mask and its dense bool form [B, 1, Lq, Lk]."""
     g = torch.Generator().manual_seed(ci)
     q = torch.randn(case.Bq, case.H, case.Lq, case.D, generator=g).to(device, dtype).requires_grad_()
@@ -251,7 +160,7 @@ def _quantiles(t: list[float]) -> tuple[float, float, float]:
     return pick(0.2), pick(0.5), pick(0.8)
 
 
-def _measure_cpu(fns: dict, q, k, v, mask, dense, quick) -> dict[str, list[tuple[str, str, tuple]]]:
+def measure_cpu(fns: dict, q, k, v, mask, dense, quick) -> dict[str, list[tuple[str, str, tuple]]]:
     """Per provider, as ``_measure``: the providers' calls alternate (3 or 42 rounds after one
     untimed call each, in an order shuffled every round: who runs after whom changes the caches),
     so drift of a shared CPU reaches all of them alike. With them, per peer and mode,
@@ -306,10 +215,10 @@ def run(quick: bool, dtype=None, progress=print, rows=None) -> list[dict]:
     runnable = {name: fn for name, fn in provs.items() if not isinstance(fn, str)}
     all_cases = cases(quick, device)
     for ci, case in enumerate(all_cases, 1):
-        q, k, v, mask, dense = _inputs(case, ci, device, dtype)
+        q, k, v, mask, dense = inputs(case, ci, device, dtype)
         if _cpu_timing(device):
             progress(f"[{ci}/{len(all_cases)}] {case.name} {', '.join(runnable)} (alternating)")
-            measured = _measure_cpu(runnable, q, k, v, mask, dense, quick)
+            measured = measure_cpu(runnable, q, k, v, mask, dense, quick)
         else:
             measured = {}
             for pname, fn in runnable.items():
@@ -325,7 +234,7 @@ def run(quick: bool, dtype=None, progress=print, rows=None) -> list[dict]:
                         op=case.name,
                         provider=pname,
                         mode=mode,
-                        shape=case.shape,
+                        shape=shape_text(case),
                         dtype=str(dtype).replace("torch.", ""),
                         metric=metric,
                         p20=p20,

@@ -18,7 +18,7 @@ bf16, forward and backward:
   tensors, a driver that launches nothing: static.host_launch_path()), next to one bare Triton
   launch on the same path;
 - an H100 time estimate, max(FLOPs / 790 TFLOP/s, bytes / 3.0 TB/s) (the bf16 GEMM and copy rates
-  measured on the lent H100s, ../shared/NOTES.md), for vlkernels and for the dense peer (SDPA's
+  measured on the lent H100s), for vlkernels and for the dense peer (SDPA's
   flash kernel ignoring the mask; open_clip's N×N logits) — estimates, labelled so.
 
 Rows go to benchmarks/results/budget.csv with device "static" (analysis) or "cpu" (host time).
@@ -33,41 +33,45 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks import workloads as W
+
 RESULTS = pathlib.Path(__file__).parent / "results" / "budget.csv"
-PEAK_FLOPS = 790e12  # bf16 dense GEMM, measured on the lent H100 (../shared/NOTES.md)
+PEAK_FLOPS = 790e12  # bf16 dense GEMM, measured on a lent H100
 PEAK_BYTES = 3.0e12  # device-to-device copy, same source
 CPU = torch.device("cpu")
-DECODE_KEYS = (256, 1024, 4096, 8192)  # cached keys of the decoding workloads
 
 
 @dataclasses.dataclass
 class Workload:
-    """One paper workload: ``make(device)`` gives the inputs of ``call(inputs)`` (the public op),
-    which returns the output to differentiate and the tensors that need gradients."""
+    """One paper workload (``decl``: its declaration in benchmarks/workloads.py) with its cost
+    models: ``make(device)`` gives the inputs of ``call(inputs)`` (the public op), which returns
+    the output to differentiate and the tensors that need gradients."""
 
-    name: str
-    op: str  # attention, contrastive, gated_residual
+    decl: W.Attention | W.Contrastive | W.Gated
     make: Callable
     useful: Callable  # (inputs on CPU) -> (fwd FLOPs, bwd FLOPs)
     min_bytes: Callable | None  # (inputs) -> (fwd bytes, bwd bytes); None: the launch plan's
-    peer: str  # the dense peer of the estimate
     peer_flops: Callable  # (inputs) -> (fwd FLOPs, bwd FLOPs)
-    peer_bytes: Callable = None  # (inputs) -> (fwd bytes, bwd bytes); default: min_bytes
-    head_dim: int = 0  # attention only
+    peer_bytes: Callable | None = None  # (inputs) -> (fwd bytes, bwd bytes); default: min_bytes
+
+    name = property(lambda self: self.decl.name)
+    op = property(lambda self: self.decl.op)
+    peer = property(lambda self: self.decl.peer)
+    head_dim = property(lambda self: getattr(self.decl, "D", 0))
 
 
 # ----------------------------------------------------------------------------------------------
-# Workloads
+# Workloads: benchmarks/workloads.py's, with their inputs and cost models
 # ----------------------------------------------------------------------------------------------
 
 
-def _attention_inputs(B, Bq, H, Hk, Lq, Lk, D, mask_fn, device, dtype=torch.bfloat16, position=None):
-    q = torch.randn(Bq, H, Lq, D, device=device, dtype=dtype)
-    k = torch.randn(B, Hk, Lk, D, device=device, dtype=dtype)
-    v = torch.randn(B, Hk, Lk, D, device=device, dtype=dtype)
-    inp = dict(q=q, k=k, v=v, mask=mask_fn(device))
-    if position is not None:
-        inp["position"] = position(device)
+def _attention_inputs(w: W.Attention, device):
+    q = torch.randn(w.Bq, w.H, w.Lq, w.D, device=device, dtype=w.dtype)
+    k = torch.randn(w.B, w.Hk, w.Lk, w.D, device=device, dtype=w.dtype)
+    v = torch.randn(w.B, w.Hk, w.Lk, w.D, device=device, dtype=w.dtype)
+    inp = dict(q=q, k=k, v=v, mask=w.make_mask(device))
+    if w.position == "t5":
+        inp["position"] = W.t5_table(w, device)
     return inp
 
 
@@ -105,99 +109,17 @@ def _dense_bias_bytes(inp):
     return qkv + out + lse + dense, 2 * qkv + 2 * out + lse + 2 * dense
 
 
-def _attention_workloads() -> list[Workload]:
-    from vlkernels import bias, masks
-
-    g = torch.Generator().manual_seed(0)
-    B = 128
-    text = torch.randint(8, 33, (B,), generator=g)
-    out = []
-
-    def add(name, shape, mask_fn, position=None, peer="sdpa-flash, dense (est)", peer_bytes=None):
-        out.append(
-            Workload(
-                name,
-                "attention",
-                lambda d, s=shape, m=mask_fn, p=position: _attention_inputs(*s, m, d, position=p),
-                _attention_useful,
-                None,  # the plan's model: vlkernels.attention.plan.hbm_bytes
-                peer,
-                _attention_dense,
-                peer_bytes,
-                head_dim=shape[-1],
-            )
-        )
-
-    for task, mode in (("itm", "bidirectional"), ("itg", "multimodal_causal"), ("itc", "unimodal")):
-        add(
-            f"qformer_self_{task}",
-            (B, B, 12, 12, 64, 64, 64),
-            lambda d, m=mode: masks.qformer(32, m) & masks.key_padding((text + 32).to(d)),
-        )
-    add("qformer_cross", (B, B, 12, 12, 32, 257, 64), lambda d: None)
-    t2m = ((torch.arange(2048) * 5) // 2048 + 1).expand(8, 2048).contiguous()
-    for imm in (True, False):
-        add(
-            f"flamingo_{'immediate' if imm else 'all_previous'}",
-            (8, 8, 16, 16, 2048, 5 * 64, 64),
-            lambda d, i=imm: masks.media(t2m.to(d), 64, i),
-        )
-    add("coca_pooler_hd64", (128, 1, 8, 8, 256, 196, 64), lambda d: None)
-    add("coca_pooler_hd96", (128, 1, 8, 8, 256, 576, 96), lambda d: None)
-    prefix = 256 + torch.randint(8, 33, (16,), generator=g)
-    add("pali_prefix_lm", (16, 16, 8, 1, 320, 320, 256), lambda d: masks.prefix_lm(prefix.to(d)))
-    # PaLI's mT5 encoder layer (mT5-Large: 16 heads of 64) over [256 image tokens ; a prompt of up
-    # to 32], padded, with T5's relative bias (its table learned): computed in the kernels, or as
-    # a model without them hands it over, one dense float [B, H, L, L] (bias + padding) whose
-    # gradient the kernels write and the model sums into the table
-    enc = 256 + torch.randint(8, 33, (16,), generator=g)
-    t5_shape = (16, 16, 16, 16, 288, 288, 64)
-
-    def t5_table(d):
-        return bias.t5(torch.randn(32, 16, device=d, dtype=torch.bfloat16, requires_grad=True), True)
-
-    def t5_dense(d):
-        pb = bias.t5(torch.randn(32, 16, dtype=torch.bfloat16), True).dense(288, 288)
-        padded = torch.arange(288)[None, None, None, :] >= enc[:, None, None, None]
-        return pb.expand(16, 16, 288, 288).masked_fill(padded, float("-inf")).to(d).requires_grad_()
-
-    peer = "sdpa-mem-efficient, dense bias (est)"
-    add(
-        "pali_encoder_t5", t5_shape, lambda d: masks.key_padding(enc.to(d)), t5_table, peer, _dense_bias_bytes
-    )
-    add("pali_encoder_t5_dense", t5_shape, t5_dense, None, peer, _dense_bias_bytes)
-    for Lk in DECODE_KEYS:  # decoding one token over a KV cache (32 heads, 8 KV heads)
-        add(f"decode_Lk{Lk}", (8, 8, 32, 8, 1, Lk, 128), lambda d: None)
-    # the masks as transformers hands them to a patched model, dense bool [B, 1, Lq, Lk]: Idefics'
-    # media mask, PaliGemma's prefix-LM, a causal LM's (Llama-1B-like: 32 heads of 64, 8 KV heads)
-    add(
-        "flamingo_immediate_dense",
-        (8, 8, 16, 16, 2048, 5 * 64, 64),
-        lambda d: masks.media(t2m.to(d), 64, True).to_dense(8, 2048, 5 * 64),
-    )
-    add(
-        "pali_prefix_lm_dense",
-        (16, 16, 8, 1, 320, 320, 256),
-        lambda d: masks.prefix_lm(prefix.to(d)).to_dense(16, 320, 320),
-    )
-    add(
-        "causal_lm_dense",
-        (4, 4, 32, 8, 2048, 2048, 64),
-        lambda d: masks.causal().to_dense(4, 2048, 2048).to(d),
-    )
-    return out
+# the bytes of a dense peer that is not the plan's minimum: SDPA's memory-efficient kernel reads
+# a dense bias and writes its gradient
+_PEER_BYTES = {"sdpa-mem-efficient, dense bias (est)": _dense_bias_bytes}
 
 
-def _contrastive_inputs(N, D, Q, kind, device, dtype=torch.bfloat16):
-    x = (
-        torch.randn(N, Q, D, device=device, dtype=dtype)
-        if Q > 1
-        else torch.randn(N, D, device=device, dtype=dtype)
-    )
-    y = torch.randn(N, D, device=device, dtype=dtype)
+def _contrastive_inputs(w: W.Contrastive, device):
+    x = torch.randn(w.N, *((w.Q,) if w.Q > 1 else ()), w.D, device=device, dtype=w.dtype)
+    y = torch.randn(w.N, w.D, device=device, dtype=w.dtype)
     s = torch.tensor([10.0], device=device)
-    b = torch.tensor([-10.0], device=device) if kind == "siglip" else None
-    return dict(x=x, y=y, scale=s, bias=b, kind=kind)
+    b = torch.tensor([-10.0], device=device) if w.kind == "siglip" else None
+    return dict(x=x, y=y, scale=s, bias=b, kind=w.kind)
 
 
 def _contrastive_useful(inp):
@@ -229,54 +151,34 @@ def _open_clip_bytes(inp):
     return f + 16 * n * N * N, b + 16 * n * N * N
 
 
-def _contrastive_workloads() -> list[Workload]:
-    out = []
-    for name, N, D, Q, kind in (
-        ("contrastive_clip_N32k", 32768, 768, 1, "clip"),
-        ("contrastive_clip_N64k", 65536, 768, 1, "clip"),
-        ("contrastive_siglip_N32k", 32768, 768, 1, "siglip"),
-        ("contrastive_blip2_N8k_Q32", 8192, 256, 32, "clip"),
-    ):
-        out.append(
-            Workload(
-                name,
-                "contrastive",
-                lambda d, a=(N, D, Q, kind): _contrastive_inputs(*a, d),
-                _contrastive_useful,
-                _contrastive_bytes,
-                "open_clip N×N (est)",
-                _open_clip_flops,
-                _open_clip_bytes,
-            )
-        )
-    return out
+def _gated_inputs(w: W.Gated, device):
+    x = torch.randn(*w.shape, device=device, dtype=w.dtype)
+    return dict(x=x, y=torch.randn_like(x), gate=torch.tensor([0.1], device=device))
 
 
-def _gated_workloads() -> list[Workload]:
-    def make(d):
-        x = torch.randn(8, 2048, 2048, device=d, dtype=torch.bfloat16)
-        return dict(x=x, y=torch.randn_like(x), gate=torch.tensor([0.1], device=d))
-
+def _gated_bytes(inp):
     from vlkernels.gated import plan as GP
 
-    def nbytes(inp):
-        return GP.hbm_bytes(inp["x"].numel(), inp["x"].element_size())
+    return GP.hbm_bytes(inp["x"].numel(), inp["x"].element_size())
 
-    return [
-        Workload(
-            "gated_residual",
-            "gated_residual",
-            make,
-            lambda i: (0, 0),
-            nbytes,
-            "eager x + tanh(g)*y (est)",
-            lambda i: (0, 0),
+
+def costed(decl) -> Workload:
+    """The declared workload with its inputs and cost models."""
+    if decl.op == "attention":
+        peer_bytes = _PEER_BYTES.get(decl.peer)
+        make = lambda d: _attention_inputs(decl, d)
+        return Workload(decl, make, _attention_useful, None, _attention_dense, peer_bytes)
+    if decl.op == "contrastive":
+        make = lambda d: _contrastive_inputs(decl, d)
+        return Workload(
+            decl, make, _contrastive_useful, _contrastive_bytes, _open_clip_flops, _open_clip_bytes
         )
-    ]
+    zero = lambda inp: (0, 0)
+    return Workload(decl, lambda d: _gated_inputs(decl, d), zero, _gated_bytes, zero)
 
 
 def workloads() -> list[Workload]:
-    return _attention_workloads() + _contrastive_workloads() + _gated_workloads()
+    return [costed(w) for w in W.WORKLOADS.values()]
 
 
 def call(w: Workload, inp, backend="triton"):
@@ -590,7 +492,7 @@ def budget(w: Workload, compile_kernels: bool = True, host: bool = True) -> dict
 
 
 # ----------------------------------------------------------------------------------------------
-# Budgets: the ceilings tests/test_budget.py holds every workload to, and the targets
+# Budgets: the ceilings of benchmarks/workloads.py, which tests/test_budget.py holds, and the targets
 # ----------------------------------------------------------------------------------------------
 
 CHECKED = (
@@ -617,175 +519,6 @@ def all_budgets() -> dict:
     return {w.name: summarise(budget(w, host=False)) for w in workloads()}
 
 
-# What the kernels do now (lower a ceiling when a change improves it).
-BUDGETS = {
-    "qformer_self_itm": dict(
-        launches_fwd=1,
-        launches_bwd=1,
-        host_syncs=0,
-        flops_ratio_fwd=1.23,
-        flops_ratio_bwd=1.23,
-        bwd_over_fwd=2.5,
-        spill_bytes=0,
-    ),
-    "qformer_self_itg": dict(
-        launches_fwd=1,
-        launches_bwd=1,
-        host_syncs=0,
-        flops_ratio_fwd=1.66,
-        flops_ratio_bwd=1.66,
-        bwd_over_fwd=2.5,
-        spill_bytes=0,
-    ),
-    "qformer_self_itc": dict(
-        launches_fwd=1,
-        launches_bwd=1,
-        host_syncs=0,
-        flops_ratio_fwd=2.46,
-        flops_ratio_bwd=2.46,
-        bwd_over_fwd=2.5,
-        spill_bytes=0,
-    ),
-    "qformer_cross": dict(
-        launches_fwd=1,
-        launches_bwd=1,
-        host_syncs=0,
-        flops_ratio_fwd=1.25,
-        flops_ratio_bwd=1.25,
-        bwd_over_fwd=2.5,
-        spill_bytes=0,
-    ),
-    "flamingo_immediate": dict(
-        launches_fwd=1,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=1.13,
-        flops_ratio_bwd=1.58,
-        bwd_over_fwd=3.5,
-        spill_bytes=0,
-    ),
-    "flamingo_all_previous": dict(
-        launches_fwd=1,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=1.03,
-        flops_ratio_bwd=1.43,
-        bwd_over_fwd=3.5,
-        spill_bytes=0,
-    ),
-    "coca_pooler_hd64": dict(
-        launches_fwd=1,
-        launches_bwd=4,
-        host_syncs=0,
-        flops_ratio_fwd=1.31,
-        flops_ratio_bwd=1.83,
-        bwd_over_fwd=3.5,
-        spill_bytes=0,
-    ),
-    "coca_pooler_hd96": dict(
-        launches_fwd=1,
-        launches_bwd=4,
-        host_syncs=0,
-        flops_ratio_fwd=1.34,
-        flops_ratio_bwd=1.87,
-        bwd_over_fwd=3.5,
-        spill_bytes=0,
-    ),
-    "pali_prefix_lm": dict(
-        launches_fwd=1,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=1.16,
-        flops_ratio_bwd=1.49,
-        bwd_over_fwd=3.22,
-        spill_bytes=304,
-    ),
-    "pali_encoder_t5": dict(  # the table's gradient: two more passes over the dq kernel's tiles (S, dP)
-        launches_fwd=1,
-        launches_bwd=6,
-        host_syncs=0,
-        flops_ratio_fwd=1.28,
-        flops_ratio_bwd=2.8,
-        bwd_over_fwd=5.5,
-        spill_bytes=0,
-    ),
-    "pali_encoder_t5_dense": dict(  # the dense bias's span pass; its gradient: delta, then dS over every tile
-        launches_fwd=2,
-        launches_bwd=5,
-        host_syncs=0,
-        flops_ratio_fwd=1.24,
-        flops_ratio_bwd=2.72,
-        bwd_over_fwd=5.5,
-        spill_bytes=0,
-    ),
-    **{
-        f"decode_Lk{Lk}": dict(  # the 4 query heads of a key head share a 16-row tile: 4x the useful
-            # MMA FLOPs forward (bytes bound); the backward (training on one row) keeps a head per tile
-            launches_fwd=1 if Lk == 256 else 2,  # from 1024 keys on: split forward + combine
-            launches_bwd=3,
-            host_syncs=0,
-            flops_ratio_fwd=4.0,
-            flops_ratio_bwd=22.4,
-            spill_bytes=0,
-        )
-        for Lk in DECODE_KEYS
-    },
-    "causal_lm_dense": dict(
-        launches_fwd=2,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=1.04,
-        flops_ratio_bwd=1.45,
-        bwd_over_fwd=3.5,
-        spill_bytes=0,
-    ),
-    "contrastive_clip_N32k": dict(
-        launches_fwd=2,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=1.0,
-        flops_ratio_bwd=2.0,
-        flops_per_n2d=10.0,
-        spill_bytes=0,
-    ),
-    "contrastive_clip_N64k": dict(
-        launches_fwd=2,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=1.0,
-        flops_ratio_bwd=2.0,
-        flops_per_n2d=10.0,
-        spill_bytes=0,
-    ),
-    "contrastive_siglip_N32k": dict(
-        launches_fwd=2,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=1.0,
-        flops_ratio_bwd=2.0,
-        flops_per_n2d=10.0,
-        spill_bytes=0,
-    ),
-    "contrastive_blip2_N8k_Q32": dict(
-        launches_fwd=2,
-        launches_bwd=3,
-        host_syncs=0,
-        flops_ratio_fwd=1.0,
-        flops_ratio_bwd=2.0,
-        flops_per_n2d=10.0,
-        spill_bytes=0,
-    ),
-    "gated_residual": dict(launches_fwd=1, launches_bwd=2, host_syncs=0, spill_bytes=0),
-}
-
-# Patched models' dense masks and the analytic masks they spell out: the analytic rows' FLOPs (the
-# span bounds the same tiles), the span pass as one more forward launch; the dense mask's loads
-# cost registers at head dim 256.
-DENSE_OF = {"flamingo_immediate_dense": "flamingo_immediate", "pali_prefix_lm_dense": "pali_prefix_lm"}
-for _dense, _analytic in DENSE_OF.items():
-    BUDGETS[_dense] = dict(BUDGETS[_analytic], launches_fwd=BUDGETS[_analytic]["launches_fwd"] + 1)
-BUDGETS["pali_prefix_lm_dense"]["spill_bytes"] = 384
-
 # Where the kernels should get to (host time: bench_host.TARGETS): the backward at most 2.5x the
 # forward's FLOPs, no spills, one forward launch; the contrastive loss within 10 FLOPs per N²·D.
 TARGETS = dict(
@@ -799,7 +532,7 @@ def over_budget(measured: dict) -> list[str]:
     """'workload metric: value > ceiling' for every measure over its budget."""
     out = []
     for name, values in measured.items():
-        for metric, ceiling in BUDGETS.get(name, {}).items():
+        for metric, ceiling in W.WORKLOADS[name].budget.ceilings().items():
             if values.get(metric, 0) > ceiling + 1e-9:
                 out.append(f"{name} {metric}: {values[metric]:.4g} > {ceiling:.4g}")
     return out

@@ -37,23 +37,23 @@ def test_cpu_attention_timing_alternates_providers_and_measures_memory():
     time over each peer's in the same round (paired ratios)."""
     import torch
 
-    from vlkernels import masks
+    from benchmarks import workloads
 
-    case = bench_attention.Case("t", 2, 2, 3, 40, 40, 16, lambda d: masks.causal())
-    q, k, v, mask, dense = bench_attention._inputs(case, 1, torch.device("cpu"), torch.float32)
+    case = workloads.WORKLOADS["qformer_self_itg"].at(B=2, H=3, Hk=3, D=16)
+    q, k, v, mask, dense = bench_attention.inputs(case, 1, torch.device("cpu"), torch.float32)
     fns = {
         bench_attention.OURS_CPU: lambda q, k, v, m, d: bench_attention.vlkernels.attention(
             q, k, v, m, backend="torch"
         ),
         "sdpa": lambda q, k, v, m, d: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=d),
     }
-    res = bench_attention._measure_cpu(fns, q, k, v, mask, dense, quick=True)
+    res = bench_attention.measure_cpu(fns, q, k, v, mask, dense, quick=True)
     modes = ("forward", "backward", "full")
     for name in fns:
         got = {(mode, metric): p50 for mode, metric, (_, p50, _) in res[name]}
         paired = {(mode, f"{PAIRED}sdpa") for mode in modes} if name == bench_attention.OURS_CPU else set()
         assert set(got) == {(m, "ms") for m in modes} | {("full", "peak_MiB")} | paired
-        assert all(t > 0 for t in got.values())  # 2 x 3 x 40 x 16 fp32 gradients alone are 45 KiB
+        assert all(t > 0 for t in got.values())  # 2 x 3 x 64 x 16 fp32 gradients alone are 72 KiB
 
 
 def test_transformers_benchmark_quick_runs_every_model_and_provider():

@@ -2,7 +2,8 @@
 synchronisation, no allocation that depends on values, every launch on the current stream.
 
 Needs a GPU. The CPU counterpart is tests/test_budget.py: it records each paper workload on fake
-CUDA tensors and holds its host synchronisations at 0 (BUDGETS["..."]["host_syncs"])."""
+CUDA tensors and holds its host synchronisations at 0 (each workload's Budget.host_syncs in
+benchmarks/workloads.py)."""
 
 import pytest
 import torch

@@ -1,9 +1,12 @@
 """``python -m vlkernels.demo``: the fused kernels against eager PyTorch on VLM-shaped problems.
 
 Runs BLIP-2 Q-Former masked self-attention (ITM, ITG, ITC masks, padded text), a Flamingo gated
-cross-attention block and a CoCa attentional pooler, fused (Triton) and eager, forward and
-backward, and prints max error vs eager, time, speedup and peak memory. Without a GPU it runs
-the Triton kernels under the interpreter at a small size and reports correctness only.
+cross-attention block and a CoCa attentional pooler at the paper workloads' sizes
+(benchmarks/workloads.py: run it from the repository root), fused (Triton) and eager, forward and
+backward, and prints max error vs eager, time, speedup and peak memory. Without a GPU it runs the
+Triton kernels under the interpreter at a few heads and sequences (errors only), then what a CPU
+can show: the CLIP loss's peak memory against open_clip's at growing N, and the torch backend's
+attention time against eager's at the workloads' CPU sizes.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import time
 import torch
 
 GPU = torch.cuda.is_available()
+CPU = torch.device("cpu")
+CPU_LOSS_SIZES = (1000, 4000, 8000)  # N of the CLIP loss's memory on CPU
 
 
 def _reexec_under_interpreter() -> None:
     """TRITON_INTERPRET must be set before the kernels are defined: restart with it."""
     print(
         "No GPU visible: running the Triton kernels under the interpreter (TRITON_INTERPRET=1)"
-        " at a small size; correctness only, no timings.",
+        " at a few heads and sequences (errors), then what a CPU can show (memory, time).",
         flush=True,
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -29,8 +34,9 @@ def _reexec_under_interpreter() -> None:
 
 
 def _cases(dtype, device):
-    """(name, shape text, module or function, inputs needing grad, call) for each problem."""
-    from vlkernels import masks
+    """(name, shape text, module or function, inputs needing grad) for each problem: the paper
+    workloads of benchmarks/workloads.py on a GPU, the same at a few heads and sequences on CPU."""
+    from benchmarks import workloads as W
     from vlkernels.attention import attention
     from vlkernels.modules import AttentionalPooler, GatedCrossAttentionBlock
 
@@ -40,48 +46,49 @@ def _cases(dtype, device):
         return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
 
     cases = []
-    # BLIP-2 Q-Former: [32 queries ; text], 12 heads x 64 (GPU) — padded text
-    B, H, T = (128, 12, 32) if GPU else (2, 2, 16)
-    nq = 32
-    q, k, v = (randn(B, H, nq + T, 64) for _ in range(3))
-    text_len = torch.randint(T // 2, T + 1, (B,), generator=g).to(device)
-    for mode, task in (("bidirectional", "ITM"), ("multimodal_causal", "ITG"), ("unimodal", "ITC")):
-        mask = masks.qformer(nq, mode) & masks.key_padding(text_len + nq)
+    # BLIP-2 Q-Former: [32 queries ; padded text], three masks
+    for task, mode in (("itm", "bidirectional"), ("itg", "multimodal_causal"), ("itc", "unimodal")):
+        w = W.WORKLOADS[f"qformer_self_{task}"]
+        w = w if GPU else w.at(B=2, H=2, Hk=2)
+        q, k, v = (randn(w.B, w.H, w.Lq, w.D) for _ in range(3))
+        mask = w.make_mask(device)
         cases.append(
             (
-                f"Q-Former {task} ({mode})",
-                f"B={B} H={H} L={nq}+{T} D=64",
-                lambda m=mask: attention(q, k, v, m),
+                f"Q-Former {task.upper()} ({mode})",
+                f"B={w.B} H={w.H} L={W.QFORMER_QUERIES}+{w.Lq - W.QFORMER_QUERIES} D={w.D}",
+                lambda q=q, k=k, v=v, m=mask: attention(q, k, v, m),
                 (q, k, v),
             )
         )
     # Flamingo gated cross-attention block: text -> latents of the immediately preceding image
-    B, T_txt, n_img, n_lat, dim = (8, 2048, 5, 64, 1024) if GPU else (1, 64, 2, 16, 64)
-    block = GatedCrossAttentionBlock(dim=dim, dim_visual=dim, dim_head=64, heads=dim // 64 if GPU else 2)
+    w = W.WORKLOADS["flamingo_immediate"]
+    w = w if GPU else w.at(B=1, H=2, Hk=2, Lq=64)
+    block = GatedCrossAttentionBlock(dim=w.H * w.D, dim_visual=w.H * w.D, dim_head=w.D, heads=w.H)
     block = block.to(device, dtype)
     with torch.no_grad():
         block.attn_gate.fill_(0.5)
         block.ff_gate.fill_(0.5)
-    x, media = randn(B, T_txt, dim), randn(B, n_img, n_lat, dim)
-    loc = torch.zeros(B, T_txt, dtype=torch.bool, device=device)
-    loc[:, torch.linspace(0, T_txt - 8, n_img).long()] = True
+    x, media = randn(w.B, w.Lq, w.H * w.D), randn(w.B, W.FLAMINGO_IMAGES, W.FLAMINGO_LATENTS, w.H * w.D)
+    t2m = W.text_to_media(w.B, w.Lq, device)
+    loc = torch.ones_like(t2m, dtype=torch.bool)  # an image before the tokens whose image changes
+    loc[:, 1:] = t2m[:, 1:] != t2m[:, :-1]
     cases.append(
         (
             "Flamingo gated xattn block",
-            f"B={B} text={T_txt} {n_img}x{n_lat} latents",
+            f"B={w.B} text={w.Lq} {W.FLAMINGO_IMAGES}x{W.FLAMINGO_LATENTS} latents, {w.H}x{w.D} heads",
             lambda: block(x, media, loc),
             (x, media, *block.parameters()),
         )
     )
-    # CoCa attentional pooler: 256 learned queries shared by the batch, head dim 96
-    B, L, d, n_q = (64, 576, 768, 256) if GPU else (2, 48, 96, 16)
-    pooler = AttentionalPooler(d, 1024 if GPU else 64, n_head=8 if GPU else 1, n_queries=n_q)
-    pooler = pooler.to(device, dtype)
-    img = randn(B, L, 1024 if GPU else 64)
+    # CoCa attentional pooler: learned queries shared by the batch over ViT-L's image tokens (1024 wide)
+    w = W.WORKLOADS["coca_pooler_hd96"]
+    w, width = (w, 1024) if GPU else (w.at(B=2, H=1, Hk=1, Lq=16, Lk=48), 64)
+    pooler = AttentionalPooler(w.H * w.D, width, n_head=w.H, n_queries=w.Lq).to(device, dtype)
+    img = randn(w.B, w.Lk, width)
     cases.append(
         (
             "CoCa attentional pooler",
-            f"B={B} {n_q} queries over {L} tokens",
+            f"B={w.B} {w.Lq} queries over {w.Lk} tokens, {w.H}x{w.D} heads",
             lambda: pooler(img),
             (img, *pooler.parameters()),
         )
@@ -162,12 +169,50 @@ def main() -> None:
         "fused MiB",
         "eager MiB",
     ]
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     print()
+    _table(header, rows)
+    if not GPU:
+        print("\nErrors are vs the eager PyTorch path (fp32); the kernels' timings need a GPU.")
+        _cpu_memory_and_time()
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    if not GPU:
-        print("\nTimings and memory need a GPU; errors are vs the eager PyTorch path (fp32).")
+
+
+def _cpu_memory_and_time() -> None:
+    """What a CPU shows: the contrastive loss's peak memory against open_clip's at growing N, and
+    the torch backend's attention time against eager's on the workloads at their CPU sizes."""
+    import vlkernels
+    from benchmarks import bench_attention, bench_contrastive
+    from benchmarks import workloads as W
+    from benchmarks.common import PAIRED
+    from vlkernels.reference import attention_ref
+
+    print("\nCLIP loss, CPU float32, D 256, forward + backward: the allocator's peak memory", flush=True)
+    measured = bench_contrastive.cpu_memory(CPU_LOSS_SIZES, kinds=("clip",), progress=lambda s: None)
+    providers = list(dict.fromkeys(m["provider"] for m in measured))
+    by = {(m["N"], m["provider"]): m for m in measured}
+    rows = [
+        [str(N), *(f"{by[N, p]['peak_MiB']:.0f} MiB, {by[N, p]['ms']:.0f} ms" for p in providers)]
+        for N in CPU_LOSS_SIZES
+    ]
+    _table(["N", *providers], rows)
+    print("\nAttention, CPU float32, forward + backward: vlkernels' torch backend against eager", flush=True)
+    fns = {
+        bench_attention.OURS_CPU: lambda q, k, v, m, dense: vlkernels.attention(q, k, v, m, backend="torch"),
+        "eager": lambda q, k, v, m, dense: attention_ref(q, k, v, dense),
+    }
+    rows = []
+    for i, w in enumerate(w.at(**w.cpu) for w in W.ATTENTION if w.cpu):
+        res = bench_attention.measure_cpu(fns, *bench_attention.inputs(w, i, CPU, torch.float32), quick=True)
+        got = {(p, metric): v[1] for p, r in res.items() for mode, metric, v in r if mode == "full"}
+        ours, eager = got[bench_attention.OURS_CPU, "ms"], got["eager", "ms"]
+        paired = got[bench_attention.OURS_CPU, f"{PAIRED}eager"]
+        rows.append([w.name, bench_attention.shape_text(w), f"{ours:.1f}", f"{eager:.1f}", f"{paired:.2f}x"])
+    _table(["workload", "shape", "torch backend ms", "eager ms", "ratio (paired)"], rows)
 
 
 if __name__ == "__main__":
