@@ -345,13 +345,12 @@ def host_us(w: Workload, repeats: int = 200) -> tuple[float, float]:
     from vlkernels import _dispatch
 
     inp = _host_inputs(w)
-    saved, threads = _dispatch.device_reasons, torch.get_num_threads()
-    _dispatch.device_reasons = lambda backend, device: []  # CPU tensors, as if they were CUDA ones
+    threads = torch.get_num_threads()
     # One thread for the path's own small CPU ops (allocations, fills): on a GPU they are launches,
     # and a thread pool waiting for a core that another process holds added milliseconds.
     torch.set_num_threads(1)
     try:
-        with static.host_launch_path():
+        with static.host_launch_path(), _dispatch.any_device():  # CPU tensors, as if they were CUDA ones
             names = call(w, inp)[1]
             for n in names:
                 inp[n].requires_grad_(True)
@@ -365,7 +364,6 @@ def host_us(w: Workload, repeats: int = 200) -> tuple[float, float]:
                 fwd.append(t1 - t0)
                 bwd.append(t2 - t1)
     finally:
-        _dispatch.device_reasons = saved
         torch.set_num_threads(threads)
     return _median_us(fwd[1:]), _median_us(bwd[1:])
 

@@ -111,21 +111,20 @@ def _host_path():
         raise RuntimeError(
             f"the host-cost benchmark runs the C++ entry point emulated, which {emulated.why()}"
         )
-    saved = _dispatch.device_reasons, _extension.get, os.environ.get("VLK_EMULATE_LAUNCHES")
+    saved = _extension.get, os.environ.get("VLK_EMULATE_LAUNCHES")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    _dispatch.device_reasons = lambda backend, device: []
     _extension.get = lambda: emulated.EXTENSION
     os.environ["VLK_EMULATE_LAUNCHES"] = "0"
     try:
-        with static.host_launch_path():
+        with static.host_launch_path(), _dispatch.any_device():
             yield
     finally:
-        _dispatch.device_reasons, _extension.get = saved[:2]
-        if saved[2] is None:
+        _extension.get = saved[0]
+        if saved[1] is None:
             os.environ.pop("VLK_EMULATE_LAUNCHES")
         else:
-            os.environ["VLK_EMULATE_LAUNCHES"] = saved[2]
+            os.environ["VLK_EMULATE_LAUNCHES"] = saved[1]
         torch.set_num_threads(threads)
 
 

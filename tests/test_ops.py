@@ -1,6 +1,7 @@
 """torch.library registration (opcheck, torch.compile), the argument declarations, backend
 dispatch, and bad-input errors."""
 
+import dataclasses
 import typing
 
 import pytest
@@ -163,10 +164,27 @@ def test_backend_selection_and_reasons(monkeypatch):
         vlkernels.attention(q, k, v, backend="triton")
 
 
+def test_dispatch_reads_each_backends_capabilities(monkeypatch):
+    """A backend's limits are its Capabilities (data): the one not_supported_reasons reads them
+    against the call's needs, so changing the data changes the answer and nothing else does."""
+    q, k, v = _qkv(D=40, grad=False)
+    a = AttentionArgs(q, k, v, MaskArgs(bias=torch.zeros(2, 1, 20, 24, device=DEVICE)), 1.0)
+    cuda = _dispatch.backends("attention")["cuda"]
+    why = lambda: [r for r in _dispatch.not_supported_reasons("attention", cuda, a) if "kernels" in r]
+    assert why() == ["the CUDA C++ kernels take no float bias (a float attn_mask)"]
+    monkeypatch.setattr(cuda, "caps", dataclasses.replace(cuda.caps, without=(), head_dims=(16, 32, 8)))
+    assert why() == ["the CUDA C++ kernels take head dims that are multiples of 8 in [16, 32], got 40"]
+    monkeypatch.setattr(cuda, "caps", dataclasses.replace(cuda.caps, max_grid_axis=1))
+    assert why()[-1].endswith("(a grid axis each), got batch 2, q heads 2, k/v heads 2")
+    for family in ("attention", "contrastive", "contrastive_rows", "gated_residual"):
+        for backend in _dispatch.backends(family).values():
+            assert isinstance(backend.caps, _dispatch.Capabilities), (family, backend)
+
+
 def test_no_backend_fits_lists_every_reason(monkeypatch):
     q, k, v = _qkv(grad=False)
     torch_backend = _dispatch.backends("attention")["torch"]
-    monkeypatch.setattr(torch_backend, "not_supported_reasons", lambda args: ["switched off for this test"])
+    monkeypatch.setattr(torch_backend, "caps", dataclasses.replace(torch_backend.caps, dtypes=()))
     monkeypatch.setattr(_extension, "get", lambda: None)
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -177,7 +195,9 @@ def test_no_backend_fits_lists_every_reason(monkeypatch):
     msg = str(info.value)
     assert msg.startswith("attention: no backend can serve these inputs: triton: ")
     assert (
-        r"cuda: " in msg and "vlkernels._C is not built" in msg and "torch: switched off for this test" in msg
+        r"cuda: " in msg
+        and "vlkernels._C is not built" in msg
+        and "torch: the torch backend computes in , got torch.float32" in msg
     )
 
 

@@ -11,7 +11,7 @@ import torch
 from helpers import DEVICE
 
 import vlkernels
-from vlkernels import masks
+from vlkernels import _dispatch, masks
 from vlkernels.attention import args as A
 from vlkernels.attention import plan as P
 
@@ -59,7 +59,6 @@ DIRECT = textwrap.dedent(
     from vlkernels import _dispatch, masks
     from vlkernels.attention import plan as P
 
-    _dispatch.device_reasons = lambda backend, device: []  # CPU tensors on the host launch path
     runs, launched = [], []
     run = triton.runtime.JITFunction.run
     triton.runtime.JITFunction.run = lambda self, *a, **k: runs.append(1) or run(self, *a, **k)
@@ -93,7 +92,7 @@ DIRECT = textwrap.dedent(
             assert d[:6] == t[:6], "grid, stream, function, metadata differ"  # [6]: launch metadata
             assert same(d[9:], t[9:]), "arguments differ"
 
-    with static.host_launch_path(launched):
+    with static.host_launch_path(launched), _dispatch.any_device():  # CPU tensors on the host launch path
         call(*inputs())  # Triton's launch path: compiles
         n_runs, n_launches = len(runs), len(launched)
         second = inputs(seed=1)
@@ -266,11 +265,13 @@ def test_batches_and_heads_past_a_grid_axis_go_to_the_torch_backend():
         q = torch.empty(B, H, 1, 16, device="meta")
         k = torch.empty(B, Hk, 3, 16, device="meta")
         a = _args(q, k, k)
-        for limits in (T._limits, C._limits):
-            (why,) = [r for r in limits(a) if "grid axis" in r]
+        for backend in (T.BACKEND, C.BACKEND):
+            (why,) = [r for r in _dispatch.not_supported_reasons("attention", backend, a) if "grid axis" in r]
             assert str(past) in why or str(2 * past) in why, why
     at_limit = torch.empty(P.GRID_AXIS_MAX, P.GRID_AXIS_MAX, 1, 16, device="meta")
-    assert P.grid_reasons(_args(at_limit, at_limit, at_limit)) == []
+    for backend in (T.BACKEND, C.BACKEND):
+        reasons = _dispatch.not_supported_reasons("attention", backend, _args(at_limit, at_limit, at_limit))
+        assert not [r for r in reasons if "grid axis" in r]
     q, k, v = (torch.randn(P.GRID_AXIS_MAX + 1, 1, n, 8) for n in (1, 3, 3))
     with pytest.warns(UserWarning, match="torch backend.*65535 batch entries and heads"):
         out = vlkernels.attention(q, k, v)

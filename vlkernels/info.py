@@ -35,12 +35,13 @@ def main() -> None:
     print(f"vlkernels._C: {'built for ' + ext.archs if ext is not None else 'not built'}")
     print("\nbackend   device  usable  why not")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    runs_on = {name: b.caps.runs_on for name, b in _dispatch.backends("attention").items()}
     for backend in _dispatch.BACKENDS:
         for dev in devices:
-            reasons = _dispatch.device_reasons(backend, dev)
+            reasons = _dispatch.device_reasons(runs_on[backend], dev)
             print(f"{backend:<9} {dev.type:<7} {'no' if reasons else 'yes':<7} {'; '.join(reasons)}")
     for dev in devices:
-        first = next(b for b in _dispatch.BACKENDS if not _dispatch.device_reasons(b, dev))
+        first = next(b for b in _dispatch.BACKENDS if not _dispatch.device_reasons(runs_on[b], dev))
         print(f"automatic choice for {dev.type} tensors: {first}")
 
 

@@ -9,8 +9,9 @@ How a call flows: ``api.attention`` (checks the inputs) -> ``masks.lower`` (the 
 from vlkernels import _dispatch
 from vlkernels.attention import cuda, torch, triton
 from vlkernels.attention.api import attention, attention_dropout_mask, attention_weights
+from vlkernels.attention.args import needs
 
 for _backend in (triton.BACKEND, cuda.BACKEND, torch.BACKEND):
-    _dispatch.register("attention", _backend)
+    _dispatch.register("attention", _backend, needs)
 
 __all__ = ["attention", "attention_dropout_mask", "attention_weights"]

@@ -16,7 +16,10 @@ from typing import NamedTuple
 
 import torch
 
+from vlkernels._dispatch import Needs
 from vlkernels.masks import MaskArgs
+
+FLOAT_BIAS = "float bias (a float attn_mask)"
 
 
 class AttentionArgs(NamedTuple):
@@ -110,3 +113,11 @@ def position_grad_fake(a: AttentionGradArgs) -> torch.Tensor:
     if f.mask.position_buckets is not None:
         return table.new_empty(table.shape, dtype=torch.float32)
     return table.new_empty((f.k.shape[0], f.q.shape[1]), dtype=torch.float32)
+
+
+def needs(a: AttentionArgs) -> Needs:
+    """What a call asks of a backend (``_dispatch.not_supported_reasons`` reads it against each
+    backend's capabilities): its head dim, batch entries and heads (each a grid axis of the
+    kernels' launches), a float bias."""
+    axes = {"batch": a.k.shape[0], "q heads": a.q.shape[1], "k/v heads": a.k.shape[1]}
+    return Needs(a.q.shape[-1], axes, (FLOAT_BIAS,) if a.mask.bias is not None else ())

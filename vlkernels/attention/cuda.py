@@ -7,6 +7,8 @@ fp16, bf16, fp32; CUDA tensors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from vlkernels import _dispatch, _extension, _schema
@@ -60,14 +62,7 @@ def _forward(a: A.AttentionArgs):
     return _fwd_op(A.PlannedAttentionArgs(a._replace(mask=_int32(a.mask)), launch(a)))
 
 
-def _limits(a: A.AttentionArgs) -> list[str]:
-    D = a.q.shape[-1]
-    reasons = P.grid_reasons(a)
-    if not (16 <= D <= 256 and D % 8 == 0):
-        reasons.append(f"the CUDA C++ kernels take head dims that are multiples of 8 in [16, 256], got {D}")
-    if a.mask.bias is not None:
-        reasons.append("the CUDA C++ kernels take no float bias (a float attn_mask)")
-    return reasons
-
-
-BACKEND = _dispatch.Backend("cuda", _forward, None, limits=_limits, records_backward=True)
+CAPABILITIES = dataclasses.replace(
+    _dispatch.EXTENSION, head_dims=(16, 256, 8), max_grid_axis=P.GRID_AXIS_MAX, without=(A.FLOAT_BIAS,)
+)
+BACKEND = _dispatch.Backend("cuda", _forward, None, CAPABILITIES, records_backward=True)

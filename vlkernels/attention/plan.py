@@ -31,17 +31,6 @@ DECODE_ROWS = 16  # at most this many query rows is decoding: the height of its 
 GRID_AXIS_MAX = 65535  # CUDA's limit on grid axes 1 and 2, which the kernels give to heads and batch entries
 
 
-def grid_reasons(a: A.AttentionArgs) -> list[str]:
-    """Why the kernels' grids cannot hold this call (empty: they can): heads and batch entries
-    each take a grid axis of their own (the Triton and CUDA C++ kernels alike)."""
-    B, H, Hk = a.k.shape[0], a.q.shape[1], a.k.shape[1]
-    if max(B, H, Hk) <= GRID_AXIS_MAX:
-        return []
-    big = {name: n for name, n in (("batch", B), ("q heads", H), ("k/v heads", Hk)) if n > GRID_AXIS_MAX}
-    got = ", ".join(f"{name} {n}" for name, n in big.items())
-    return [f"the kernels take at most {GRID_AXIS_MAX} batch entries and heads (a grid axis each), got {got}"]
-
-
 # ----------------------------------------------------------------------------------------------
 # Tiles: the autotuner's candidates and their filters
 # ----------------------------------------------------------------------------------------------

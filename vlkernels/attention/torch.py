@@ -278,5 +278,10 @@ def _any_backward(g: A.AttentionGradArgs):
 
 
 BACKEND = _dispatch.Backend(
-    "torch", _any_forward, _any_backward, prepare=dense_position, bias_grad=lambda g: _score_grad(g)[0]
+    "torch",
+    _any_forward,
+    _any_backward,
+    _dispatch.TORCH,
+    prepare=dense_position,
+    bias_grad=lambda g: _score_grad(g)[0],
 )

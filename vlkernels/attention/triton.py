@@ -10,6 +10,7 @@ the query tiles that touch a key tile) and apply a dense bool mask on top, eleme
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -922,16 +923,12 @@ _position_grad_op = _schema.python_op(
 )
 
 
-def _limits(a: A.AttentionArgs) -> list[str]:
-    D = a.q.shape[-1]
-    return P.grid_reasons(a) + ([] if D <= 256 else [f"the Triton kernels take head dims up to 256, got {D}"])
-
-
+CAPABILITIES = dataclasses.replace(_dispatch.TRITON, head_dims=(1, 256, 1), max_grid_axis=P.GRID_AXIS_MAX)
 BACKEND = _dispatch.Backend(
     "triton",
     _fwd_op,
     _bwd_op,
-    limits=_limits,
+    CAPABILITIES,
     prepare=_with_span,
     bias_grad=_bias_grad_op,
     position_grad=_position_grad_op,

@@ -12,7 +12,7 @@ from vlkernels.contrastive import rows
 _fwd_op = _extension.declare("cuda_contrastive_fwd", A.RowPass, A.FWD_RETURNS, A.fwd_fake)
 _bwd_op = _extension.declare("cuda_contrastive_bwd", A.RowPassGrad, A.BWD_RETURNS, A.bwd_fake)
 
-ROWS = _dispatch.Backend("cuda", _fwd_op, _bwd_op)
+ROWS = _dispatch.Backend("cuda", _fwd_op, _bwd_op, _dispatch.EXTENSION)
 BACKEND = _dispatch.Backend(
-    "cuda", lambda a: rows.loss_forward(ROWS, a), lambda g: rows.loss_backward(ROWS, g)
+    "cuda", lambda a: rows.loss_forward(ROWS, a), lambda g: rows.loss_backward(ROWS, g), _dispatch.EXTENSION
 )

@@ -216,5 +216,5 @@ def _loss_backward(g: A.LossGradArgs):
     return _fused_backward(g) if _fused(g.fwd) else rows.loss_backward(ROWS, g)
 
 
-ROWS = _dispatch.Backend("torch", _forward, _backward)
-BACKEND = _dispatch.Backend("torch", _loss_forward, _loss_backward)
+ROWS = _dispatch.Backend("torch", _forward, _backward, _dispatch.TORCH)
+BACKEND = _dispatch.Backend("torch", _loss_forward, _loss_backward, _dispatch.TORCH)

@@ -604,7 +604,7 @@ _bwd_op = _schema.python_op(
     "vlkernels::triton_contrastive_bwd", A.RowPassGrad, A.BWD_RETURNS, _backward, A.bwd_fake
 )
 
-ROWS = _dispatch.Backend("triton", _fwd_op, _bwd_op)
+ROWS = _dispatch.Backend("triton", _fwd_op, _bwd_op, _dispatch.TRITON)
 
 
 def _loss_forward(a: A.LossArgs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -686,4 +686,4 @@ def _backward_loss(g: A.LossGradArgs):
     return rows.loss_backward(ROWS, g) if g.fwd.xm is not None else _loss_bwd_op(g)
 
 
-BACKEND = _dispatch.Backend("triton", _forward_loss, _backward_loss)
+BACKEND = _dispatch.Backend("triton", _forward_loss, _backward_loss, _dispatch.TRITON)

@@ -9,4 +9,4 @@ from vlkernels.gated import args as A
 _fwd_op = _extension.declare("cuda_gated_residual_fwd", A.GatedResidualArgs, A.FWD_RETURNS, A.fwd_fake)
 _bwd_op = _extension.declare("cuda_gated_residual_bwd", A.GatedResidualGradArgs, A.BWD_RETURNS, A.bwd_fake)
 
-BACKEND = _dispatch.Backend("cuda", _fwd_op, _bwd_op)
+BACKEND = _dispatch.Backend("cuda", _fwd_op, _bwd_op, _dispatch.EXTENSION)

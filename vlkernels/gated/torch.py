@@ -3,6 +3,8 @@ any device)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from vlkernels import _dispatch
@@ -25,4 +27,9 @@ def _backward(g: A.GatedResidualGradArgs) -> tuple[torch.Tensor, torch.Tensor]:
     return (t * do).to(g.y.dtype), dgate.to(g.gate.dtype).reshape(g.gate.shape)
 
 
-BACKEND = _dispatch.Backend("torch", _forward, _backward, dtypes=(*_dispatch.FLOATS, torch.float64))
+BACKEND = _dispatch.Backend(
+    "torch",
+    _forward,
+    _backward,
+    dataclasses.replace(_dispatch.TORCH, dtypes=(*_dispatch.FLOATS, torch.float64)),
+)

@@ -76,4 +76,4 @@ _bwd_op = _schema.python_op(
     "vlkernels::triton_gated_residual_bwd", A.GatedResidualGradArgs, A.BWD_RETURNS, _backward, A.bwd_fake
 )
 
-BACKEND = _dispatch.Backend("triton", _fwd_op, _bwd_op)
+BACKEND = _dispatch.Backend("triton", _fwd_op, _bwd_op, _dispatch.TRITON)
