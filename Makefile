@@ -77,7 +77,7 @@ gpu-prep: $(GPU_VENV)/.installed
 	VLK_CUDA_ARCHS=90a $(GPU_VENV)/bin/python setup.py -q build_ext --inplace
 	bash benchmarks/fetch_wheels.sh
 	git rev-parse --short HEAD > .whl/COMMIT
-	cat csrc/* | sha256sum | cut -c1-16 > .whl/CSRC
+	bash benchmarks/gpu_session.sh __step csrc_digest > .whl/CSRC  # the digest the session's install step compares
 	rm -rf $(GPU_REHEARSAL)
 	DRY=1 OUT=$(GPU_REHEARSAL) PYTHON=$(GPU_VENV)/bin/python PYTHONPATH=$(abspath $(GPU_VENV))/numpy-interpreter \
 		bash benchmarks/gpu_session.sh
