@@ -6,7 +6,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 # vlkernels._C (csrc/) is built when nvcc is found; torch guesses CUDA_HOME=/usr/local otherwise
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
-# the GPU machine's Triton (see ../shared/NOTES.md): tests/test_kernels_compile.py compiles every kernel with it too
+# the GPU machine's Triton (3.6.0): tests/test_kernels_compile.py compiles every kernel with it too
 GPU_TRITON ?= triton==3.6.0
 export VLK_GPU_TRITON_PATH ?= $(abspath $(VENV))/gpu-triton
 # the oldest transformers setup.py admits (with the hub release it needs): the patched transformers
