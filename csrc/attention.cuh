@@ -330,6 +330,29 @@ __global__ void __launch_bounds__(128) attn_delta_kernel(AttnArgs a) {
   if (lane_id() == 0) a.delta[(b * a.H + h) * a.Lq + row] = acc;
 }
 
+// A backward pass over key tiles (dq's, the position gradient's): key tile n0 of K and V into shared
+// memory (every thread of the block), then, when this warp's 16 rows attend a key of it, their
+// S = Q Kᵀ in p and dP = dO Vᵀ in dp; false (p, dp unset) when they attend none.
+template <typename T, int DP, int BN>
+__device__ __forceinline__ bool key_tile(float (&p)[BN / 8][4], float (&dp)[BN / 8][4], const AttnArgs& a,
+                                         const VecFlags& vec, const T* Qs, const T* Os, T* Ks, T* Vs, const T* k,
+                                         const T* v, int n0, int blo, int bhi, int wlo, int whi) {
+  constexpr int LD = Cfg<T, DP>::LD;
+  const int r0 = warp_id() * 16;
+  __syncthreads();
+  load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
+  load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
+  __syncthreads();
+  if (n0 >= whi || n0 + BN <= wlo) return false;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[j][e] = dp[j][e] = 0.f;
+  mm_nt<T, DP, BN / 8>(p, Qs, Ks, LD, r0);
+  mm_nt<T, DP, BN / 8>(dp, Os, Vs, LD, r0);
+  return true;
+}
+
 // dq of one query tile, summed over the batch entries of chunk blockIdx.z (shared queries: into
 // dq_partial[chunk]; otherwise the chunk is one batch entry and dq is written directly).
 template <typename T, int DP, bool X>
@@ -373,19 +396,8 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
     const T* v = cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1];
 
     for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
-      __syncthreads();
-      load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
-      load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
-      __syncthreads();
-      if (n0 >= whi || n0 + BN <= wlo) continue;
-
       float p[BN / 8][4], dp[BN / 8][4];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) p[j][e] = dp[j][e] = 0.f;
-      mm_nt<T, DP, BN / 8>(p, Qs, Ks, LD, r0);
-      mm_nt<T, DP, BN / 8>(dp, Os, Vs, LD, r0);
+      if (!key_tile<T, DP, BN>(p, dp, a, vec, Qs, Os, Ks, Vs, k, v, n0, blo, bhi, wlo, whi)) continue;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -465,18 +477,8 @@ __global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec
 
   float delta[2] = {0.f, 0.f}, norm[2] = {0.f, 0.f};  // first pass: sums of P dP Z and of P
   for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
-    __syncthreads();
-    load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
-    load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
-    __syncthreads();
-    if (n0 >= whi || n0 + BN <= wlo) continue;
     float p[BN / 8][4], dp[BN / 8][4];
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) p[j][e] = dp[j][e] = 0.f;
-    mm_nt<T, DP, BN / 8>(p, Qs, Ks, LD, r0);
-    mm_nt<T, DP, BN / 8>(dp, Os, Vs, LD, r0);
+    if (!key_tile<T, DP, BN>(p, dp, a, vec, Qs, Os, Ks, Vs, k, v, n0, blo, bhi, wlo, whi)) continue;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -498,19 +500,8 @@ __global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec
   }
 
   for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
-    __syncthreads();
-    load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
-    load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
-    __syncthreads();
-    if (n0 >= whi || n0 + BN <= wlo) continue;
-
     float p[BN / 8][4], dp[BN / 8][4], by[BN / 8][4];
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) p[j][e] = dp[j][e] = 0.f;
-    mm_nt<T, DP, BN / 8>(p, Qs, Ks, LD, r0);
-    mm_nt<T, DP, BN / 8>(dp, Os, Vs, LD, r0);
+    if (!key_tile<T, DP, BN>(p, dp, a, vec, Qs, Os, Ks, Vs, k, v, n0, blo, bhi, wlo, whi)) continue;
     float least = 3.4e38f, most = -3.4e38f;  // the warp's buckets in this tile (T5)
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)

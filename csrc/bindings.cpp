@@ -341,8 +341,8 @@ void attention_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
   in.done(out, lse);
 }
 
-// The backward's inputs common to its ops: out, grad_out, lse checked; delta allocated.
-Tensor grad_args(const Args& in, const char* op, Attention& r) {
+// The backward's inputs common to its ops: out, grad_out, lse checked and set.
+void grad_args(const Args& in, const char* op, Attention& r) {
   vlk::AttnArgs& a = r.a;
   const Tensor &q = r.q, grad_out = in.tensor("grad_out"), out = in.tensor("out"), lse = in.tensor("lse");
   const std::vector<int64_t> out_shape{a.B, a.H, a.Lq, a.D};
@@ -361,9 +361,6 @@ Tensor grad_args(const Args& in, const char* op, Attention& r) {
   a.grad_out = grad_out.data_ptr();
   strides4(a.sdo, grad_out);
   a.lse = lse.data_ptr<float>();
-  Tensor delta = poisoned(at::empty({a.B, a.H, a.Lq}, q.options().dtype(at::kFloat)));
-  a.delta = delta.data_ptr<float>();
-  return delta;
 }
 
 void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
@@ -372,7 +369,9 @@ void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
   Attention r = attn_args(in);
   vlk::AttnArgs& a = r.a;
   const Tensor& q = r.q;
-  Tensor delta = grad_args(in, op, r);
+  grad_args(in, op, r);
+  Tensor delta = poisoned(at::empty({a.B, a.H, a.Lq}, q.options().dtype(at::kFloat)));
+  a.delta = delta.data_ptr<float>();
   Tensor dq = poisoned(at::empty_like(q)), dk = poisoned(at::empty_like(r.k)), dv = poisoned(at::empty_like(r.v));
   a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
   strides4(a.sdq, dq);
@@ -400,7 +399,7 @@ void attention_position_grad(const c10::OperatorHandle& handle, torch::jit::Stac
   Attention r = attn_args(in);
   vlk::AttnArgs& a = r.a;
   TORCH_CHECK(a.mask.pos, op, ": no position bias (position_bias) to take the gradient of");
-  grad_args(in, op, r);  // (delta: the kernel computes its own, exactly)
+  grad_args(in, op, r);  // (no delta: the kernel computes its own, exactly)
   const bool t5 = a.mask.pos_buckets != nullptr;
   a.pos_width = t5 ? int(r.pos.size(1)) : 1;
   const vlk::DType dt = dtype_of(op, "q", r.q);
