@@ -234,26 +234,20 @@ _T5 = dict(B=16, Bq=16, H=16, Hk=16, Lq=288, Lk=288, D=64)  # mT5-Large's encode
 _T5_PEER = "sdpa-mem-efficient, dense bias (est)"
 
 ATTENTION = [
-    Attention(
-        "qformer_self_itm",
-        "Q-Former self ITM (B 128, 12×64, 32+32)",
-        **_QF,
-        mask="qformer_itm",
-        budget=Budget((1, 1), (1.23, 1.23), 2.5),
-    ),
-    Attention(
-        "qformer_self_itg",
-        "Q-Former self ITG",
-        **_QF,
-        mask="qformer_itg",
-        budget=Budget((1, 1), (1.66, 1.66), 2.5),
-    ),
-    Attention(
-        "qformer_self_itc",
-        "Q-Former self ITC",
-        **_QF,
-        mask="qformer_itc",
-        budget=Budget((1, 1), (2.46, 2.46), 2.5),
+    # BLIP-2 Q-Former self-attention under its three masks (every key in one tile: one backward pass)
+    *(
+        Attention(
+            f"qformer_self_{task}",
+            label,
+            **_QF,
+            mask=f"qformer_{task}",
+            budget=Budget((1, 1), (flops_ratio, flops_ratio), 2.5),
+        )
+        for task, label, flops_ratio in (
+            ("itm", "Q-Former self ITM (B 128, 12×64, 32+32)", 1.23),
+            ("itg", "Q-Former self ITG", 1.66),
+            ("itc", "Q-Former self ITC", 2.46),
+        )
     ),
     Attention(
         "qformer_cross",
