@@ -285,7 +285,9 @@ Attention attn_args(const Args& in) {
 
 // A dense mask given without its rows' spans: the spans, computed on the device (csrc/mask_span.cu,
 // one launch on `l`'s stream), so that the kernels skip the key tiles outside them and never read
-// the keys outside them.
+// the keys outside them. The forward's autograd kernel computes them once (attention_mask_span) and
+// passes them to the forward and the backward ops as row_lo / row_hi; the backward ops, which only
+// that kernel calls, do not compute them (without them they read every key, with the same result).
 void dense_span(Attention& r, const Launch& l, const char* op) {
   vlk::MaskArgs& mk = r.a.mask;
   if (!mk.dense || mk.row_lo) return;
@@ -341,6 +343,17 @@ void attention_fwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
   in.done(out, lse);
 }
 
+// A dense mask's row spans, int32 [B, Lq] lo and hi (dense_span), from the forward's arguments.
+void attention_mask_span(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  Args in(handle, stack);
+  const char* op = in.op();
+  Attention r = attn_args(in);
+  TORCH_CHECK(r.dense && !r.a.mask.row_lo, op, ": needs a dense_mask without row_lo / row_hi");
+  Launch l(r.q);
+  dense_span(r, l, op);
+  in.done(r.span_lo, r.span_hi);
+}
+
 // The backward's inputs common to its ops: out, grad_out, lse checked and set.
 void grad_args(const Args& in, const char* op, Attention& r) {
   vlk::AttnArgs& a = r.a;
@@ -385,7 +398,6 @@ void attention_bwd(const c10::OperatorHandle& handle, torch::jit::Stack* stack) 
     a.dq_partial = partial.data_ptr<float>();
   }
   Launch l(q);
-  dense_span(r, l, op);
   l.check(op, vlk::attention_bwd(a, dtype_of(op, "q", q), l.stream));
   if (shared) dq.copy_(partial.sum(0, true));
   in.done(dq, dk, dv);
@@ -407,7 +419,6 @@ void attention_position_grad(const c10::OperatorHandle& handle, torch::jit::Stac
   Tensor partial = poisoned(at::empty({a.B, a.H, tiles, a.pos_width}, r.q.options().dtype(at::kFloat)));
   a.pos_partial = partial.data_ptr<float>();
   Launch l(r.q);
-  dense_span(r, l, op);
   l.check(op, vlk::attention_position_grad(a, dt, l.stream));
   in.done(t5 ? partial.sum(std::vector<int64_t>{0, 2}) : partial.select(3, 0).sum(2));
 }
@@ -419,8 +430,8 @@ void attention_position_grad(const c10::OperatorHandle& handle, torch::jit::Stac
 // which takes the backward's arguments). q, k, v and the position bias are differentiable (the
 // kernels take no float bias).
 struct AttentionOps {
-  c10::OperatorHandle fwd, bwd, position_grad;
-  size_t q, k, v, position;        // their positions among the forward's arguments
+  c10::OperatorHandle fwd, bwd, position_grad, mask_span;
+  size_t q, k, v, position, dense, row_lo, row_hi;  // their positions among the forward's arguments
   std::vector<int64_t> bwd_source;  // per backward argument: a forward argument's position, or
                                     // GRAD_OUT / OUT / LSE
   static constexpr int64_t GRAD_OUT = -1, OUT = -2, LSE = -3;
@@ -431,7 +442,8 @@ const AttentionOps& attention_ops() {
     auto& d = c10::Dispatcher::singleton();
     AttentionOps o{d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_fwd", ""),
                    d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_bwd", ""),
-                   d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_position_grad", ""), 0, 0, 0, 0, {}};
+                   d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_position_grad", ""),
+                   d.findSchemaOrThrow(VLK_NS_STR "::cuda_attention_mask_span", ""), 0, 0, 0, 0, 0, 0, 0, {}};
     const auto& fs = o.fwd.schema();
     auto index = [&](const std::string& name) {
       auto i = fs.argumentIndexWithName(name);
@@ -439,6 +451,7 @@ const AttentionOps& attention_ops() {
       return *i;
     };
     o.q = index("q"), o.k = index("k"), o.v = index("v"), o.position = index("position_bias");
+    o.dense = index("dense_mask"), o.row_lo = index("row_lo"), o.row_hi = index("row_hi");
     TORCH_CHECK(o.bwd.schema().arguments().size() == o.position_grad.schema().arguments().size(),
                 "cuda_attention_position_grad must take cuda_attention_bwd's arguments");
     for (const auto& a : o.bwd.schema().arguments()) {
@@ -528,6 +541,15 @@ void attention_fwd_autograd(const c10::OperatorHandle& handle, torch::jit::Stack
   c10::impl::GenericList args(c10::AnyType::get());
   args.reserve(n);
   for (size_t i = stack->size() - n; i < stack->size(); ++i) args.push_back((*stack)[i]);
+  if (args.get(ops.dense).isTensor() && args.get(ops.row_lo).isNone()) {  // the spans, once (dense_span)
+    torch::jit::Stack span(args.begin(), args.end());
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      ops.mask_span.callBoxed(&span);
+    }
+    args.set(ops.row_lo, std::move(span[0]));
+    args.set(ops.row_hi, std::move(span[1]));
+  }
   const Tensor q = args.get(ops.q).toTensor(), k = args.get(ops.k).toTensor(), v = args.get(ops.v).toTensor();
   std::vector<Tensor> inputs{q, k, v};
   if (args.get(ops.position).isTensor()) inputs.push_back(args.get(ops.position).toTensor());
@@ -714,6 +736,7 @@ TORCH_LIBRARY_IMPL(VLK_NS, VLK_KEY, m) {
   m.impl("cuda_attention_fwd", VLK_BOXED(attention_fwd));
   m.impl("cuda_attention_bwd", VLK_BOXED(attention_bwd));
   m.impl("cuda_attention_position_grad", VLK_BOXED(attention_position_grad));
+  m.impl("cuda_attention_mask_span", VLK_BOXED(attention_mask_span));
   m.impl("cuda_gated_residual_fwd", VLK_BOXED(gated_residual_fwd));
   m.impl("cuda_gated_residual_bwd", VLK_BOXED(gated_residual_bwd));
   m.impl("cuda_contrastive_fwd", VLK_BOXED(contrastive_fwd));

@@ -114,15 +114,20 @@ def test_attention_opcheck_and_compile(ns):
     out, lse = _op(ns, "cuda_attention_fwd")(*_fwd(args))
     grad_args = AttentionGradArgs(torch.randn_like(out), out, lse, args)
     torch.library.opcheck(_op(ns, "cuda_attention_bwd").default, _bwd(grad_args))
+    dense = torch.rand(2, 1, 17, 17, device=DEVICE) > 0.3
+    dense_args = args._replace(mask=MaskArgs(dense_mask=dense))
+    torch.library.opcheck(_op(ns, "cuda_attention_mask_span").default, _fwd(dense_args))
 
-    def f(q, k, v):
-        return vlkernels.attention(q, k, v, masks.causal(), backend="cuda").sum()
+    for mask in (masks.causal(), dense):  # a dense mask: its spans' op is traced too
 
-    compiled = torch.compile(f, fullgraph=True)
-    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
-    want = torch.autograd.grad(f(q, k, v), (q, k, v))
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+        def f(q, k, v, mask=mask):
+            return vlkernels.attention(q, k, v, mask, backend="cuda").sum()
+
+        compiled = torch.compile(f, fullgraph=True)
+        got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+        want = torch.autograd.grad(f(q, k, v), (q, k, v))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_attention_backward_is_recorded_in_cpp(ns):
@@ -140,6 +145,36 @@ def test_attention_backward_is_recorded_in_cpp(ns):
     dense[0, 0, 0, 0] = not dense[0, 0, 0, 0]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_dense_mask_spans_computed_once_per_call(ns):
+    """A dense mask's row spans are computed once per call, by the span op that the forward's
+    autograd kernel calls, for the forward, the backward and the position bias's gradient; the
+    backward ops compute none themselves, and without the spans they give the same gradients (they
+    only read more keys)."""
+    q, k, v = (torch.randn(2, 2, 21, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    dense = torch.rand(2, 1, 21, 21, device=DEVICE) > 0.4
+    dense[0, :, 3] = False  # a row with nothing to attend
+    dense[1, :, :, 15:] = False  # spans that end before the last key tile
+    table = torch.randn(2, 8, device=DEVICE, requires_grad=True)
+    position = vlkernels.bias.t5(table, bidirectional=True, num_buckets=8, max_distance=16)
+    with torch.profiler.profile() as prof:
+        out = vlkernels.attention(q, k, v, dense, position_bias=position, backend="cuda")
+        out.sum().backward()
+    calls = [e.name for e in prof.events() if e.name.startswith(f"{ns}::")]
+    assert calls.count(f"{ns}::cuda_attention_mask_span") == 1, calls
+    assert calls.count(f"{ns}::cuda_attention_bwd") == calls.count(f"{ns}::cuda_attention_position_grad") == 1
+
+    args = AttentionArgs(q.detach(), k.detach(), v.detach(), MaskArgs(dense_mask=dense), 0.25)
+    lo, hi = _op(ns, "cuda_attention_mask_span")(*_fwd(args))
+    assert lo[0, 3] >= hi[0, 3] and (hi[1] <= 15).all()
+    spanned = args._replace(mask=args.mask._replace(row_lo=lo, row_hi=hi))
+    out, lse = _op(ns, "cuda_attention_fwd")(*_fwd(spanned))
+    grad_out = torch.randn_like(out)
+    got = _op(ns, "cuda_attention_bwd")(*_bwd(AttentionGradArgs(grad_out, out, lse, args)))
+    want = _op(ns, "cuda_attention_bwd")(*_bwd(AttentionGradArgs(grad_out, out, lse, spanned)))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_gated_residual_opcheck(ns):
@@ -186,7 +221,7 @@ def test_extension_registers_every_declared_op_with_its_schema():
     names = {op.name for op in _extension._DECLARED}
     assert names == {
         f"cuda_{f}_{d}" for f in ("attention", "gated_residual", "contrastive") for d in ("fwd", "bwd")
-    } | {"cuda_attention_position_grad"}
+    } | {"cuda_attention_position_grad", "cuda_attention_mask_span"}
     for op in _extension._DECLARED:
         handle = getattr(torch.ops.vlkernels, op.name).default
         assert str(handle._schema) == f"vlkernels::{op.name}{_schema.schema(op.args, op.returns)}", op.name

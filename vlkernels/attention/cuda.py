@@ -19,9 +19,17 @@ from vlkernels.masks import MaskArgs
 _fwd_op = _extension.declare(
     "cuda_attention_fwd", A.PlannedAttentionArgs, A.FWD_RETURNS, lambda p: A.fwd_fake(p.fwd)
 )
-# called by the forward's autograd kernel (C++) only
+# called by the forward's autograd kernel (C++) only: the backward, a dense mask's row spans
+# (int32 [B, Lq] lo, hi; computed once, for the forward and the backward) and the position bias's
+# gradient
 _extension.declare(
     "cuda_attention_bwd", A.PlannedAttentionGradArgs, A.BWD_RETURNS, lambda p: A.bwd_fake(p.grad)
+)
+_extension.declare(
+    "cuda_attention_mask_span",
+    A.PlannedAttentionArgs,
+    "(Tensor, Tensor)",
+    lambda p: tuple(p.fwd.q.new_empty((p.fwd.k.shape[0], p.fwd.q.shape[2]), dtype=torch.int32) for _ in "lh"),
 )
 _extension.declare(
     "cuda_attention_position_grad",
