@@ -330,20 +330,55 @@ __global__ void __launch_bounds__(128) attn_delta_kernel(AttnArgs a) {
   if (lane_id() == 0) a.delta[(b * a.H + h) * a.Lq + row] = acc;
 }
 
+// One query tile's rows for a backward pass over key tiles (dq's, the position gradient's): the
+// union of the tile's intervals (blo, bhi) and of this warp's 16 rows' (wlo, whi), this lane's two
+// rows' intervals and lse, and the key and value heads' bases.
+template <typename T>
+struct QueryTile {
+  int blo, bhi, wlo, whi, lo[2], hi[2];
+  float lse[2];
+  const T *k, *v;
+};
+
+// Query tile m0 of (b, h) into shared memory: Q in Qs, dO in Os, the rows' intervals, lse and
+// (when delta_s) delta; then its QueryTile.
+template <typename T, int DP>
+__device__ __forceinline__ QueryTile<T> query_tile(const AttnArgs& a, const VecFlags& vec, T* Qs, T* Os, int* lo_s,
+                                                   int* hi_s, float* lse_s, float* delta_s, int64_t b, int h,
+                                                   int m0, int BM) {
+  constexpr int LD = Cfg<T, DP>::LD;
+  const int r0 = warp_id() * 16, g = lane_id() >> 2, hk = h / (a.H / a.Hk);
+  load_tile(Qs, LD, cptr<T>(a.q) + b * a.sq[0] + h * a.sq[1] + m0 * a.sq[2], a.sq[2], a.sq[3], BM, DP, a.Lq - m0,
+            a.D, vec.q);
+  load_tile(Os, LD, cptr<T>(a.grad_out) + b * a.sdo[0] + h * a.sdo[1] + m0 * a.sdo[2], a.sdo[2], a.sdo[3], BM, DP,
+            a.Lq - m0, a.D, vec.dout);
+  tile_rows(a, b, h, m0, BM, lo_s, hi_s, lse_s, delta_s);
+  __syncthreads();
+  QueryTile<T> t;
+  range_of(lo_s, hi_s, 0, BM, t.blo, t.bhi);
+  range_of(lo_s, hi_s, r0, 16, t.wlo, t.whi);
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    t.lo[r] = lo_s[r0 + g + 8 * r], t.hi[r] = hi_s[r0 + g + 8 * r], t.lse[r] = lse_s[r0 + g + 8 * r];
+  t.k = cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1];
+  t.v = cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1];
+  return t;
+}
+
 // A backward pass over key tiles (dq's, the position gradient's): key tile n0 of K and V into shared
 // memory (every thread of the block), then, when this warp's 16 rows attend a key of it, their
 // S = Q Kᵀ in p and dP = dO Vᵀ in dp; false (p, dp unset) when they attend none.
 template <typename T, int DP, int BN>
 __device__ __forceinline__ bool key_tile(float (&p)[BN / 8][4], float (&dp)[BN / 8][4], const AttnArgs& a,
-                                         const VecFlags& vec, const T* Qs, const T* Os, T* Ks, T* Vs, const T* k,
-                                         const T* v, int n0, int blo, int bhi, int wlo, int whi) {
+                                         const VecFlags& vec, const T* Qs, const T* Os, T* Ks, T* Vs,
+                                         const QueryTile<T>& t, int n0) {
   constexpr int LD = Cfg<T, DP>::LD;
   const int r0 = warp_id() * 16;
   __syncthreads();
-  load_tile(Ks, LD, k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, bhi - n0, a.D, vec.k, blo - n0);
-  load_tile(Vs, LD, v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, bhi - n0, a.D, vec.v, blo - n0);
+  load_tile(Ks, LD, t.k + n0 * a.sk[2], a.sk[2], a.sk[3], BN, DP, t.bhi - n0, a.D, vec.k, t.blo - n0);
+  load_tile(Vs, LD, t.v + n0 * a.sv[2], a.sv[2], a.sv[3], BN, DP, t.bhi - n0, a.D, vec.v, t.blo - n0);
   __syncthreads();
-  if (n0 >= whi || n0 + BN <= wlo) return false;
+  if (n0 >= t.whi || n0 + BN <= t.wlo) return false;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -371,7 +406,6 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
   float* delta_s = lse_s + BM;
 
   const int m0 = blockIdx.x * BM, h = blockIdx.y, c = blockIdx.z;
-  const int hk = h / (a.H / a.Hk);
   const int r0 = warp_id() * 16, g = lane_id() >> 2;
   float dq[DP / 8][4];
 #pragma unroll
@@ -380,32 +414,20 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
   const int b_end = min(a.B, (c + 1) * a.b_per_chunk);
   for (int64_t b = int64_t(c) * a.b_per_chunk; b < b_end; ++b) {
     __syncthreads();
-    load_tile(Qs, LD, cptr<T>(a.q) + b * a.sq[0] + h * a.sq[1] + m0 * a.sq[2], a.sq[2], a.sq[3], BM, DP,
-              a.Lq - m0, a.D, vec.q);
-    load_tile(Os, LD, cptr<T>(a.grad_out) + b * a.sdo[0] + h * a.sdo[1] + m0 * a.sdo[2], a.sdo[2], a.sdo[3],
-              BM, DP, a.Lq - m0, a.D, vec.dout);
-    tile_rows(a, b, h, m0, BM, lo_s, hi_s, lse_s, delta_s);
-    __syncthreads();
-    int blo, bhi, wlo, whi;
-    range_of(lo_s, hi_s, 0, BM, blo, bhi);
-    range_of(lo_s, hi_s, r0, 16, wlo, whi);
-    const int lo[2] = {lo_s[r0 + g], lo_s[r0 + g + 8]}, hi[2] = {hi_s[r0 + g], hi_s[r0 + g + 8]};
-    const float lse[2] = {lse_s[r0 + g], lse_s[r0 + g + 8]};
+    const QueryTile<T> t = query_tile<T, DP>(a, vec, Qs, Os, lo_s, hi_s, lse_s, delta_s, b, h, m0, BM);
     const float delta[2] = {delta_s[r0 + g], delta_s[r0 + g + 8]};
-    const T* k = cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1];
-    const T* v = cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1];
 
-    for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
+    for (int n0 = (t.blo / BN) * BN; n0 < t.bhi; n0 += BN) {
       float p[BN / 8][4], dp[BN / 8][4];
-      if (!key_tile<T, DP, BN>(p, dp, a, vec, Qs, Os, Ks, Vs, k, v, n0, blo, bhi, wlo, whi)) continue;
+      if (!key_tile<T, DP, BN>(p, dp, a, vec, Qs, Os, Ks, Vs, t, n0)) continue;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
-          const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
+          const bool ok = allowed(a.mask, b, h, row, col, t.lo[r], t.hi[r]);
           float dcap = 1.f;  // (masked elements: score is not called)
-          const float pe = ok ? exp2f(score<X>(a, p[j][e], dcap, b, h, row, col) - lse[r]) : 0.f;
+          const float pe = ok ? exp2f(score<X>(a, p[j][e], dcap, b, h, row, col) - t.lse[r]) : 0.f;
           p[j][e] = pe * dcap * (dp[j][e] * keep<X>(a, seed, b, h, row, col) - delta[r]);  // dS
         }
       mm_pv<T, DP, BN / 16>(dq, p, Ks, LD);
@@ -456,37 +478,24 @@ __global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec
 
   const int m0 = blockIdx.x * BM, h = blockIdx.y, W = a.pos_width;
   const int64_t b = blockIdx.z;
-  const int hk = h / (a.H / a.Hk);
-  const int r0 = warp_id() * 16, g = lane_id() >> 2;
+  const int r0 = warp_id() * 16;
   for (int i = threadIdx.x; i < WARPS * W; i += blockDim.x) pos_s[i] = 0.f;
-  load_tile(Qs, LD, cptr<T>(a.q) + b * a.sq[0] + h * a.sq[1] + m0 * a.sq[2], a.sq[2], a.sq[3], BM, DP, a.Lq - m0,
-            a.D, vec.q);
-  load_tile(Os, LD, cptr<T>(a.grad_out) + b * a.sdo[0] + h * a.sdo[1] + m0 * a.sdo[2], a.sdo[2], a.sdo[3], BM, DP,
-            a.Lq - m0, a.D, vec.dout);
-  tile_rows(a, b, h, m0, BM, lo_s, hi_s, lse_s, nullptr);
-  __syncthreads();
-  int blo, bhi, wlo, whi;
-  range_of(lo_s, hi_s, 0, BM, blo, bhi);
-  range_of(lo_s, hi_s, r0, 16, wlo, whi);
-  const int lo[2] = {lo_s[r0 + g], lo_s[r0 + g + 8]}, hi[2] = {hi_s[r0 + g], hi_s[r0 + g + 8]};
-  const float lse[2] = {lse_s[r0 + g], lse_s[r0 + g + 8]};
-  const T* k = cptr<T>(a.k) + b * a.sk[0] + hk * a.sk[1];
-  const T* v = cptr<T>(a.v) + b * a.sv[0] + hk * a.sv[1];
+  const QueryTile<T> t = query_tile<T, DP>(a, vec, Qs, Os, lo_s, hi_s, lse_s, nullptr, b, h, m0, BM);
   float* own = pos_s + warp_id() * W;
   const bool t5 = a.mask.pos_buckets != nullptr;
 
   float delta[2] = {0.f, 0.f}, norm[2] = {0.f, 0.f};  // first pass: sums of P dP Z and of P
-  for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
+  for (int n0 = (t.blo / BN) * BN; n0 < t.bhi; n0 += BN) {
     float p[BN / 8][4], dp[BN / 8][4];
-    if (!key_tile<T, DP, BN>(p, dp, a, vec, Qs, Os, Ks, Vs, k, v, n0, blo, bhi, wlo, whi)) continue;
+    if (!key_tile<T, DP, BN>(p, dp, a, vec, Qs, Os, Ks, Vs, t, n0)) continue;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
         float dcap = 1.f;
-        const float pe = allowed(a.mask, b, h, row, col, lo[r], hi[r])
-                             ? exp2f(score<true>(a, p[j][e], dcap, b, h, row, col) - lse[r])
+        const float pe = allowed(a.mask, b, h, row, col, t.lo[r], t.hi[r])
+                             ? exp2f(score<true>(a, p[j][e], dcap, b, h, row, col) - t.lse[r])
                              : 0.f;
         delta[r] += pe * dp[j][e] * keep<true>(a, seed, b, h, row, col);
         norm[r] += pe;
@@ -499,18 +508,18 @@ __global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec
     delta[r] = quad_sum(delta[r]) * norm[r];
   }
 
-  for (int n0 = (blo / BN) * BN; n0 < bhi; n0 += BN) {
+  for (int n0 = (t.blo / BN) * BN; n0 < t.bhi; n0 += BN) {
     float p[BN / 8][4], dp[BN / 8][4], by[BN / 8][4];
-    if (!key_tile<T, DP, BN>(p, dp, a, vec, Qs, Os, Ks, Vs, k, v, n0, blo, bhi, wlo, whi)) continue;
+    if (!key_tile<T, DP, BN>(p, dp, a, vec, Qs, Os, Ks, Vs, t, n0)) continue;
     float least = 3.4e38f, most = -3.4e38f;  // the warp's buckets in this tile (T5)
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, row = m0 + r0 + c_row(e), col = n0 + j * 8 + c_col(e);
-        const bool ok = allowed(a.mask, b, h, row, col, lo[r], hi[r]);
+        const bool ok = allowed(a.mask, b, h, row, col, t.lo[r], t.hi[r]);
         float dcap = 1.f;
-        const float pe = ok ? exp2f(score<true>(a, p[j][e], dcap, b, h, row, col) - lse[r]) * norm[r] : 0.f;
+        const float pe = ok ? exp2f(score<true>(a, p[j][e], dcap, b, h, row, col) - t.lse[r]) * norm[r] : 0.f;
         p[j][e] = pe * (dp[j][e] * keep<true>(a, seed, b, h, row, col) - delta[r]);  // dS
         position(a, b, h, row, col, by[j][e]);
         if (ok) least = fminf(least, by[j][e]), most = fmaxf(most, by[j][e]);
