@@ -393,6 +393,42 @@ def test_meta_tensors_give_shapes_as_sdpa():
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
 
 
+@pytest.mark.parametrize(
+    "B, Bq, H, Hk, Lq, Lk",
+    [(0, 0, 2, 2, 3, 5), (0, 1, 2, 2, 3, 5), (2, 2, 2, 2, 0, 5), (2, 2, 4, 2, 3, 0), (2, 1, 2, 2, 3, 0)],
+)
+def test_empty_batch_or_lengths_give_sdpas_answer(backend, B, Bq, H, Hk, Lq, Lk):
+    """Nothing to compute, as SDPA answers it: an empty batch or query length gives an empty output,
+    no keys (Lk = 0) rows of 0; gradients of 0. Every mask kind and a position bias are still checked
+    and lowered at those sizes."""
+    q = torch.randn(Bq, H, Lq, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, Hk, Lk, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    dense = torch.rand(B, 1, Lq, Lk, device=DEVICE) > 0.5
+    bias = torch.randn(B, 1, Lq, Lk, device=DEVICE)
+    t5 = vlkernels.bias.t5(torch.randn(H, 8, device=DEVICE), True, num_buckets=8, max_distance=16)
+    for mask, sdpa in [
+        (None, {}),
+        (masks.causal(), dict(is_causal=True)),
+        (dense, dict(attn_mask=dense)),
+        *([] if backend == "cuda" else [(bias, dict(attn_mask=bias))]),  # (its kernels take no float bias)
+        (masks.key_padding(torch.zeros(B, dtype=torch.long, device=DEVICE)), None),
+        (masks.sliding_window(2), None),
+        (masks.media(torch.zeros(B, Lq, dtype=torch.long, device=DEVICE), Lk or 4), None),
+    ]:
+        for position in (None, t5):
+            out = vlkernels.attention(q, k, v, mask, position_bias=position, backend=backend, dropout_p=0.1)
+            qe = q.expand(B, -1, -1, -1)
+            want = torch.zeros(B, H, Lq, 16, device=DEVICE)
+            if sdpa is not None and position is None:
+                want = F.scaled_dot_product_attention(qe, k, v, **sdpa, enable_gqa=H != Hk)
+            assert out.shape == want.shape == (B, H, Lq, 16)
+            torch.testing.assert_close(out, want, atol=0, rtol=0)
+            grads = torch.autograd.grad(out.sum(), (q, k, v))
+            assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, (q, k, v), strict=True))
+            weights = vlkernels.attention_weights(q, k, mask, position_bias=position)
+            assert weights.shape == (B, H, Lq, Lk) and not weights.any()
+
+
 def test_seeds_named_errors():
     q = torch.randn(1, 2, 4, 8, device=DEVICE)
     for seed in (None, -1, 2**63, 1.5, True):

@@ -270,7 +270,6 @@ BAD_INPUTS = [
         ValueError,
         "multiple of latents_per_media=5, got 24",
     ),
-    (lambda q, k, v: (q[:, :, :0], k, v, None), ValueError, "lengths must be >= 1"),
 ]
 
 

@@ -34,8 +34,8 @@ def _check_inputs(q, k, v, scale, softcap, dropout_p) -> None:
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"attention: k and v must have the same shape, got {_shape(k)} and {_shape(v)}")
-    B, Hk, Lk, D = k.shape
-    Bq, H, Lq, Dq = q.shape
+    B, Hk, _, D = k.shape
+    Bq, H, _, Dq = q.shape
     if Bq not in (B, 1):
         raise ValueError(f"attention: q batch must be {B} (the batch of k) or 1, got {Bq}")
     if Dq != D:
@@ -46,8 +46,6 @@ def _check_inputs(q, k, v, scale, softcap, dropout_p) -> None:
         raise ValueError(f"attention: q heads ({H}) must be a multiple of k/v heads ({Hk})")
     if D < 1:
         raise ValueError(f"attention: head dim must be >= 1, got {D}")
-    if Lq < 1 or Lk < 1 or B < 1:
-        raise ValueError(f"attention: batch and lengths must be >= 1, got q {_shape(q)}, k {_shape(k)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
     if scale is not None and not math.isfinite(scale):
@@ -116,6 +114,8 @@ def attention(
         seed = draw_seed(q.device) if seed is None else checked_seed(seed, "attention", q.device)
     args = AttentionArgs(q, k, v, lowered, scale, softcap, dropout_p, seed)
     chosen = _dispatch.choose("attention", backend, args)
+    if not (B and Lq and Lk):
+        return _nothing_to_attend(q, k, v)
     args = chosen.prepare(args)
     if chosen.records_backward:  # a C++ op: autocast passes custom ops through untouched
         return chosen.forward(args)[0]
@@ -124,6 +124,16 @@ def attention(
         chosen.name, q, k, v, lowered, scale, softcap, dropout_p, seed, lowered.bias, lowered.position_bias
     )
     return out
+
+
+def _nothing_to_attend(q, k, v) -> torch.Tensor:
+    """SDPA's answer where there is no work: an empty batch or query length gives an empty output,
+    no keys (Lk = 0) rows of 0; q, k, v get gradients of 0 (empty products, no kernel)."""
+    H, Hk = q.shape[1], k.shape[1]
+    if H != Hk:
+        k, v = (t.repeat_interleave(H // Hk, dim=1) for t in (k, v))
+    out = torch.matmul(torch.matmul(q, k.transpose(-1, -2)), v)  # [B, H, Lq, D]: its inner dim or size is 0
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _lower(mask, position_bias, B: int, H: int, Lq: int, Lk: int, device) -> masks.MaskArgs:
@@ -183,5 +193,7 @@ def attention_weights(
     H, Lq = q.shape[1], q.shape[2]
     lowered = _lower(mask, position_bias, B, H, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not (B and Lq and Lk):  # nothing to attend: empty, or rows of 0 (Lk = 0)
+        return q.new_zeros((B, H, Lq, Lk))
     args = AttentionArgs(q, k, k, lowered, scale, float(softcap or 0.0), float(dropout_p), seed)
     return torch_backend.probabilities(args).to(q.dtype)
