@@ -330,6 +330,31 @@ __global__ void __launch_bounds__(128) attn_delta_kernel(AttnArgs a) {
   if (lane_id() == 0) a.delta[(b * a.H + h) * a.Lq + row] = acc;
 }
 
+// A backward kernel's shared memory: the Q and dO tiles [BM, LD], the K and V tiles [BN, LD], per
+// query row lo, hi (int) and lse, delta (float) [BM] each (Cfg::smem(2 * BM + 2 * BN, BM)), then
+// `rest` (the position gradient's per-warp sums).
+template <typename T>
+struct BwdSmem {
+  T *Qs, *Os, *Ks, *Vs;
+  int *lo_s, *hi_s;
+  float *lse_s, *delta_s, *rest;
+};
+
+template <typename T>
+__device__ __forceinline__ BwdSmem<T> bwd_smem(char* smem, int BM, int BN, int LD) {
+  BwdSmem<T> s;
+  s.Qs = reinterpret_cast<T*>(smem);
+  s.Os = s.Qs + BM * LD;
+  s.Ks = s.Os + BM * LD;
+  s.Vs = s.Ks + BN * LD;
+  s.lo_s = reinterpret_cast<int*>(s.Vs + BN * LD);
+  s.hi_s = s.lo_s + BM;
+  s.lse_s = reinterpret_cast<float*>(s.hi_s + BM);
+  s.delta_s = s.lse_s + BM;
+  s.rest = s.delta_s + BM;
+  return s;
+}
+
 // One query tile's rows for a backward pass over key tiles (dq's, the position gradient's): the
 // union of the tile's intervals (blo, bhi) and of this warp's 16 rows' (wlo, whi), this lane's two
 // rows' intervals and lse, and the key and value heads' bases.
@@ -396,14 +421,7 @@ __global__ void __launch_bounds__(128) attn_dq_kernel(AttnArgs a, VecFlags vec) 
   const uint64_t seed = dropout_seed<X>(a);
   constexpr int BM = C::DQ_BM, BN = C::DQ_BN, LD = C::LD;
   VLK_SMEM(smem);
-  T* Qs = reinterpret_cast<T*>(smem);
-  T* Os = Qs + BM * LD;
-  T* Ks = Os + BM * LD;
-  T* Vs = Ks + BN * LD;
-  int* lo_s = reinterpret_cast<int*>(Vs + BN * LD);
-  int* hi_s = lo_s + BM;
-  float* lse_s = reinterpret_cast<float*>(hi_s + BM);
-  float* delta_s = lse_s + BM;
+  const auto [Qs, Os, Ks, Vs, lo_s, hi_s, lse_s, delta_s, _] = bwd_smem<T>(smem, BM, BN, LD);
 
   const int m0 = blockIdx.x * BM, h = blockIdx.y, c = blockIdx.z;
   const int r0 = warp_id() * 16, g = lane_id() >> 2;
@@ -467,14 +485,7 @@ __global__ void __launch_bounds__(128) attn_dpos_kernel(AttnArgs a, VecFlags vec
   const uint64_t seed = dropout_seed<true>(a);
   constexpr int BM = C::DQ_BM, BN = C::DQ_BN, LD = C::LD, WARPS = BM / 16;
   VLK_SMEM(smem);
-  T* Qs = reinterpret_cast<T*>(smem);
-  T* Os = Qs + BM * LD;
-  T* Ks = Os + BM * LD;
-  T* Vs = Ks + BN * LD;
-  int* lo_s = reinterpret_cast<int*>(Vs + BN * LD);
-  int* hi_s = lo_s + BM;
-  float* lse_s = reinterpret_cast<float*>(hi_s + BM);
-  float* pos_s = lse_s + 2 * BM;  // [WARPS, pos_width]
+  const auto [Qs, Os, Ks, Vs, lo_s, hi_s, lse_s, _, pos_s] = bwd_smem<T>(smem, BM, BN, LD);  // pos_s [WARPS, W]
 
   const int m0 = blockIdx.x * BM, h = blockIdx.y, W = a.pos_width;
   const int64_t b = blockIdx.z;
@@ -566,14 +577,7 @@ __global__ void __launch_bounds__(128) attn_dkdv_kernel(AttnArgs a, VecFlags vec
   const uint64_t seed = dropout_seed<X>(a);
   constexpr int BN = C::KV_BN, BM = C::KV_BM, LD = C::LD;
   VLK_SMEM(smem);
-  T* Ks = reinterpret_cast<T*>(smem);
-  T* Vs = Ks + BN * LD;
-  T* Qs = Vs + BN * LD;
-  T* Os = Qs + BM * LD;
-  int* lo_s = reinterpret_cast<int*>(Os + BM * LD);
-  int* hi_s = lo_s + BM;
-  float* lse_s = reinterpret_cast<float*>(hi_s + BM);
-  float* delta_s = lse_s + BM;
+  const auto [Qs, Os, Ks, Vs, lo_s, hi_s, lse_s, delta_s, _] = bwd_smem<T>(smem, BM, BN, LD);
 
   const int n0 = blockIdx.x * BN, hk = blockIdx.y;
   const int64_t b = blockIdx.z;
