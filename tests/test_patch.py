@@ -38,20 +38,25 @@ def _compare_patched(ref, run):
     return ours
 
 
+def _qformer_config(transformers, hidden, intermediate, encoder, attention_dropout):
+    """A 2-layer, 4-head BLIP-2 Q-Former with its text path, hidden dropout off."""
+    return transformers.Blip2QFormerConfig(
+        hidden_size=hidden,
+        num_attention_heads=4,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        encoder_hidden_size=encoder,
+        use_qformer_text_input=True,
+        attention_probs_dropout_prob=attention_dropout,
+        hidden_dropout_prob=0.0,
+    )
+
+
 def test_patch_hf_blip2_qformer_tester_config_head_dim_8():
     """transformers' own Blip2QFormer tester sizes (hidden 32, 4 heads: head dim 8)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(1)
-    cfg = transformers.Blip2QFormerConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        encoder_hidden_size=32,
-        use_qformer_text_input=True,
-        attention_probs_dropout_prob=0.0,
-        hidden_dropout_prob=0.0,
-    )
+    cfg = _qformer_config(transformers, 32, 37, 32, attention_dropout=0.0)
     B, nq, T = 2, 6, 7
     embeds = torch.randn(B, nq + T, 32, device=DEVICE)
     image = torch.randn(B, 9, 32, device=DEVICE)
@@ -64,16 +69,7 @@ def test_patch_hf_blip2_qformer_tester_config_head_dim_8():
 def test_patch_hf_blip2_qformer_three_masks(mode):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.Blip2QFormerConfig(
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        encoder_hidden_size=48,
-        use_qformer_text_input=True,
-        attention_probs_dropout_prob=0.0,
-        hidden_dropout_prob=0.0,
-    )
+    cfg = _qformer_config(transformers, 64, 128, 48, attention_dropout=0.0)
     ref = transformers.Blip2QFormerModel(cfg)
     B, nq, T = 2, 8, 11
     embeds = torch.randn(B, nq + T, 64, device=DEVICE)  # [queries ; embedded text]
@@ -412,16 +408,7 @@ def test_patch_hf_blip2_qformer_train_mode_attention_dropout(mode, monkeypatch):
     train mode equals transformers' eager attention dropping the same entries."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.Blip2QFormerConfig(
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        encoder_hidden_size=48,
-        use_qformer_text_input=True,
-        attention_probs_dropout_prob=0.1,
-        hidden_dropout_prob=0.0,
-    )
+    cfg = _qformer_config(transformers, 64, 128, 48, attention_dropout=0.1)
     ref = transformers.Blip2QFormerModel(cfg)
     ref.set_attn_implementation("eager")
     B, nq, T = 2, 8, 11
