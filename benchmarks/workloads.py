@@ -233,6 +233,39 @@ _PREFIX = dict(B=16, Bq=16, H=8, Hk=1, Lq=320, Lk=320, D=256)  # PaLI's decoder:
 _T5 = dict(B=16, Bq=16, H=16, Hk=16, Lq=288, Lk=288, D=64)  # mT5-Large's encoder: 16 heads of 64
 _T5_PEER = "sdpa-mem-efficient, dense bias (est)"
 
+_FLAMINGO_IMMEDIATE = Attention(
+    "flamingo_immediate",
+    "Flamingo immediate (B 8, 16×64, 2048→5×64)",
+    **_FLAMINGO,
+    mask="media_immediate",
+    budget=Budget((1, 3), (1.13, 1.58), **_SPLIT),
+    cpu=dict(B=4, Bq=4, H=8, Hk=8, Lq=512),
+)
+_PREFIX_LM = Attention(
+    "pali_prefix_lm",
+    "PaLI prefix-LM (8 heads, 1 kv head, hd 256)",
+    **_PREFIX,
+    mask="prefix_lm",
+    budget=Budget((1, 3), (1.16, 1.49), 3.22, spill_bytes=304),
+)
+
+
+def _dense(analytic: Attention, label: str, **budget) -> Attention:
+    """``analytic``'s mask as a patched model hands it over, dense bool [B, 1, Lq, Lk] (the mask
+    ``analytic.mask + "_dense"``): its shapes and ceilings (the span bounds the same tiles), one
+    more forward launch (the span), ``budget``'s fields replaced; not in the CPU benchmark."""
+    b = analytic.budget
+    b = dataclasses.replace(b, launches=(b.launches[0] + 1, b.launches[1]), **budget)
+    return dataclasses.replace(
+        analytic,
+        name=analytic.name + "_dense",
+        label=label,
+        mask=analytic.mask + "_dense",
+        budget=b,
+        cpu=None,
+    )
+
+
 ATTENTION = [
     # BLIP-2 Q-Former self-attention under its three masks (every key in one tile: one backward pass)
     *(
@@ -256,14 +289,7 @@ ATTENTION = [
         mask="none",
         budget=Budget((1, 1), (1.25, 1.25), 2.5),
     ),
-    Attention(
-        "flamingo_immediate",
-        "Flamingo immediate (B 8, 16×64, 2048→5×64)",
-        **_FLAMINGO,
-        mask="media_immediate",
-        budget=Budget((1, 3), (1.13, 1.58), **_SPLIT),
-        cpu=dict(B=4, Bq=4, H=8, Hk=8, Lq=512),
-    ),
+    _FLAMINGO_IMMEDIATE,
     Attention(
         "flamingo_all_previous",
         "Flamingo all previous",
@@ -300,13 +326,7 @@ ATTENTION = [
         budget=Budget((1, 4), (1.34, 1.87), **_SPLIT),
         quick_batch=64,
     ),
-    Attention(
-        "pali_prefix_lm",
-        "PaLI prefix-LM (8 heads, 1 kv head, hd 256)",
-        **_PREFIX,
-        mask="prefix_lm",
-        budget=Budget((1, 3), (1.16, 1.49), 3.22, spill_bytes=304),
-    ),
+    _PREFIX_LM,
     # PaLI's mT5 encoder layer over [256 image tokens ; a prompt of up to 32], padded, with T5's
     # relative bias (its table learned): computed in the kernels, or as a model without them
     # hands it over, one dense float [B, H, L, L] (bias + padding) whose gradient the kernels
@@ -346,21 +366,9 @@ ATTENTION = [
     ),
     # the masks as transformers hands them to a patched model, dense bool [B, 1, Lq, Lk]: the
     # analytic masks' FLOPs (the span bounds the same tiles) and one more forward launch (the span)
-    Attention(
-        "flamingo_immediate_dense",
-        "Flamingo immediate, dense bool mask (a patched Idefics)",
-        **_FLAMINGO,
-        mask="media_immediate_dense",
-        budget=Budget((2, 3), (1.13, 1.58), **_SPLIT),
-    ),
-    Attention(
-        "pali_prefix_lm_dense",
-        "PaLI prefix-LM, dense bool mask (a patched PaliGemma)",
-        **_PREFIX,
-        mask="prefix_lm_dense",
-        # the dense mask's loads cost registers at head dim 256
-        budget=Budget((2, 3), (1.16, 1.49), 3.22, spill_bytes=384),
-    ),
+    _dense(_FLAMINGO_IMMEDIATE, "Flamingo immediate, dense bool mask (a patched Idefics)"),
+    # the dense mask's loads cost registers at head dim 256
+    _dense(_PREFIX_LM, "PaLI prefix-LM, dense bool mask (a patched PaliGemma)", spill_bytes=384),
     Attention(
         "causal_lm_dense",
         "causal LM, dense bool mask (B 4, 32 heads, 8 kv heads, hd 64, 2048)",
@@ -391,4 +399,4 @@ GATED = [Gated("gated_residual", "gated residual 8×2048×2048", (8, 2048, 2048)
 WORKLOADS = {w.name: w for w in [*ATTENTION, *CONTRASTIVE, *GATED]}
 
 # Patched models' dense masks and the analytic masks they spell out (equal FLOPs, tested)
-DENSE_OF = {"flamingo_immediate_dense": "flamingo_immediate", "pali_prefix_lm_dense": "pali_prefix_lm"}
+DENSE_OF = {f"{w.name}_dense": w.name for w in (_FLAMINGO_IMMEDIATE, _PREFIX_LM)}
